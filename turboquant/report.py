@@ -1,0 +1,199 @@
+"""Claim records -> ``claims.json``, ``claims.md`` and PNG plots.
+
+A *claim* is one row of the catalogue in ``../shared/DESIGN.md`` (C01 ... C14). Each pytest test
+that settles (part of) a claim contributes a :class:`ClaimRecord`; records with the same id are
+merged, their status being the worst of the contributing tests (FAIL > WARN > PASS), SKIP only
+when every contributing test skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+STATUSES = ("PASS", "WARN", "FAIL", "SKIP")
+_SEVERITY = {"SKIP": 0, "PASS": 1, "WARN": 2, "FAIL": 3}
+
+PlotFn = Callable[[dict, Path], list]
+_PLOTS: dict[str, list[PlotFn]] = {}
+
+
+def register_plot(claim_id: str) -> Callable[[PlotFn], PlotFn]:
+    """Register ``fn(record, out_dir) -> [png paths]`` to draw a plot from a claim's record."""
+
+    def deco(fn: PlotFn) -> PlotFn:
+        _PLOTS.setdefault(claim_id, []).append(fn)
+        return fn
+
+    return deco
+
+
+def device_description() -> str:
+    """A short description of the compute device the process uses (GPU name or CPU model)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+        threads = torch.get_num_threads()
+    except Exception:  # torch missing: still report the CPU
+        threads = os.cpu_count()
+    return f"cpu {platform.processor() or platform.machine()} ({threads} threads)"
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy / torch scalars and containers into plain JSON values (NaN -> None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy / torch
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+@dataclass
+class ClaimRecord:
+    """What one test measured for one claim."""
+
+    id: str
+    title: str
+    status: str = "PASS"
+    measured: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)
+    setting: dict = field(default_factory=dict)
+    reasons: list = field(default_factory=list)
+    tests: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _jsonable(
+            {
+                "id": self.id,
+                "title": self.title,
+                "status": self.status,
+                "measured": self.measured,
+                "thresholds": self.thresholds,
+                "setting": self.setting,
+                "reason": "; ".join(r for r in self.reasons if r),
+                "tests": self.tests,
+            }
+        )
+
+
+def merge_records(old: dict | None, new: dict) -> dict:
+    """Merge a test's record into the claim's accumulated record (worst status wins)."""
+    if old is None:
+        return json.loads(json.dumps(new))
+    merged = dict(old)
+    for key in ("measured", "thresholds", "setting"):
+        merged[key] = {**old.get(key, {}), **new.get(key, {})}
+    if _SEVERITY[new["status"]] > _SEVERITY[old["status"]]:
+        merged["status"] = new["status"]
+    reasons = [r for r in (old.get("reason", ""), new.get("reason", "")) if r]
+    merged["reason"] = "; ".join(dict.fromkeys("; ".join(reasons).split("; "))) if reasons else ""
+    merged["tests"] = list(dict.fromkeys(old.get("tests", []) + new.get("tests", [])))
+    return merged
+
+
+def counts(claims: list[dict]) -> dict:
+    out = {s: 0 for s in STATUSES}
+    for c in claims:
+        out[c["status"]] += 1
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any, limit: int = 220) -> str:
+    text = json.dumps(value, separators=(", ", ": "))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def render_markdown(claims: list[dict], meta: dict | None = None) -> str:
+    """The catalogue as a table with measured values, plus the seed-style 'At a Glance' counts."""
+    c = counts(claims)
+    lines = ["# TurboQuant claims report", ""]
+    if meta:
+        lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines += ["## At a Glance", ""]
+    lines += [f"{s} = {c[s]}  " for s in STATUSES] + [""]
+    lines += ["| id | claim | status | measured | thresholds | setting | reason |", "|---|---|---|---|---|---|---|"]
+    for rec in sorted(claims, key=lambda r: r["id"]):
+        lines.append(
+            "| {id} | {title} | **{status}** | {m} | {t} | {s} | {r} |".format(
+                id=rec["id"],
+                title=rec["title"],
+                status=rec["status"],
+                m=_fmt(rec.get("measured", {})).replace("|", "/"),
+                t=_fmt(rec.get("thresholds", {})).replace("|", "/"),
+                s=_fmt(rec.get("setting", {})).replace("|", "/"),
+                r=(rec.get("reason") or "").replace("|", "/")[:300],
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+class ClaimStore:
+    """Accumulates claim records and rewrites the report files after every update."""
+
+    def __init__(self, out_dir: Path, meta: dict | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.meta = meta or {}
+        self.claims: dict[str, dict] = {}
+
+    def add(self, record: dict) -> None:
+        self.claims[record["id"]] = merge_records(self.claims.get(record["id"]), record)
+        self.flush()
+
+    def as_list(self) -> list[dict]:
+        return [self.claims[k] for k in sorted(self.claims)]
+
+    def flush(self) -> None:
+        claims = self.as_list()
+        doc = {"meta": self.meta, "claims": claims, "counts": counts(claims)}
+        _atomic_write(self.out_dir / "claims.json", json.dumps(doc, indent=2) + "\n")
+        _atomic_write(self.out_dir / "claims.md", render_markdown(claims, self.meta))
+
+    def draw_plots(self) -> list[Path]:
+        """Run every registered plot whose claim has a record; a failing plot never loses data."""
+        written: list[Path] = []
+        for claim_id, fns in _PLOTS.items():
+            record = self.claims.get(claim_id)
+            if record is None or record["status"] == "SKIP":
+                continue
+            for fn in fns:
+                try:
+                    written += [Path(p) for p in fn(record, self.out_dir)]
+                except Exception as exc:  # report, do not crash the run
+                    record.setdefault("plot_errors", []).append(f"{fn.__name__}: {exc!r}")
+        self.flush()
+        return written
+
+
+def load_plot_modules() -> None:
+    """Import the modules that register plots (each import is optional)."""
+    import importlib
+
+    for name in ("turboquant.plots", "turboquant.eval.plots", "turboquant.ann"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
