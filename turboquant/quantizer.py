@@ -1,0 +1,347 @@
+"""TurboQuant quantizers (Zandieh et al., arXiv 2504.19874) and the scalar no-rotation baseline.
+
+* :class:`TurboQuantMSE` — ``Q(x) = (||x||, idx)``, ``idx_j = argmin_k |(Π x/||x||)_j - c_k|``;
+  ``x̃ = ||x|| Π^T c[idx]``. E||x - x̃||² = D_mse(b) ||x||² (Theorem 1: ≤ (√3π/2) 4^-b).
+* :class:`TurboQuantProd` — MSE at b-1 bits, then QJL on the residual ``r = x - x̃_mse``:
+  ``z = sign(S r)``, ``x̃ = x̃_mse + √(π/2)/d · ||r|| · S^T z``; unbiased: E_S <y, x̃> = <y, x>.
+* :class:`ScalarQuantizer` — per-vector min/max uniform grid, no rotation (the seed's baseline).
+
+Fractional widths b + 0.5 (1.5, 2.5, 3.5) split the rotated coordinates: the first d/2 use b+1
+bits, the rest b bits. After the rotation every coordinate has the same law, so the split needs no
+calibration; it costs exactly (b + 0.5)·d bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from turboquant.codebook import Codebook, lloyd_max_codebook
+from turboquant.packing import pack_bits, packed_nbytes, unpack_bits
+from turboquant.rotation import make_rotation
+from turboquant.validation import check_float_tensor
+
+SUPPORTED_BITS = (1, 1.5, 2, 2.5, 3, 3.5, 4)
+NORM_DTYPE = torch.float16
+_NORM_MAX = torch.finfo(NORM_DTYPE).max
+
+
+def parse_bits(bits: float, name: str = "bits", allowed: tuple = SUPPORTED_BITS) -> float:
+    """Validate a bit width; return it as a float (1, 1.5, ..., 4)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+        raise TypeError(f"`{name}` must be a number in {allowed}, got {type(bits).__name__}")
+    if float(bits) not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {bits!r}")
+    return float(bits)
+
+
+def _round_norms(norms: torch.Tensor, name: str) -> torch.Tensor:
+    """Norms are stored as float16: round now so quantize->dequantize equals pack->unpack->dequantize."""
+    if norms.numel() and float(norms.max()) > _NORM_MAX:
+        raise ValueError(f"{name} {float(norms.max()):.4g} exceeds the float16 norm storage range ({_NORM_MAX:.0f})")
+    return norms.to(NORM_DTYPE).to(torch.float32)
+
+
+@dataclass
+class MSEQuantized:
+    """Unpacked TurboQuant-mse codes: ``idx`` uint8 [..., d] (rotated domain), ``norms`` float32 [...]."""
+
+    idx: torch.Tensor
+    norms: torch.Tensor
+
+
+@dataclass
+class PackedMSE:
+    """Stored form: ``codes`` uint8 [..., d·b/8] (bit planes), ``norms`` float16 [...]."""
+
+    codes: torch.Tensor
+    norms: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.norms.numel() * self.norms.element_size()
+
+
+@dataclass
+class ProdQuantized:
+    """TurboQuant-prod codes: MSE part (None at 1 bit), QJL signs (bool [..., d]), residual norms."""
+
+    mse: MSEQuantized | None
+    signs: torch.Tensor
+    rnorms: torch.Tensor
+
+
+@dataclass
+class PackedProd:
+    """Stored form: MSE codes + norms (absent at 1 bit), 1-bit QJL plane uint8 [..., d/8], rnorms float16."""
+
+    mse: PackedMSE | None
+    qjl: torch.Tensor
+    rnorms: torch.Tensor
+
+    def nbytes(self) -> int:
+        n = self.qjl.numel() + self.rnorms.numel() * self.rnorms.element_size()
+        return n + (self.mse.nbytes() if self.mse is not None else 0)
+
+
+class TurboQuantMSE:
+    """TurboQuant-mse: rotate, Lloyd-Max scalar-quantize every coordinate, keep the norm.
+
+    Args:
+        d: vector dimension (a power of two for ``rotation='hadamard'``; a multiple of 8, or of 16
+            for fractional bits, so codes pack into whole bytes).
+        bits: 1, 1.5, 2, 2.5, 3, 3.5 or 4 bits per coordinate.
+        rotation: ``'hadamard'`` (signed FWHT, O(d log d)) or ``'dense'`` (Haar QR, O(d²)).
+        seed: seeds the rotation.
+        law: codebook law, ``'beta'`` (exact at d) or ``'gaussian'`` (N(0, 1/d) limit).
+    """
+
+    def __init__(self, d: int, bits: float, rotation: str = "hadamard", seed: int = 0, law: str = "beta") -> None:
+        self.bits = parse_bits(bits)
+        if not isinstance(d, int) or isinstance(d, bool) or d < 8:
+            raise ValueError(f"`d` must be an int >= 8, got {d!r}")
+        whole = math.floor(self.bits)
+        if self.bits != whole:
+            if d % 16:
+                raise ValueError(f"fractional `bits`={self.bits} needs d to be a multiple of 16, got d={d}")
+            half = d // 2
+            specs = [(0, half, whole + 1), (half, d, whole)]
+        else:
+            if d % 8:
+                raise ValueError(f"`d` must be a multiple of 8 so codes pack into bytes, got d={d}")
+            specs = [(0, d, whole)]
+        self.d = d
+        self.seed = seed
+        self.law = law
+        self.rotation = make_rotation(rotation, d, seed)
+        self.segments: list[tuple[int, int, int, Codebook]] = [
+            (a, b, nb, lloyd_max_codebook(nb, d, law)) for a, b, nb in specs
+        ]
+        self._tables: dict = {}
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def code_nbytes(self) -> int:
+        """Packed code bytes per vector: d · bits / 8."""
+        return sum(packed_nbytes(b - a, nb) for a, b, nb, _ in self.segments)
+
+    @property
+    def nbytes_per_vector(self) -> int:
+        """Stored bytes per vector: codes + one float16 norm."""
+        return self.code_nbytes + NORM_DTYPE.itemsize
+
+    @property
+    def distortion(self) -> float:
+        """Expected D_mse for unit vectors: the d-weighted mean of the segments' Lloyd-Max values."""
+        return sum((b - a) * cb.distortion for a, b, _, cb in self.segments) / self.d
+
+    def _table(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if device not in self._tables:
+            self._tables[device] = [
+                (cb.boundaries_tensor(device), cb.centroids_tensor(device)) for _, _, _, cb in self.segments
+            ]
+        return self._tables[device]
+
+    # -- quantize / dequantize ----------------------------------------------------------------
+    def quantize(self, x: torch.Tensor) -> MSEQuantized:
+        """``x`` [..., d] float -> codes (rotated domain) and norms."""
+        check_float_tensor(x, "x", self.d)
+        xf = x.to(torch.float32)
+        norms = torch.linalg.vector_norm(xf, dim=-1)
+        y = self.rotation.apply(xf / norms.clamp_min(1e-30).unsqueeze(-1))
+        parts = [
+            torch.bucketize(y[..., a:b].contiguous(), bounds).to(torch.uint8)
+            for (a, b, _, _), (bounds, _) in zip(self.segments, self._table(y.device))
+        ]
+        return MSEQuantized(idx=torch.cat(parts, dim=-1), norms=_round_norms(norms, "vector norm"))
+
+    def centroid_values(self, idx: torch.Tensor) -> torch.Tensor:
+        """``c[idx]`` in the rotated domain, float32 [..., d] (unit scale)."""
+        parts = [
+            cents[idx[..., a:b].long()]
+            for (a, b, _, _), (_, cents) in zip(self.segments, self._table(idx.device))
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def dequantize_rotated(self, q: MSEQuantized) -> torch.Tensor:
+        """``||x|| c[idx]``: the reconstruction in the rotated domain (``Π x̃``)."""
+        return self.centroid_values(q.idx) * q.norms.unsqueeze(-1)
+
+    def dequantize(self, q: MSEQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``x̃ = ||x|| Π^T c[idx]``."""
+        return self.rotation.invert(self.dequantize_rotated(q)).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize and reconstruct (convenience for measurements)."""
+        return self.dequantize(self.quantize(x), dtype=torch.float32)
+
+    # -- storage -------------------------------------------------------------------------------
+    def pack(self, q: MSEQuantized) -> PackedMSE:
+        codes = torch.cat([pack_bits(q.idx[..., a:b], nb) for a, b, nb, _ in self.segments], dim=-1)
+        return PackedMSE(codes=codes, norms=q.norms.to(NORM_DTYPE))
+
+    def unpack(self, p: PackedMSE) -> MSEQuantized:
+        if p.codes.shape[-1] != self.code_nbytes:
+            raise ValueError(f"packed codes have {p.codes.shape[-1]} bytes a vector, expected {self.code_nbytes}")
+        parts, offset = [], 0
+        for a, b, nb, _ in self.segments:
+            n = packed_nbytes(b - a, nb)
+            parts.append(unpack_bits(p.codes[..., offset : offset + n], nb, b - a))
+            offset += n
+        return MSEQuantized(idx=torch.cat(parts, dim=-1), norms=p.norms.to(torch.float32))
+
+    def encode(self, x: torch.Tensor) -> PackedMSE:
+        return self.pack(self.quantize(x))
+
+    def decode(self, p: PackedMSE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize(self.unpack(p), dtype)
+
+
+class TurboQuantProd:
+    """TurboQuant-prod: MSE at ``bits - 1`` plus a 1-bit QJL sketch of the residual (unbiased IPs).
+
+    ``S ~ N(0, 1)^{d×d}`` is drawn from ``qjl_seed`` (default ``seed + 1_000_003``). At ``bits = 1``
+    the MSE stage is empty and the whole vector is the residual.
+    """
+
+    def __init__(
+        self,
+        d: int,
+        bits: float,
+        rotation: str = "hadamard",
+        seed: int = 0,
+        law: str = "beta",
+        qjl_seed: int | None = None,
+    ) -> None:
+        self.bits = parse_bits(bits)
+        if self.bits < 2 and self.bits != 1:
+            raise ValueError(f"`bits` for TurboQuantProd must be one of (1, 2, 2.5, 3, 3.5, 4), got {bits!r}")
+        if not isinstance(d, int) or isinstance(d, bool) or d < 8 or d % 8:
+            raise ValueError(f"`d` must be a multiple of 8 (>= 8), got {d!r}")
+        self.d = d
+        self.seed = seed
+        self.mse = TurboQuantMSE(d, self.bits - 1, rotation, seed, law) if self.bits > 1 else None
+        self.qjl_seed = seed + 1_000_003 if qjl_seed is None else qjl_seed
+        gen = torch.Generator().manual_seed(self.qjl_seed)
+        self.S = torch.randn(d, d, generator=gen, dtype=torch.float32)
+        self._s_cache: dict = {}
+        self.qjl_scale = math.sqrt(math.pi / 2) / d
+
+    def _S_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._s_cache:
+            self._s_cache[device] = self.S.to(device)
+        return self._s_cache[device]
+
+    @property
+    def code_nbytes(self) -> int:
+        return (self.mse.code_nbytes if self.mse else 0) + self.d // 8
+
+    @property
+    def nbytes_per_vector(self) -> int:
+        """MSE codes + QJL plane + rnorm (+ the MSE norm when bits > 1), float16 norms."""
+        return self.code_nbytes + NORM_DTYPE.itemsize * (2 if self.mse else 1)
+
+    def quantize(self, x: torch.Tensor) -> ProdQuantized:
+        check_float_tensor(x, "x", self.d)
+        xf = x.to(torch.float32)
+        if self.mse is not None:
+            q_mse = self.mse.quantize(xf)
+            r = xf - self.mse.dequantize(q_mse)
+        else:
+            q_mse, r = None, xf
+        signs = (r @ self._S_on(r.device).T) >= 0
+        rnorms = _round_norms(torch.linalg.vector_norm(r, dim=-1), "residual norm")
+        return ProdQuantized(mse=q_mse, signs=signs, rnorms=rnorms)
+
+    def qjl_dequantize(self, q: ProdQuantized) -> torch.Tensor:
+        """``√(π/2)/d · ||r|| · S^T z`` with ``z = ±1``."""
+        z = q.signs.to(torch.float32) * 2 - 1
+        return self.qjl_scale * q.rnorms.unsqueeze(-1) * (z @ self._S_on(z.device))
+
+    def dequantize(self, q: ProdQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = self.qjl_dequantize(q)
+        if q.mse is not None:
+            out = out + self.mse.dequantize(q.mse)
+        return out.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(x))
+
+    def inner_product(self, y: torch.Tensor, q: ProdQuantized) -> torch.Tensor:
+        """Estimate ``<y, x>`` for every pair: y [m, d], codes of [n, d] -> [m, n]."""
+        check_float_tensor(y, "y", self.d)
+        return y.to(torch.float32) @ self.dequantize(q).reshape(-1, self.d).T
+
+    def pack(self, q: ProdQuantized) -> PackedProd:
+        return PackedProd(
+            mse=self.mse.pack(q.mse) if q.mse is not None else None,
+            qjl=pack_bits(q.signs.to(torch.uint8), 1),
+            rnorms=q.rnorms.to(NORM_DTYPE),
+        )
+
+    def unpack(self, p: PackedProd) -> ProdQuantized:
+        return ProdQuantized(
+            mse=self.mse.unpack(p.mse) if p.mse is not None else None,
+            signs=unpack_bits(p.qjl, 1, self.d).bool(),
+            rnorms=p.rnorms.to(torch.float32),
+        )
+
+    def encode(self, x: torch.Tensor) -> PackedProd:
+        return self.pack(self.quantize(x))
+
+    def decode(self, p: PackedProd, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize(self.unpack(p), dtype)
+
+
+@dataclass
+class ScalarQuantized:
+    idx: torch.Tensor
+    lo: torch.Tensor
+    scale: torch.Tensor
+
+
+class ScalarQuantizer:
+    """Per-vector uniform grid on [min x, max x] with 2^b levels, no rotation (the seed's baseline).
+
+    ``x̃_j = lo + scale · round((x_j - lo) / scale)``, ``scale = (max - min) / (2^b - 1)``; stores b
+    bits a coordinate plus float16 ``lo`` and ``scale``.
+    """
+
+    def __init__(self, d: int, bits: int) -> None:
+        parse_bits(bits, allowed=(1, 2, 3, 4))
+        if not isinstance(d, int) or isinstance(d, bool) or d < 8 or d % 8:
+            raise ValueError(f"`d` must be a multiple of 8 (>= 8), got {d!r}")
+        self.d = d
+        self.bits = int(bits)
+
+    @property
+    def code_nbytes(self) -> int:
+        return packed_nbytes(self.d, self.bits)
+
+    @property
+    def nbytes_per_vector(self) -> int:
+        return self.code_nbytes + 2 * NORM_DTYPE.itemsize
+
+    def quantize(self, x: torch.Tensor) -> ScalarQuantized:
+        check_float_tensor(x, "x", self.d)
+        xf = x.to(torch.float32)
+        lo = xf.amin(dim=-1).to(NORM_DTYPE).to(torch.float32)
+        hi = xf.amax(dim=-1)
+        scale = ((hi - lo) / (2**self.bits - 1)).to(NORM_DTYPE).to(torch.float32)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+        idx = torch.round((xf - lo.unsqueeze(-1)) / safe).clamp(0, 2**self.bits - 1).to(torch.uint8)
+        return ScalarQuantized(idx=idx, lo=lo, scale=scale)
+
+    def dequantize(self, q: ScalarQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (q.lo.unsqueeze(-1) + q.idx.to(torch.float32) * q.scale.unsqueeze(-1)).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(x))
+
+    def pack(self, q: ScalarQuantized) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pack_bits(q.idx, self.bits), q.lo.to(NORM_DTYPE), q.scale.to(NORM_DTYPE)
+
+    def unpack(self, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> ScalarQuantized:
+        codes, lo, scale = packed
+        return ScalarQuantized(unpack_bits(codes, self.bits, self.d), lo.to(torch.float32), scale.to(torch.float32))
