@@ -1,0 +1,193 @@
+"""Shared pieces of the Triton kernels: per-quantizer lookup tables and the in-register FWHT.
+
+The kernels read exactly what :class:`turboquant.quantizer.TurboQuantMSE` packs (bit-plane layout,
+``docs/ARCHITECTURE.md``). Every code row is viewed as two *segments* of ``d/2`` coordinates:
+
+* integer bits ``b``: one quantizer segment ``[0, d)`` of ``b`` planes of ``d/8`` bytes; kernel
+  segment A = bytes ``[0, d/16)`` of every plane, B = bytes ``[d/16, d/8)`` (plane stride ``d/8``);
+* fractional bits ``b + 0.5``: A = the ``b+1``-bit segment (planes of ``d/16`` bytes at offset 0),
+  B = the ``b``-bit segment (planes of ``d/16`` bytes after A).
+
+So one kernel handles every supported width with two (bits, base, stride) triples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:  # import must never fail on a CPU-only machine without Triton
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_KERNEL_BITS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+LOG2E = 1.4426950408889634
+
+
+def check_head_dim(d: int) -> int:
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"`head_dim` for the Triton kernels must be one of {SUPPORTED_HEAD_DIMS}, got {d!r}")
+    return d
+
+
+def check_kernel_bits(bits: float) -> float:
+    if float(bits) not in SUPPORTED_KERNEL_BITS:
+        raise ValueError(f"`bits` for the Triton kernels must be one of {SUPPORTED_KERNEL_BITS}, got {bits!r}")
+    return float(bits)
+
+
+@dataclass
+class KernelTables:
+    """Device-resident tables of one TurboQuant-mse quantizer, in the form the kernels read.
+
+    Attributes:
+        d, bits: head dim and bit width.
+        seg: ``((bits_A, base_A, stride_A), (bits_B, base_B, stride_B))`` in bytes (see module doc).
+        code_nbytes: packed bytes a vector (``d · bits / 8``).
+        signs: float32 ``[d]`` Hadamard signs ``s`` (``Π = H diag(s) / sqrt(d)``).
+        boundaries: float32 ``[2, 16]`` per kernel segment, padded with +inf.
+        centroids: float32 ``[2, 16]`` per kernel segment, padded with 0.
+        lut: float16 ``[2, 2, 256]``: ``lut[s, 0, p] = c_s[p & 15]``, ``lut[s, 1, p] = c_s[p >> 4]``
+            (a byte holding two codes indexes both halves: one load a centroid, no nibble math).
+        rot_t: float32 ``[d, d]`` = ``Π^T`` (row vectors: ``Π x = x @ Π^T``).
+        rot: float32 ``[d, d]`` = ``Π`` (row vectors: ``Π^T y = y @ Π``).
+    """
+
+    d: int
+    bits: float
+    seg: tuple[tuple[int, int, int], tuple[int, int, int]]
+    code_nbytes: int
+    signs: torch.Tensor
+    boundaries: torch.Tensor
+    centroids: torch.Tensor
+    lut: torch.Tensor
+    rot_t: torch.Tensor
+    rot: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.signs.device
+
+    @classmethod
+    def build(
+        cls,
+        d: int,
+        bits: float,
+        signs: torch.Tensor,
+        centroids_hi: torch.Tensor | list[float],
+        centroids_lo: torch.Tensor | list[float] | None = None,
+        device: torch.device | str | None = None,
+        boundaries: tuple | None = None,
+    ) -> "KernelTables":
+        """Tables from raw parts. ``centroids_hi``: ascending centroids of the ``ceil(bits)``-bit
+        codebook (segment A); ``centroids_lo``: of the ``floor(bits)``-bit one (segment B,
+        fractional widths only). ``boundaries``: the codebooks' own decision boundaries
+        ``(hi, lo)`` (default: centroid midpoints)."""
+        check_head_dim(d)
+        bits = check_kernel_bits(bits)
+        whole = math.floor(bits)
+        frac = bits != whole
+        if frac:
+            if centroids_lo is None:
+                raise ValueError(f"fractional bits={bits} need `centroids_lo` ({whole}-bit codebook)")
+            ba, bb = whole + 1, whole
+            seg = ((ba, 0, d // 16), (bb, ba * d // 16, d // 16))
+            cents = [torch.as_tensor(centroids_hi, dtype=torch.float32), torch.as_tensor(centroids_lo, dtype=torch.float32)]
+        else:
+            seg = ((whole, 0, d // 8), (whole, d // 16, d // 8))
+            c = torch.as_tensor(centroids_hi, dtype=torch.float32)
+            cents = [c, c]
+        for (nb, _, _), c in zip(seg, cents):
+            if c.numel() != 2**nb:
+                raise ValueError(f"a {nb}-bit segment needs {2**nb} centroids, got {c.numel()}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        bnd = torch.full((2, 16), float("inf"))
+        cen = torch.zeros(2, 16)
+        lut = torch.zeros(2, 2, 256)
+        p = torch.arange(256)
+        for s, c in enumerate(cents):
+            n = c.numel()
+            cen[s, :n] = c
+            bnd[s, : n - 1] = (c[1:] + c[:-1]) / 2
+            if boundaries is not None:
+                src = boundaries[0] if (s == 0 or not frac) else boundaries[1]
+                bnd[s, : n - 1] = torch.as_tensor(src, dtype=torch.float32)
+            lut[s, 0] = cen[s][p & 15]
+            lut[s, 1] = cen[s][p >> 4]
+        signs = torch.as_tensor(signs, dtype=torch.float32).reshape(d)
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:  # Sylvester Hadamard, natural order
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        rot = h * signs.unsqueeze(0) / math.sqrt(d)  # Π = H diag(s) / sqrt(d)
+        return cls(
+            d=d,
+            bits=bits,
+            seg=seg,
+            code_nbytes=int(d * bits) // 8,
+            signs=signs.to(device),
+            boundaries=bnd.to(device),
+            centroids=cen.to(device),
+            lut=lut.to(device=device, dtype=torch.float16),
+            rot_t=rot.T.contiguous().to(device),
+            rot=rot.contiguous().to(device),
+        )
+
+    @classmethod
+    def from_quantizer(cls, quantizer, device: torch.device | str | None = None) -> "KernelTables":
+        """Tables of a :class:`turboquant.quantizer.TurboQuantMSE` (Hadamard rotation only), cached on it."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        cache = quantizer.__dict__.setdefault("_kernel_tables", {})
+        key = str(device)
+        if key in cache:
+            return cache[key]
+        rotation = getattr(quantizer, "rotation", None)
+        if getattr(rotation, "kind", None) != "hadamard":
+            raise ValueError(
+                f"the Triton kernels support rotation='hadamard' only, got {getattr(rotation, 'kind', rotation)!r}"
+            )
+        segs = quantizer.segments
+        hi = segs[0][3].centroids
+        lo = segs[1][3].centroids if len(segs) > 1 else None
+        bnds = (segs[0][3].boundaries, segs[1][3].boundaries if len(segs) > 1 else None)
+        tables = cls.build(quantizer.d, quantizer.bits, rotation.signs, hi, lo, device, boundaries=bnds)
+        if tables.code_nbytes != quantizer.code_nbytes:
+            raise ValueError(f"layout mismatch: kernel {tables.code_nbytes} B/vector, quantizer {quantizer.code_nbytes}")
+        cache[key] = tables
+        return tables
+
+
+def coord_perm(d2: int) -> torch.Tensor:
+    """The coordinate order in which the decode kernel holds a segment of ``d2`` codes.
+
+    Position ``p = ((w·4 + i)·4 + b)·2 + h`` holds coordinate ``32w + 8b + i + 4h`` (word ``w`` of
+    a plane, bit pair ``(i, i+4)`` of byte ``b``). Used by tests; the kernel computes it inline.
+    """
+    p = torch.arange(d2)
+    w, i, b, h = p // 32, (p // 8) % 4, (p // 2) % 4, p % 2
+    return 32 * w + 8 * b + i + 4 * h
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def fwht_tile(x, M: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
+        """Unnormalised Walsh-Hadamard transform of every row of an ``[M, D]`` register tile
+        (Sylvester order, same butterfly order as ``turboquant.rotation.fwht``)."""
+        for st in tl.static_range(LOG2D):
+            h: tl.constexpr = 1 << st
+            y = tl.reshape(x, (M, D // (2 * h), 2, h))
+            y = tl.permute(y, (0, 1, 3, 2))
+            a, b = tl.split(y)
+            y = tl.join(a + b, a - b)
+            y = tl.permute(y, (0, 1, 3, 2))
+            x = tl.reshape(y, (M, D))
+        return x
