@@ -77,6 +77,28 @@ def tq_options(pytestconfig: pytest.Config) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_for_synthetic_tests(request: pytest.FixtureRequest):
+    """Small-tensor math runs fastest on one thread (OpenMP spin-waits dominate otherwise)."""
+    if request.node.get_closest_marker("synthetic") is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root (where data/ lives)."""
+    return Path(__file__).resolve().parent
+
+
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
