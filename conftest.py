@@ -18,6 +18,8 @@ import pytest
 
 from turboquant.report import ClaimRecord, ClaimStore, device_description, load_plot_modules
 
+pytest_plugins = ["pytester"]
+
 # (option, default, help). The CLI `python -m turboquant verify` accepts the seed's spelling
 # (underscores) and forwards them here with dashes.
 SUITE_OPTIONS: list[tuple[str, object, str]] = [
@@ -132,6 +134,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             claim_id = mark.args[0]
             title = mark.args[1] if len(mark.args) > 1 else mark.kwargs.get("title", claim_id)
             item.user_properties.append(("tq_claim", json.dumps({"id": claim_id, "title": title})))
+            item.extra_keyword_matches.add(claim_id)  # so `-k C03` selects a claim
 
 
 class _Recorder:
@@ -182,7 +185,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     state = config._tq_outcomes.setdefault(report.nodeid, {"outcome": "passed", "reason": ""})
     if report.failed:
         state["outcome"] = "failed"
-        state["reason"] = f"{report.when}: " + (report.longreprtext.strip().splitlines() or [""])[-1][:400]
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else (report.longreprtext.strip().splitlines() or [""])[-1]
+        state["reason"] = f"{report.when}: {message}"[:500]
     elif report.skipped and state["outcome"] != "failed":
         state["outcome"] = "skipped"
         longrepr = report.longrepr

@@ -160,6 +160,7 @@ class ClaimStore:
         self.claims: dict[str, dict] = {}
 
     def add(self, record: dict) -> None:
+        record = _jsonable(record)
         self.claims[record["id"]] = merge_records(self.claims.get(record["id"]), record)
         self.flush()
 
