@@ -49,3 +49,9 @@ def test_dense_rotation_supports_any_dimension():
     rot = DenseRotation(96, seed=0)
     x = torch.randn(4, 96)
     torch.testing.assert_close(rot.invert(rot.apply(x)), x, atol=1e-5, rtol=0)
+
+
+def test_fwht_large_dimension_uses_the_kronecker_path_correctly():
+    d = 2048
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(fwht(x), x @ torch.from_numpy(hadamard(d)).to(torch.float64))
