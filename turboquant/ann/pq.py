@@ -36,7 +36,7 @@ def pq_layout(d: int, bits: float, max_nbits: int = 8) -> tuple[int, int]:
 
 
 class PQKMeansIndex(ANNIndex):
-    """PQ with scipy k-means codebooks (``kmeans2``, ``minit='++'``, ``iter`` Lloyd steps, seeded).
+    """PQ with scipy k-means codebooks (``kmeans2``: ``minit`` init, ``iters`` Lloyd steps, seeded per sub-space).
 
     Codes are stored bit-packed (``nbits`` bit planes over the ``M`` codes) when ``nbits < 8``, as
     bytes when ``nbits = 8``: exactly ``M · nbits / 8`` bytes per vector either way.
@@ -45,7 +45,9 @@ class PQKMeansIndex(ANNIndex):
     name = "pq-kmeans"
     requires_training = True
 
-    def __init__(self, d: int, bits: float, seed: int = 0, iters: int = 20, block: int = 8192) -> None:
+    def __init__(
+        self, d: int, bits: float, seed: int = 0, iters: int = 10, minit: str = "points", block: int = 8192
+    ) -> None:
         super().__init__(d, bits)
         self.M, self.nbits = pq_layout(d, bits)
         if self.nbits < 8 and self.M % 8:
@@ -54,6 +56,7 @@ class PQKMeansIndex(ANNIndex):
         self.K = 2**self.nbits
         self.seed = seed
         self.iters = iters
+        self.minit = minit
         self.block = block
         self.centroids = torch.empty(0)  # [M, K, dsub]
         self._codes = torch.empty(0, self.M * self.nbits // 8, dtype=torch.uint8)
@@ -69,7 +72,7 @@ class PQKMeansIndex(ANNIndex):
             warnings.simplefilter("ignore")  # "One of the clusters is empty": kept as k-means left it
             for m in range(self.M):
                 rng = np.random.default_rng(self.seed * 100_003 + m)
-                c, _ = kmeans2(xs[:, m, :], self.K, iter=self.iters, minit="++", seed=rng)
+                c, _ = kmeans2(xs[:, m, :], self.K, iter=self.iters, minit=self.minit, seed=rng)
                 cents[m] = c
         self.centroids = torch.from_numpy(cents)
 
@@ -89,14 +92,15 @@ class PQKMeansIndex(ANNIndex):
 
     def _search(self, q: torch.Tensor, k: int) -> SearchResult:
         qs = q.reshape(-1, self.M, self.dsub)
-        lut = torch.einsum("qmd,mkd->qmk", qs, self.centroids)  # [nq, M, K]
+        nq = q.shape[0]
+        lut = torch.einsum("qmd,mkd->qmk", qs, self.centroids).reshape(nq, self.M * self.K)  # [nq, M·K]
+        offsets = torch.arange(self.M) * self.K
+        # gathered scores are [nq, B, M]: keep a block at <= 2^24 floats (64 MiB)
+        block = max(1, min(self.block, (1 << 24) // max(1, nq * self.M)))
 
         def score(start: int, stop: int) -> torch.Tensor:
             raw = self._codes[start:stop]
             codes = (raw if self.nbits == 8 else unpack_bits(raw, self.nbits, self.M)).long()
-            s = torch.zeros(q.shape[0], stop - start)
-            for m in range(self.M):
-                s += lut[:, m, codes[:, m]]
-            return s
+            return lut[:, codes + offsets].sum(dim=2)  # Σ_m LUT[m, code_m]
 
-        return blockwise_topk(score, self.ntotal, k, self.block)
+        return blockwise_topk(score, self.ntotal, k, block)
