@@ -1,0 +1,239 @@
+"""Run prompts through a model under several KV-cache settings with real ``generate``.
+
+A *setting* is a name: ``"full"`` (transformers' ``DynamicCache``, full precision) or a bit
+width (``"3.5"``, ``"2.5"``: ``TurboQuantCache``). A *cache factory* maps a setting to a fresh,
+empty cache object; :func:`default_cache_factory` builds the real ones, tests may pass their own.
+
+Shared prefill. Every setting stores the prompt in its own cache, but the prompt's forward pass
+does not depend on how the cache stores it (a quantized cache quantizes what it is given; the
+prefill attention itself runs on the exact keys and values). So the prompt minus its last token is
+run once into a full-precision ``DynamicCache``; for each setting a fresh cache receives those keys
+and values through the Cache API (``cache.update(k, v, layer_idx)``, exactly the call the model
+makes during prefill), and ``model.generate`` then runs the last prompt token and the answer
+against that cache. This saves (settings - 1) prefills per prompt; it is slightly *stricter* than a
+from-scratch run, because the last prompt token already attends to the compressed history.
+Models whose cache holds non-KV state (hybrid linear-attention layers) fall back to one full run per
+setting; ``share_prefill=False`` forces that path too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+CacheFactory = Callable[[str], Any]
+FULL = "full"
+
+
+def setting_bits(setting: str) -> float | None:
+    """``"full"`` -> None, ``"3.5"`` -> 3.5; anything else raises listing the valid forms."""
+    if setting == FULL:
+        return None
+    try:
+        return float(setting)
+    except ValueError:
+        raise ValueError(f"unknown cache setting {setting!r}; use 'full' or a bit width such as '3.5'") from None
+
+
+def cache_argument(model: Any) -> str:
+    """Name of the cache argument of ``model.forward``: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (earlier releases)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def default_cache_factory(model: Any, **cache_kwargs: Any) -> CacheFactory:
+    """``"full"`` -> ``DynamicCache``; a bit width -> ``turboquant.cache.TurboQuantCache``."""
+    from transformers import DynamicCache
+
+    def factory(setting: str) -> Any:
+        bits = setting_bits(setting)
+        if bits is None:
+            return DynamicCache()
+        from turboquant.cache import TurboQuantCache  # imported lazily: the cache is optional here
+
+        return make_turboquant_cache(TurboQuantCache, model, bits, **cache_kwargs)
+
+    return factory
+
+
+def make_turboquant_cache(cls: Any, model: Any, bits: float, **kwargs: Any) -> Any:
+    """``TurboQuantCache(model.config, key_bits=bits, value_bits=bits, **kwargs)``."""
+    return cls(model.config, key_bits=bits, value_bits=bits, **kwargs)
+
+
+def attention_context(model: Any, cache: Any) -> Any:
+    """The model's compressed-attention context for a ``TurboQuantCache`` (decode scores the packed
+    codes directly), a no-op context for any other cache."""
+    if hasattr(cache, "compressed_layers"):
+        from turboquant.cache import turboquant_attention
+
+        return turboquant_attention(model)
+    return contextlib.nullcontext(model)
+
+
+def _kv_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(keys, values) per layer of a filled ``DynamicCache``; None when a layer holds other state."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    out = []
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            return None
+        if type(layer).__name__ != "DynamicLayer":
+            return None
+        out.append((keys, values))
+    return out
+
+
+def transplant(prefilled: list[tuple[torch.Tensor, torch.Tensor]], cache: Any) -> Any:
+    """Feed prefilled keys/values into an empty cache through ``cache.update`` (the prefill call)."""
+    for layer_idx, (keys, values) in enumerate(prefilled):
+        cache.update(keys.clone(), values.clone(), layer_idx)
+    return cache
+
+
+@dataclass
+class Generation:
+    """What one setting produced for one prompt."""
+
+    setting: str
+    text: str
+    new_tokens: int
+    seconds: float  # decode (and, without a shared prefill, prefill) wall time
+
+
+@dataclass
+class PromptRun:
+    """All settings' generations for one prompt, and the shared prefill time."""
+
+    n_tokens: int
+    prefill_seconds: float
+    shared_prefill: bool
+    generations: dict[str, Generation] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def generate_settings(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    settings: Sequence[str],
+    cache_factory: CacheFactory,
+    max_new_tokens: int,
+    share_prefill: bool = True,
+    eos_token_id: int | list[int] | None = None,
+) -> PromptRun:
+    """Greedy-decode ``max_new_tokens`` (stopping at EOS) after ``input_ids`` under each setting."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(input_ids) < 2:
+        raise ValueError("a prompt needs at least 2 tokens")
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    cache_kw = cache_argument(model)
+    prefilled = None
+    prefill_s = 0.0
+    if share_prefill:
+        from transformers import DynamicCache
+
+        t0 = time.perf_counter()
+        base = DynamicCache()
+        model(input_ids=ids[:, :-1], **{cache_kw: base}, use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - t0
+        prefilled = _kv_layers(base)
+        del base
+    run = PromptRun(n_tokens=ids.shape[1], prefill_seconds=prefill_s, shared_prefill=prefilled is not None)
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    gen_kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if eos_token_id is not None:
+        gen_kwargs["eos_token_id"] = eos_token_id
+    for setting in settings:
+        cache = cache_factory(setting)
+        t0 = time.perf_counter()
+        if prefilled is not None:
+            transplant(prefilled, cache)
+        with attention_context(model, cache):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                **{cache_kw: cache},
+                **gen_kwargs,
+            )
+        new = out[0, ids.shape[1]:]
+        run.generations[setting] = Generation(
+            setting=setting,
+            text=tokenizer.decode(new, skip_special_tokens=True),
+            new_tokens=int(new.numel()),
+            seconds=time.perf_counter() - t0,
+        )
+        del cache
+    return run
+
+
+def run_cases(
+    model: Any,
+    tokenizer: Any,
+    cases: Sequence[Any],
+    settings: Sequence[str],
+    cache_factory: CacheFactory,
+    max_new_tokens: int,
+    share_prefill: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run every case (``turboquant.eval.needle.Case``) under every setting; one record per
+    (case, setting) with the answer, its score and timings."""
+    records: list[dict] = []
+    for i, case in enumerate(cases):
+        run = generate_settings(
+            model, tokenizer, case.input_ids, settings, cache_factory, max_new_tokens, share_prefill
+        )
+        for setting, gen in run.generations.items():
+            records.append(
+                {
+                    "task": case.task,
+                    "length": case.context_tokens,
+                    "depth": case.depth,
+                    "trial": case.trial,
+                    "n_tokens": case.n_tokens,
+                    "setting": setting,
+                    "targets": list(case.targets),
+                    "output": gen.text,
+                    "score": case.score(gen.text),
+                    "prefill_s": round(run.prefill_seconds, 3),
+                    "decode_s": round(gen.seconds, 3),
+                }
+            )
+        if log is not None:
+            parts = " ".join(f"{s}={r['score']:.2f}" for s, r in zip(settings, records[-len(settings):]))
+            log(f"[{i + 1}/{len(cases)}] {case.task} len={case.context_tokens} depth={case.depth} "
+                f"trial={case.trial} prefill={run.prefill_seconds:.1f}s {parts}")
+    return records
+
+
+def accuracy(records: Sequence[dict], setting: str) -> float:
+    """Mean score of one setting's records."""
+    vals = [r["score"] for r in records if r["setting"] == setting]
+    if not vals:
+        raise ValueError(f"no records for setting {setting!r}; have {sorted({r['setting'] for r in records})}")
+    return sum(vals) / len(vals)
+
+
+def cell_accuracy(records: Sequence[dict], setting: str) -> dict[str, dict[str, float]]:
+    """Accuracy per grid cell: ``{length: {depth: mean score}}`` (string keys, JSON-ready)."""
+    cells: dict[tuple[int, float], list[float]] = {}
+    for r in records:
+        if r["setting"] == setting:
+            cells.setdefault((r["length"], r["depth"]), []).append(r["score"])
+    out: dict[str, dict[str, float]] = {}
+    for (length, depth), vals in sorted(cells.items()):
+        out.setdefault(str(length), {})[f"{depth:g}"] = sum(vals) / len(vals)
+    return out
