@@ -294,3 +294,96 @@ def bucket_means(scores: Sequence[tuple[str, float]]) -> dict[str, float | None]
         vals = [s for bucket, s in scores if bucket == b]
         out[b] = round(100 * sum(vals) / len(vals), 2) if vals else None
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    data: LongBenchData,
+    settings: Sequence[str],
+    cache_factory: Any,
+    max_prompt_tokens: int,
+    max_new_tokens_cap: int | None = None,
+    share_prefill: bool = True,
+    log: Any = None,
+) -> tuple[list[dict], dict]:
+    """Generate every example under every setting and score it with the dataset's official metric
+    and the seed's containment. Returns (records, summary) where summary is
+    ``{setting: {"tasks": {dataset: {"official", "containment", "buckets", "n"}}, "official_avg",
+    "containment_avg"}}`` on LongBench's 0-100 scale (task average = mean over datasets)."""
+    from turboquant.eval.metrics import score_example
+    from turboquant.eval.runner import generate_settings
+
+    limit = max_positions_of(model)
+    if limit is not None and max_prompt_tokens > limit:
+        raise ValueError(
+            f"longbench max_prompt_tokens {max_prompt_tokens} exceeds the model's maximum context {limit}"
+        )
+    records: list[dict] = []
+    for dataset, examples in data.tasks.items():
+        max_new = MAX_NEW_TOKENS[dataset]
+        if max_new_tokens_cap is not None:
+            max_new = min(max_new, max_new_tokens_cap)
+        for ex in examples:
+            ids, truncated = build_prompt_ids(tokenizer, ex, max_prompt_tokens)
+            if limit is not None and len(ids) + max_new > limit:
+                raise ValueError(
+                    f"{ex.source}: prompt of {len(ids)} tokens + {max_new} new tokens exceeds the model's "
+                    f"maximum context {limit}; lower longbench_max_prompt_tokens"
+                )
+            run = generate_settings(model, tokenizer, ids, settings, cache_factory, max_new, share_prefill)
+            for setting, gen in run.generations.items():
+                records.append(
+                    {
+                        "dataset": dataset,
+                        "id": ex.id,
+                        "bucket": ex.bucket,
+                        "length": ex.length,
+                        "n_tokens": len(ids),
+                        "truncated": truncated,
+                        "setting": setting,
+                        "output": gen.text,
+                        "answers": list(ex.answers),
+                        "official": score_example(dataset, gen.text, ex.answers, ex.all_classes),
+                        "containment": score_example(dataset, gen.text, ex.answers, ex.all_classes, metric="containment"),
+                        "prefill_s": round(run.prefill_seconds, 3),
+                        "decode_s": round(gen.seconds, 3),
+                    }
+                )
+            if log is not None:
+                log(f"{ex.source} " + " ".join(f"{r['setting']}={r['official']:.2f}" for r in records[-len(settings):]))
+    return records, summarize(records, settings)
+
+
+def summarize(records: Sequence[dict], settings: Sequence[str]) -> dict:
+    """Per-setting, per-dataset official and containment scores (0-100) and their task averages."""
+    out: dict[str, dict] = {}
+    for setting in settings:
+        rows = [r for r in records if r["setting"] == setting]
+        tasks: dict[str, dict] = {}
+        for dataset in dict.fromkeys(r["dataset"] for r in rows):
+            sub = [r for r in rows if r["dataset"] == dataset]
+            tasks[dataset] = {
+                "official": round(100 * sum(r["official"] for r in sub) / len(sub), 2),
+                "containment": round(100 * sum(r["containment"] for r in sub) / len(sub), 2),
+                "buckets": bucket_means([(r["bucket"], r["official"]) for r in sub]),
+                "n": len(sub),
+            }
+        n = max(1, len(tasks))
+        out[setting] = {
+            "tasks": tasks,
+            "official_avg": round(sum(t["official"] for t in tasks.values()) / n, 2),
+            "containment_avg": round(sum(t["containment"] for t in tasks.values()) / n, 2),
+        }
+    return out
+
+
+def max_positions_of(model: Any) -> int | None:
+    """The model's maximum context (``max_position_embeddings`` of its text config)."""
+    from turboquant.eval.needle import model_max_positions
+
+    return model_max_positions(model)
