@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="graph working set to exceed L2")
     ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--configs", default="64:4:1:2",
+                    help="kernel configs block_n:num_warps:num_stages:programs_per_sm, comma separated")
     args = ap.parse_args()
 
     import triton
@@ -131,41 +133,64 @@ def main() -> None:
                     rv = v0[:, :, N:].contiguous() if R else None
                     stores.append((q[i % n_sets], kc, kn, vc, vn, rk, rv))
 
-                def tq_call(i):
-                    qq, kc, kn, vc, vn, rk, rv = stores[i]
-                    return lambda: decode_attention(qq, kc, kn, vc, vn, N, kt, vt, scaling, rk, rv)
-
-                # correctness spot check against SDPA on the dequantized cache
-                out = tq_call(0)()
-                rel = float("nan")
-                if B * N <= 65536:
-                    rel = _spot_check(out, q[0], kq, vq, stores[0], k0, v0, N, scaling)
-                t_tq_g = _graph_time_ms(tq_call, n_sets_tq)
-                t_tq_e = None if args.no_eager else triton.testing.do_bench(tq_call(0), warmup=25, rep=100, return_mode="median")
-                row = {
-                    "batch": B, "context": N, "bits": bits,
-                    "sdpa_graph_ms": t_sdpa_g, "tq_graph_ms": t_tq_g, "speedup_graph": t_sdpa_g / t_tq_g,
-                    "sdpa_eager_ms": t_sdpa_e, "tq_eager_ms": t_tq_e,
-                    "speedup_eager": (t_sdpa_e / t_tq_e) if t_tq_e else None,
-                    "sdpa_bytes": kv_bytes, "tq_bytes": packed_bytes + (2 * B * hkv * R * d * 2),
-                    "sdpa_TBps_graph": kv_bytes / t_sdpa_g / 1e9,
-                    "tq_TBps_graph": (packed_bytes + 2 * B * hkv * R * d * 2) / t_tq_g / 1e9,
-                    "rel_err_vs_dequant_sdpa": rel,
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for cfg in args.configs.split(","):
+                    bn, nw, ns, pps = (int(x) for x in cfg.split(":"))
+                    kw = dict(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
+                    rows.append(_bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0, v0,
+                                          scaling, n_sets_tq, kv_bytes, packed_bytes, t_sdpa_g, t_sdpa_e, hkv, d))
                 del stores
                 torch.cuda.empty_cache()
             del q
             torch.cuda.empty_cache()
+    _report(args, meta, rows)
 
-    print("\n| batch | context | bits | SDPA bf16 ms (graph) | TQ ms (graph) | speedup | TQ TB/s | SDPA ms (eager) | TQ ms (eager) | speedup eager | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+def _bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0, v0, scaling, n_sets_tq,
+              kv_bytes, packed_bytes, t_sdpa_g, t_sdpa_e, hkv, d):
+    import triton.testing
+
+    from turboquant.kernels import decode_attention
+
+    def tq_call(i):
+        qq, kc, kn, vc, vn, rk, rv = stores[i]
+        return lambda: decode_attention(qq, kc, kn, vc, vn, N, kt, vt, scaling, rk, rv, **kw)
+
+
+    # correctness spot check against SDPA on the dequantized cache
+    out = tq_call(0)()
+    rel = float("nan")
+    if B * N <= 65536:
+        rel = _spot_check(out, q[0], kq, vq, stores[0], k0, v0, N, scaling)
+    if "regs_" + cfg not in meta:
+        from turboquant.kernels.decode_attention import LAST_LAUNCH
+
+        h = LAST_LAUNCH.get("partial")
+        meta["regs_" + cfg] = {"partial_n_regs": getattr(h, "n_regs", None), "partial_n_spills": getattr(h, "n_spills", None)}
+        print(json.dumps({cfg: meta["regs_" + cfg]}), flush=True)
+    t_tq_g = _graph_time_ms(tq_call, n_sets_tq)
+    t_tq_e = None if args.no_eager else triton.testing.do_bench(tq_call(0), warmup=25, rep=100, return_mode="median")
+    row = {
+        "batch": B, "context": N, "bits": bits, "config": cfg,
+        "sdpa_graph_ms": t_sdpa_g, "tq_graph_ms": t_tq_g, "speedup_graph": t_sdpa_g / t_tq_g,
+        "sdpa_eager_ms": t_sdpa_e, "tq_eager_ms": t_tq_e,
+        "speedup_eager": (t_sdpa_e / t_tq_e) if t_tq_e else None,
+        "sdpa_bytes": kv_bytes, "tq_bytes": packed_bytes + (2 * B * hkv * R * d * 2),
+        "sdpa_TBps_graph": kv_bytes / t_sdpa_g / 1e9,
+        "tq_TBps_graph": (packed_bytes + 2 * B * hkv * R * d * 2) / t_tq_g / 1e9,
+        "rel_err_vs_dequant_sdpa": rel,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _report(args, meta, rows) -> None:
+    print("\n| batch | context | bits | config | SDPA bf16 ms (graph) | TQ ms (graph) | speedup | TQ TB/s | SDPA ms (eager) | TQ ms (eager) | speedup eager | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         e1 = f"{r['sdpa_eager_ms']:.4f}" if r["sdpa_eager_ms"] else "-"
         e2 = f"{r['tq_eager_ms']:.4f}" if r["tq_eager_ms"] else "-"
         e3 = f"{r['speedup_eager']:.2f}x" if r["speedup_eager"] else "-"
-        print(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
+        print(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['config']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
               f"{r['speedup_graph']:.2f}x | {r['tq_TBps_graph']:.2f} | {e1} | {e2} | {e3} | {r['rel_err_vs_dequant_sdpa']:.1e} |")
     if args.out:
         with open(args.out, "w") as f:

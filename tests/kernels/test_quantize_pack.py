@@ -17,7 +17,8 @@ FULL = [(d, b) for d in (64, 128, 256) for b in (1, 1.5, 2, 2.5, 3, 3.5, 4)]
 def _check_codes(x: torch.Tensor, q: TurboQuantMSE, codes: torch.Tensor, norms: torch.Tensor) -> None:
     ref = q.quantize(x.cpu())
     got = q.unpack(PackedMSE(codes=codes.cpu(), norms=norms.cpu()))
-    assert torch.equal(norms.cpu(), ref.norms.to(torch.float16)), "float16 norms differ from the core quantizer"
+    # float16 norms: equal up to one float16 ulp (the GPU sums squares in another order)
+    torch.testing.assert_close(norms.cpu().float(), ref.norms, rtol=1e-3, atol=0)
     diff = (got.idx != ref.idx) & (ref.norms > 0).unsqueeze(-1)  # zero vectors: any code decodes to 0
     if diff.any():  # only coordinates sitting on a boundary may differ
         y = q.rotation.apply(x.cpu().float() / torch.linalg.vector_norm(x.cpu().float(), dim=-1, keepdim=True))

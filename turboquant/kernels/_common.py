@@ -58,6 +58,8 @@ class KernelTables:
         centroids: float32 ``[2, 16]`` per kernel segment, padded with 0.
         lut: float16 ``[2, 2, 256]``: ``lut[s, 0, p] = c_s[p & 15]``, ``lut[s, 1, p] = c_s[p >> 4]``
             (a byte holding two codes indexes both halves: one load a centroid, no nibble math).
+        lut32: int32 ``[2, 256]``: the same pairs packed, ``f16(c_s[p & 15]) | f16(c_s[p >> 4]) << 16``
+            (one 4-byte load yields both centroids of a code-pair byte).
         rot_t: float32 ``[d, d]`` = ``Π^T`` (row vectors: ``Π x = x @ Π^T``).
         rot: float32 ``[d, d]`` = ``Π`` (row vectors: ``Π^T y = y @ Π``).
     """
@@ -70,6 +72,7 @@ class KernelTables:
     boundaries: torch.Tensor
     centroids: torch.Tensor
     lut: torch.Tensor
+    lut32: torch.Tensor
     rot_t: torch.Tensor
     rot: torch.Tensor
 
@@ -137,6 +140,7 @@ class KernelTables:
             boundaries=bnd.to(device),
             centroids=cen.to(device),
             lut=lut.to(device=device, dtype=torch.float16),
+            lut32=_pack_pairs(lut.to(torch.float16)).to(device),
             rot_t=rot.T.contiguous().to(device),
             rot=rot.contiguous().to(device),
         )
@@ -165,29 +169,47 @@ class KernelTables:
         return tables
 
 
+def _pack_pairs(lut16: torch.Tensor) -> torch.Tensor:
+    """float16 ``[2, 2, 256]`` (lo, hi) -> int32 ``[2, 256]`` with lo in the low 16 bits."""
+    lo = lut16[:, 0].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = lut16[:, 1].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return (lo | (hi << 16)).contiguous()
+
+
 def coord_perm(d2: int) -> torch.Tensor:
     """The coordinate order in which the decode kernel holds a segment of ``d2`` codes.
 
-    Position ``p = ((w·4 + i)·4 + b)·2 + h`` holds coordinate ``32w + 8b + i + 4h`` (word ``w`` of
-    a plane, bit pair ``(i, i+4)`` of byte ``b``). Used by tests; the kernel computes it inline.
+    Position ``p = (((((w·2 + l)·2 + t)·2 + u)·2 + v)·2 + h`` holds coordinate
+    ``32w + 8(2v + u) + (2t + l) + 4h`` (word ``w`` of a plane, byte ``2v + u``, bit pair
+    ``(2t+l, 2t+l+4)``). The kernel computes it inline.
     """
     p = torch.arange(d2)
-    w, i, b, h = p // 32, (p // 8) % 4, (p // 2) % 4, p % 2
-    return 32 * w + 8 * b + i + 4 * h
+    w, l, t, u, v, h = p // 32, (p // 16) % 2, (p // 8) % 2, (p // 4) % 2, (p // 2) % 2, p % 2
+    return 32 * w + 8 * (2 * v + u) + 2 * t + l + 4 * h
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def fwht_tile(x, M: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
-        """Unnormalised Walsh-Hadamard transform of every row of an ``[M, D]`` register tile
-        (Sylvester order, same butterfly order as ``turboquant.rotation.fwht``)."""
-        for st in tl.static_range(LOG2D):
-            h: tl.constexpr = 1 << st
-            y = tl.reshape(x, (M, D // (2 * h), 2, h))
-            y = tl.permute(y, (0, 1, 3, 2))
-            a, b = tl.split(y)
-            y = tl.join(a + b, a - b)
-            y = tl.permute(y, (0, 1, 3, 2))
-            x = tl.reshape(y, (M, D))
+    def _fwht_stage(x, M: tl.constexpr, D: tl.constexpr, H: tl.constexpr):
+        # butterflies (a, b) -> (a + b, a - b) between coordinates m and m + H (m's H-bit clear)
+        y = tl.permute(tl.reshape(x, (M, D // (2 * H), 2, H)), (0, 1, 3, 2))
+        a, b = tl.split(y)
+        y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+        return tl.reshape(y, (M, D))
+
+    @triton.jit
+    def fwht_tile(x, M: tl.constexpr, D: tl.constexpr):
+        """Unnormalised Walsh-Hadamard transform of every row of an ``[M, D]`` register tile,
+        D in (64, 128, 256) (Sylvester order, same butterfly order as ``turboquant.rotation.fwht``)."""
+        x = _fwht_stage(x, M, D, 1)
+        x = _fwht_stage(x, M, D, 2)
+        x = _fwht_stage(x, M, D, 4)
+        x = _fwht_stage(x, M, D, 8)
+        x = _fwht_stage(x, M, D, 16)
+        x = _fwht_stage(x, M, D, 32)
+        if D >= 128:
+            x = _fwht_stage(x, M, D, 64)
+        if D >= 256:
+            x = _fwht_stage(x, M, D, 128)
         return x

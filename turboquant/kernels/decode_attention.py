@@ -4,15 +4,17 @@ For one new query token per sequence, ``out = softmax(q K^T · scaling) V`` wher
 ``length`` keys/values are TurboQuant-mse codes (``PackedStore``, bit planes, rotated domain) and
 the last ``R`` are the full-precision residual window. Nothing is dequantized to memory:
 
-1. ``q_rot = Π_k q · scaling · log2(e)`` (one [B·H_q, d] x [d, d] product);
-2. split-K partial kernel, grid ``(splits, B·H_kv)``: each program streams a chunk of packed rows
-   of one KV head, unpacks both segments into centroid values in registers (SWAR over 32-bit words
-   of the bit planes, then one table load a code), scores all ``G = H_q/H_kv`` query heads of the
-   group with one tensor-core product (``score = (q_rot · c[idx]) · ||k||``), runs the online
-   softmax and accumulates ``p · ||v|| · c[idx_v]`` in the *rotated* value domain;
-3. combine kernel, grid ``(B·H_q,)``: merges the splits, runs the residual window in the original
-   domain, and writes both parts normalised by the common softmax denominator;
-4. ``out = res + acc_rot @ Π_v`` un-rotates once per head (one [B·H_q, d] x [d, d] product).
+1. split-K partial kernel, grid ``(splits, B·H_kv)``: each program rotates the group's queries in
+   registers (FWHT, ``Π_k q · scaling · log2 e``), streams a chunk of packed rows of one KV head,
+   unpacks both segments into centroid values in registers (SWAR over 32-bit words of the bit
+   planes, then one table load per code pair), scores all ``G = H_q/H_kv`` query heads of the group
+   with one tensor-core product (``score = (q_rot · c[idx]) · ||k||``), runs the online softmax and
+   accumulates ``p · ||v|| · c[idx_v]`` in the *rotated* value domain. Extra programs take the
+   residual window (full precision, original domain) in chunks of 64 tokens;
+2. combine kernel, grid ``(B·H_q,)``: merges all splits with one softmax denominator, un-rotates
+   the compressed part once per head (FWHT, ``Π_v^T``) and adds the residual part.
+
+Two launches, no [d, d] matrices, no host synchronisation (CUDA-graph capturable).
 
 Memory traffic per KV head and token: ``2 · (d·bits/8 + 2)`` bytes (K and V codes + norms), i.e.
 228 B at d=256 / 3.5 bits against 1024 B for bf16 K/V (4.5x less); partials add
@@ -33,6 +35,8 @@ from turboquant.packing import unpack_bits
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from turboquant.kernels._common import fwht_tile
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,167 +96,253 @@ if HAS_TRITON:
 
     @triton.jit
     def _perm_coords(D2: tl.constexpr):
-        # position p = ((w*4 + i)*4 + b)*2 + h  holds coordinate 32w + 8b + i + 4h (see _unpack_segment)
+        # tile position p = ((((((w*2 + l)*2 + t)*2 + u)*2 + v)*2 + h) holds segment coordinate
+        # 32w + 8(2v + u) + (2t + l) + 4h  (see _unpack_segment)
         p = tl.arange(0, D2)
-        return 32 * (p // 32) + 8 * ((p // 2) % 4) + (p // 8) % 4 + 4 * (p % 2)
+        h = p % 2
+        v = (p // 2) % 2
+        u = (p // 4) % 2
+        t = (p // 8) % 2
+        l = (p // 16) % 2
+        return 32 * (p // 32) + 8 * (2 * v + u) + 2 * t + l + 4 * h
+
+    @triton.jit
+    def _pairs(acc, wj, I: tl.constexpr, J: tl.constexpr):
+        # bit J of codes (8k+I, 8k+I+4) of every byte k of plane word wj -> bits (J, J+4) of byte k
+        if J >= I:
+            x = wj << (J - I)
+        else:
+            x = wj >> (I - J)
+        return acc | (x & (0x11111111 << J))
+
+    @triton.jit
+    def _lookup(lut_ptr, a, B: tl.constexpr):
+        # byte B of every word: a code pair -> packed float16 centroid pair (one 4-byte L1 load)
+        return tl.load(lut_ptr + ((a >> (8 * B)) & 0xFF).to(tl.int32))
+
+    @triton.jit
+    def _join4(x0, x1, x2, x3):
+        # [...] x4 -> [..., 2, 2]: element [..., l, t] = x_{2t + l}
+        return tl.join(tl.join(x0, x1), tl.join(x2, x3))
 
     @triton.jit
     def _unpack_segment(row_ptr, nmask, lut_ptr, BITS: tl.constexpr, BASE: tl.constexpr,
-                        STRIDE: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr):
+                        STRIDE: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
+                        USE_ASM: tl.constexpr):
         """Centroid values (float16, unit scale) of one segment of ``BLOCK_N`` packed rows, in the
-        permuted coordinate order of ``_perm_coords``. ``row_ptr``: int32 pointers to row starts.
+        coordinate order of ``_perm_coords``. ``row_ptr``: int32 pointers to the row starts.
 
-        Reads ``BITS · d2/8`` bytes a row as 32-bit words. SWAR: ``(w >> i) & 0x11111111`` moves
-        bit j of codes (8k+i, 8k+i+4) of every byte k to bits (0, 4); OR-ing the planes at << j
-        leaves in each byte the pair (code 8k+i | code 8k+i+4 << 4): 2 integer ops per plane per
-        8 codes. Each byte then indexes the 256-entry low/high centroid tables directly.
+        Reads ``BITS · d2/8`` bytes a row as 32-bit words (one coalesced pass). SWAR: for each
+        bit position I in 0..3, ``(w >> I) & 0x11111111`` takes bit J of the codes (8k+I, 8k+I+4)
+        of every byte k; shifted to bits (J, J+4) and OR-ed over the planes, each byte ends up
+        holding the code pair (8k+I | 8k+I+4 << 4): 2 integer ops per plane per 8 codes. Each
+        byte indexes a 256-entry table of packed float16 pairs (c[lo], c[hi]): one L1-resident
+        4-byte load per two coordinates, no nibble arithmetic. Every word stays in one thread.
         """
         W: tl.constexpr = D2 // 32
         offs_w = tl.arange(0, W)
-        i4 = tl.arange(0, 4)
-        acc = tl.zeros((BLOCK_N, W, 4), dtype=tl.int32)
+        a0 = tl.zeros((BLOCK_N, W), dtype=tl.uint32)
+        a1 = tl.zeros((BLOCK_N, W), dtype=tl.uint32)
+        a2 = tl.zeros((BLOCK_N, W), dtype=tl.uint32)
+        a3 = tl.zeros((BLOCK_N, W), dtype=tl.uint32)
         for j in tl.static_range(BITS):
             wj = tl.load(row_ptr[:, None] + (BASE + j * STRIDE) // 4 + offs_w[None, :], mask=nmask[:, None], other=0)
-            acc |= ((wj[:, :, None] >> i4[None, None, :]) & 0x11111111) << j
-        byt = (acc[:, :, :, None] >> (i4 * 8)[None, None, None, :]) & 0xFF  # [BLOCK_N, W, 4(i), 4(b)]
-        lo = tl.load(lut_ptr + byt)
-        hi = tl.load(lut_ptr + 256 + byt)
+            wj = wj.to(tl.uint32, bitcast=True)
+            a0 = _pairs(a0, wj, 0, j)
+            a1 = _pairs(a1, wj, 1, j)
+            a2 = _pairs(a2, wj, 2, j)
+            a3 = _pairs(a3, wj, 3, j)
+        # 16 lookups per word set: byte B of a_I -> [BLOCK_N, W, 2(l), 2(t), 2(u), 2(v)], I = 2t+l, B = 2v+u
+        p0 = _join4(_lookup(lut_ptr, a0, 0), _lookup(lut_ptr, a1, 0), _lookup(lut_ptr, a2, 0), _lookup(lut_ptr, a3, 0))
+        p1 = _join4(_lookup(lut_ptr, a0, 1), _lookup(lut_ptr, a1, 1), _lookup(lut_ptr, a2, 1), _lookup(lut_ptr, a3, 1))
+        p2 = _join4(_lookup(lut_ptr, a0, 2), _lookup(lut_ptr, a1, 2), _lookup(lut_ptr, a2, 2), _lookup(lut_ptr, a3, 2))
+        p3 = _join4(_lookup(lut_ptr, a0, 3), _lookup(lut_ptr, a1, 3), _lookup(lut_ptr, a2, 3), _lookup(lut_ptr, a3, 3))
+        pair = _join4(p0, p1, p2, p3)
+        if USE_ASM:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[pair],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+            )
+        else:
+            lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
         return tl.reshape(tl.join(lo, hi), (BLOCK_N, D2))
 
     @triton.jit
+    def _natural(D: tl.constexpr):
+        # natural coordinate held at each kernel position: segment (top bit) kept, _perm_coords inside
+        D2: tl.constexpr = D // 2
+        k = tl.arange(0, D)
+        p = k % D2
+        coord = 32 * (p // 32) + 8 * (2 * ((p // 2) % 2) + (p // 4) % 2) + 2 * ((p // 8) % 2) + (p // 16) % 2 + 4 * (p % 2)
+        return (k // D2) * D2 + coord
+
+    @triton.jit
+    def _residual_part(q_rows, gmask, part, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr, b, h, pid_s, S_C, R, chunk_r,
+                       qk_scale, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
+                       G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, RES_IEEE: tl.constexpr):
+        r0 = (pid_s - S_C) * chunk_r
+        r1 = tl.minimum(r0 + chunk_r, R)
+        offs_d = tl.arange(0, D)
+        dt = rk_ptr.dtype.element_ty
+        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q = (q * qk_scale).to(dt)
+        m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.zeros((G_PAD, D), dtype=tl.float32)
+        for n0 in range(r0, r1, BLOCK_R):
+            offs_n = n0 + tl.arange(0, BLOCK_R)
+            nmask = offs_n < r1
+            k = tl.load(rk_ptr + b * srk_b + h * srk_h + offs_n[:, None] * srk_n + offs_d[None, :],
+                        mask=nmask[:, None], other=0.0)
+            if RES_IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = tl.where(nmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(rv_ptr + b * srv_b + h * srv_h + offs_n[:, None] * srv_n + offs_d[None, :],
+                        mask=nmask[:, None], other=0.0)
+            if RES_IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dt), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        tl.store(m_ptr + part, m_i, mask=gmask)
+        tl.store(l_ptr + part, l_i, mask=gmask)
+        tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+
+    @triton.jit
     def _decode_partial_kernel(
-        qrot_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, klut_ptr, vlut_ptr,
+        q_ptr, ksign_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, klut_ptr, vlut_ptr, rk_ptr, rv_ptr,
         m_ptr, l_ptr, acc_ptr,
-        length, chunk, S, Hkv,
+        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale,
+        sq_b, sq_h,
         skc_b, skc_h, skc_n, skn_b, skn_h, skn_n,
         svc_b, svc_h, svc_n, svn_b, svn_h, svn_n,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, INV_SQRT_D: tl.constexpr,
         KBA: tl.constexpr, KPA: tl.constexpr, KSA: tl.constexpr,
         KBB: tl.constexpr, KPB: tl.constexpr, KSB: tl.constexpr,
         VBA: tl.constexpr, VPA: tl.constexpr, VSA: tl.constexpr,
         VBB: tl.constexpr, VPB: tl.constexpr, VSB: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, RES_IEEE: tl.constexpr,
     ):
-        # One program: one KV head of one sequence, `chunk` packed tokens, all G query heads.
-        # Reads chunk · 2 · (d·bits/8 + 2) bytes; writes G · (d + 2) float32 partials.
+        # Programs [0, S_C): `chunk` packed tokens of one KV head, all G query heads of the group.
+        #   Reads chunk · 2 · (d·bits/8 + 2) bytes; writes G · (d + 2) float32 partials (rotated
+        #   domain, kernel position order).
+        # Programs [S_C, S): `chunk_r` residual-window tokens, full precision, natural order.
+        #   Reads chunk_r · 2 · d values; writes G · (d + 2) float32.
         D2: tl.constexpr = D // 2
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hkv
         h = pid_bh % Hkv
-        start = pid_s * chunk
-        end = tl.minimum(start + chunk, length)
-
         g = tl.arange(0, G_PAD)
         gmask = g < G
-        coords = _perm_coords(D2)
-        q_row = qrot_ptr + (pid_bh * G + g) * D  # q_rot is [B, Hq, D] contiguous, Hq = Hkv·G
-        qa = tl.load(q_row[:, None] + coords[None, :], mask=gmask[:, None], other=0.0)
-        qb = tl.load(q_row[:, None] + D2 + coords[None, :], mask=gmask[:, None], other=0.0)
-
-        m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((G_PAD,), dtype=tl.float32)
-        acc_a = tl.zeros((G_PAD, D2), dtype=tl.float32)
-        acc_b = tl.zeros((G_PAD, D2), dtype=tl.float32)
-
-        kc_base = kc_ptr + b * skc_b + h * skc_h
-        vc_base = vc_ptr + b * svc_b + h * svc_h
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < end
-            krow = kc_base + offs_n * skc_n
-            ka = _unpack_segment(krow, nmask, klut_ptr, KBA, KPA, KSA, D2, BLOCK_N)
-            kb = _unpack_segment(krow, nmask, klut_ptr + 512, KBB, KPB, KSB, D2, BLOCK_N)
-            s = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))  # [G_PAD, BLOCK_N], log2 units
-            kn = tl.load(kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n, mask=nmask, other=0.0).to(tl.float32)
-            s = tl.where(nmask[None, :], s * kn[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vn = tl.load(vn_ptr + b * svn_b + h * svn_h + offs_n * svn_n, mask=nmask, other=0.0).to(tl.float32)
-            pv = (p * vn[None, :]).to(tl.float16)
-            vrow = vc_base + offs_n * svc_n
-            va = _unpack_segment(vrow, nmask, vlut_ptr, VBA, VPA, VSA, D2, BLOCK_N)
-            vb = _unpack_segment(vrow, nmask, vlut_ptr + 512, VBB, VPB, VSB, D2, BLOCK_N)
-            acc_a = acc_a * alpha[:, None] + tl.dot(pv, va)
-            acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb)
-            m_i = m_new
-
+        q_rows = q_ptr + b * sq_b + (h * G + g) * sq_h
         part = (pid_bh * S + pid_s) * G + g
-        tl.store(m_ptr + part, m_i, mask=gmask)
-        tl.store(l_ptr + part, l_i, mask=gmask)
-        tl.store(acc_ptr + part[:, None] * D + coords[None, :], acc_a, mask=gmask[:, None])
-        tl.store(acc_ptr + part[:, None] * D + D2 + coords[None, :], acc_b, mask=gmask[:, None])
+        if pid_s < S_C:
+            start = pid_s * chunk
+            end = tl.minimum(start + chunk, length)
+            # rotate the query in registers, directly in kernel position order: loading
+            # s∘q at the bit-permuted coordinates and applying the Sylvester FWHT gives Π q permuted
+            # (H[σ(i), j] = H[i, σ^-1(j)] for a bit permutation σ).
+            nat = _natural(D)
+            q = tl.load(q_rows[:, None] + nat[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+            sgn = tl.load(ksign_ptr + nat)
+            qr = fwht_tile(q * sgn[None, :], G_PAD, D) * (qk_scale * INV_SQRT_D)
+            qa, qb = tl.split(tl.permute(tl.reshape(qr.to(tl.float16), (G_PAD, 2, D2)), (0, 2, 1)))
+
+            m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((G_PAD,), dtype=tl.float32)
+            acc_a = tl.zeros((G_PAD, D2), dtype=tl.float32)
+            acc_b = tl.zeros((G_PAD, D2), dtype=tl.float32)
+            kc_base = kc_ptr + b * skc_b + h * skc_h
+            vc_base = vc_ptr + b * svc_b + h * svc_h
+            for n0 in range(start, end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                nmask = offs_n < end
+                krow = kc_base + offs_n * skc_n
+                ka = _unpack_segment(krow, nmask, klut_ptr, KBA, KPA, KSA, D2, BLOCK_N, USE_ASM)
+                kb = _unpack_segment(krow, nmask, klut_ptr + 256, KBB, KPB, KSB, D2, BLOCK_N, USE_ASM)
+                sc = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))  # [G_PAD, BLOCK_N], log2 units
+                kn = tl.load(kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n, mask=nmask, other=0.0).to(tl.float32)
+                sc = tl.where(nmask[None, :], sc * kn[None, :], float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                vn = tl.load(vn_ptr + b * svn_b + h * svn_h + offs_n * svn_n, mask=nmask, other=0.0).to(tl.float32)
+                pv = (p * vn[None, :]).to(tl.float16)
+                vrow = vc_base + offs_n * svc_n
+                va = _unpack_segment(vrow, nmask, vlut_ptr, VBA, VPA, VSA, D2, BLOCK_N, USE_ASM)
+                vb = _unpack_segment(vrow, nmask, vlut_ptr + 256, VBB, VPB, VSB, D2, BLOCK_N, USE_ASM)
+                acc_a = acc_a * alpha[:, None] + tl.dot(pv, va)
+                acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb)
+                m_i = m_new
+            tl.store(m_ptr + part, m_i, mask=gmask)
+            tl.store(l_ptr + part, l_i, mask=gmask)
+            offs_h = tl.arange(0, D2)
+            tl.store(acc_ptr + part[:, None] * D + offs_h[None, :], acc_a, mask=gmask[:, None])
+            tl.store(acc_ptr + part[:, None] * D + D2 + offs_h[None, :], acc_b, mask=gmask[:, None])
+        else:
+            _residual_part(q_rows, gmask, part, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr, b, h, pid_s, S_C, R, chunk_r,
+                           qk_scale, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, G_PAD, D, BLOCK_R, RES_IEEE)
 
     @triton.jit
     def _decode_combine_kernel(
-        m_ptr, l_ptr, acc_ptr, q_ptr, rk_ptr, rv_ptr, out_rot_ptr, out_res_ptr,
-        S, R, Hq, qk_scale,
-        sq_b, sq_h, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+        m_ptr, l_ptr, acc_ptr, vsign_ptr, out_ptr,
+        S_C, S, Hq, so_b, so_h,
+        G: tl.constexpr, D: tl.constexpr, INV_SQRT_D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        # One program per (sequence, query head). Reads S·(d+2) float32 partials and R·d residual
-        # K and V values; writes 2·d float32.
+        # One program per (sequence, query head): reads S · (d + 2) float32 partials, writes d
+        # outputs. Compressed splits hold rotated values in kernel position order; residual splits
+        # natural-order values, read here at the permuted offsets so both sums share one order.
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
         Hkv = Hq // G
-        hk = hq // G
+        bh = b * Hkv + hq // G
         g = hq % G
-        bh = b * Hkv + hk
+        nat = _natural(D)
         offs_d = tl.arange(0, D)
         offs_s = tl.arange(0, BLOCK_S)
-
-        # compressed part: merge the splits (two passes: max, then weighted sums)
-        m_c = float("-inf")
+        m_all = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
             sm = s0 + offs_s < S
-            m = tl.load(m_ptr + (bh * S + s0 + offs_s) * G + g, mask=sm, other=float("-inf"))
-            m_c = tl.maximum(m_c, tl.max(m, axis=0))
-        l_c = 0.0
+            m_all = tl.maximum(m_all, tl.load(m_ptr + (bh * S + s0 + offs_s) * G + g, mask=sm, other=float("-inf")))
+        m_tot = tl.max(m_all, axis=0)
+        l_tot = tl.zeros((BLOCK_S,), dtype=tl.float32)
         acc_c = tl.zeros((D,), dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            sm = s0 + offs_s < S
-            part = (bh * S + s0 + offs_s) * G + g
-            m = tl.load(m_ptr + part, mask=sm, other=float("-inf"))
-            w = tl.where(sm, tl.exp2(m - m_c), 0.0)
-            l_c += tl.sum(w * tl.load(l_ptr + part, mask=sm, other=0.0), axis=0)
-            a = tl.load(acc_ptr + part[:, None] * D + offs_d[None, :], mask=sm[:, None], other=0.0)
-            acc_c += tl.sum(w[:, None] * a, axis=0)
-
-        # residual window, original domain
-        q = tl.load(q_ptr + b * sq_b + hq * sq_h + offs_d).to(tl.float32) * qk_scale
-        offs_r = tl.arange(0, BLOCK_R)
-        m_r = float("-inf")
-        l_r = 0.0
         acc_r = tl.zeros((D,), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rm = r0 + offs_r < R
-            k = tl.load(rk_ptr + b * srk_b + hk * srk_h + (r0 + offs_r)[:, None] * srk_n + offs_d[None, :],
-                        mask=rm[:, None], other=0.0).to(tl.float32)
-            sc = tl.where(rm, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_r, tl.max(sc, axis=0))
-            alpha = tl.exp2(m_r - m_new)
-            p = tl.exp2(sc - m_new)
-            l_r = l_r * alpha + tl.sum(p, axis=0)
-            v = tl.load(rv_ptr + b * srv_b + hk * srv_h + (r0 + offs_r)[:, None] * srv_n + offs_d[None, :],
-                        mask=rm[:, None], other=0.0).to(tl.float32)
-            acc_r = acc_r * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_r = m_new
-
-        m_t = tl.maximum(m_c, m_r)
-        wc = tl.exp2(m_c - m_t)
-        wr = tl.exp2(m_r - m_t)
-        inv = 1.0 / (l_c * wc + l_r * wr)
-        tl.store(out_rot_ptr + pid * D + offs_d, acc_c * (wc * inv))
-        tl.store(out_res_ptr + pid * D + offs_d, acc_r * (wr * inv))
+        for s0 in range(0, S, BLOCK_S):
+            sidx = s0 + offs_s
+            sm = sidx < S
+            part = (bh * S + sidx) * G + g
+            w = tl.where(sm, tl.exp2(tl.load(m_ptr + part, mask=sm, other=float("-inf")) - m_tot), 0.0)
+            l_tot += w * tl.load(l_ptr + part, mask=sm, other=0.0)
+            comp = sidx < S_C
+            offs = tl.where(comp[:, None], offs_d[None, :], nat[None, :])
+            a = tl.load(acc_ptr + part[:, None] * D + offs, mask=sm[:, None], other=0.0)
+            acc_c += tl.sum(tl.where(comp, w, 0.0)[:, None] * a, axis=0)
+            acc_r += tl.sum(tl.where(comp, 0.0, w)[:, None] * a, axis=0)
+        # un-rotate once: Π_v^T y = s ∘ H y / sqrt(d); in position order H y lands at σ^-1
+        y = tl.reshape(fwht_tile(tl.reshape(acc_c, (1, D)), 1, D), (D,))
+        sgn = tl.load(vsign_ptr + nat)
+        out = (sgn * y * INV_SQRT_D + acc_r) / tl.sum(l_tot, axis=0)
+        tl.store(out_ptr + b * so_b + hq * so_h + nat, out.to(out_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
 # wrapper
 # ------------------------------------------------------------------------------------------------
 _SM_COUNT: dict = {}
+LAST_LAUNCH: dict = {}  # last compiled kernel handles (register / spill reports in benchmarks)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -290,6 +380,9 @@ def decode_attention(
     residual_v: torch.Tensor | None = None,
     block_n: int = 64,
     num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 1,
+    programs_per_sm: int = 2,
 ) -> torch.Tensor:
     """Decode attention of one query token over a packed TurboQuant-mse KV store + residual window.
 
@@ -320,63 +413,61 @@ def decode_attention(
     G = Hq // Hkv
     R = 0 if residual_k is None else residual_k.shape[2]
     if R and (residual_v is None or residual_v.shape != residual_k.shape or residual_k.stride(-1) != 1
-              or residual_v.stride(-1) != 1):
-        raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d] with a contiguous last dim")
+              or residual_v.stride(-1) != 1 or residual_v.dtype != residual_k.dtype):
+        raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
     if length == 0 and R == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     dev = query.device
     qk_scale = float(scaling) * LOG2E
 
-    q2 = query.reshape(B * Hq, d)
-    out_rot = torch.empty(B * Hq, d, dtype=torch.float32, device=dev)
-    out_res = torch.empty(B * Hq, d, dtype=torch.float32, device=dev)
-
+    # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks
     if length > 0:
-        # 1. rotate the query once: q_rot = Π_k q · scaling · log2 e   ([B·Hq, d] @ [d, d])
-        q_rot = torch.mm(q2.to(torch.float32), k_tables.rot_t).mul_(qk_scale).to(torch.float16)
-        # 2. split-K over the packed tokens: ~2 programs per SM
         if num_splits is None:
-            want = max(1, (2 * _num_sms(dev)) // (B * Hkv))
+            want = max(1, (programs_per_sm * _num_sms(dev)) // (B * Hkv))
             chunk = triton.cdiv(triton.cdiv(length, want), block_n) * block_n
-            chunk = max(chunk, 4 * block_n)
         else:
             chunk = triton.cdiv(triton.cdiv(length, num_splits), block_n) * block_n
-        S = triton.cdiv(length, chunk)
-        g_pad = max(16, triton.next_power_of_2(G))
-        m_part = torch.empty(B * Hkv, S, G, dtype=torch.float32, device=dev)
-        l_part = torch.empty_like(m_part)
-        acc_part = torch.empty(B * Hkv, S, G, d, dtype=torch.float32, device=dev)
-        kc32 = k_codes.view(torch.int32)
-        vc32 = v_codes.view(torch.int32)
-        (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
-        (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-        _decode_partial_kernel[(S, B * Hkv)](
-            q_rot, kc32, k_norms, vc32, v_norms, k_tables.lut, v_tables.lut,
-            m_part, l_part, acc_part,
-            length, chunk, S, Hkv,
-            kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
-            vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
-            G=G, G_PAD=g_pad, D=d,
-            KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-            VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
-            BLOCK_N=block_n, num_warps=4, num_stages=2,
-        )
+        S_C = triton.cdiv(length, chunk)
     else:
-        S = 0
-        m_part = l_part = acc_part = out_rot  # never read
-    # 3. merge splits + residual window
-    rk = residual_k if R else out_rot.view(1, 1, -1, d)
-    rv = residual_v if R else out_rot.view(1, 1, -1, d)
-    _decode_combine_kernel[(B * Hq,)](
-        m_part, l_part, acc_part, query, rk, rv, out_rot, out_res,
-        S, R, Hq, qk_scale,
+        chunk, S_C = block_n, 0
+    block_r = 32 if d <= 128 else 16
+    chunk_r = 64
+    S_R = triton.cdiv(R, chunk_r)
+    S = S_C + S_R
+    g_pad = max(16, triton.next_power_of_2(G))
+    m_part = torch.empty(B * Hkv, S, G, dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B * Hkv, S, G, d, dtype=torch.float32, device=dev)
+    out = torch.empty(B, 1, Hq, d, dtype=query.dtype, device=dev)
+    kc32 = k_codes.view(torch.int32)
+    vc32 = v_codes.view(torch.int32)
+    rk = residual_k if R else query  # dummy pointers when there is no residual window
+    rv = residual_v if R else query
+    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
+    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
+    LAST_LAUNCH["partial"] = _decode_partial_kernel[(S, B * Hkv)](
+        query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
+        m_part, l_part, acc_part,
+        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale,
         query.stride(0), query.stride(1),
+        kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
+        vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        G=G, D=d, BLOCK_S=16, BLOCK_R=16 if d == 256 else 32, num_warps=4,
+        G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
+        KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
+        VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
+        BLOCK_N=block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
+        RES_IEEE=bool(R) and rk.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    # 4. un-rotate the compressed part once per head and add the residual part
-    out = torch.addmm(out_res, out_rot, v_tables.rot)
-    return out.view(B, 1, Hq, d).to(query.dtype)
+    _decode_combine_kernel[(B * Hq,)](
+        m_part, l_part, acc_part, v_tables.signs, out,
+        S_C, S, Hq, out.stride(0), out.stride(2),
+        G=G, D=d, INV_SQRT_D=1.0 / math.sqrt(d), BLOCK_S=16, num_warps=4,
+    )
+    return out
 
 
 def decode_attention_store(

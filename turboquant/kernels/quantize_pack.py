@@ -74,7 +74,7 @@ if HAS_TRITON:
         x_ptr, codes_ptr, norms_ptr, signs_ptr, bnd_ptr,
         n_rows, H, T,
         sx_b, sx_h, sx_t, sc_b, sc_h, sc_t, sn_b, sn_h, sn_t,
-        D: tl.constexpr, LOG2D: tl.constexpr, INV_SQRT_D: tl.constexpr,
+        D: tl.constexpr, INV_SQRT_D: tl.constexpr,
         BITS_A: tl.constexpr, BASE_A: tl.constexpr, STRIDE_A: tl.constexpr,
         BITS_B: tl.constexpr, BASE_B: tl.constexpr, STRIDE_B: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -94,7 +94,7 @@ if HAS_TRITON:
         norm = tl.sqrt(tl.sum(x * x, axis=1))
         u = x / tl.maximum(norm, 1e-30)[:, None]
         s = tl.load(signs_ptr + offs_d)
-        y = fwht_tile(u * s[None, :], BLOCK_M, D, LOG2D) * INV_SQRT_D  # y = Π x / ||x||
+        y = fwht_tile(u * s[None, :], BLOCK_M, D) * INV_SQRT_D  # y = Π x / ||x||
         y3 = tl.permute(tl.reshape(y, (BLOCK_M, 2, D // 2)), (0, 2, 1))
         ya, yb = tl.split(y3)  # coordinates [0, d/2) and [d/2, d)
         row_ptr = codes_ptr + b * sc_b + h * sc_h + t * sc_t
@@ -166,7 +166,7 @@ def quantize_pack(
         x4.stride(0), x4.stride(1), x4.stride(2),
         c4.stride(0), c4.stride(1), c4.stride(2),
         n4.stride(0), n4.stride(1), n4.stride(2),
-        D=d, LOG2D=int(math.log2(d)), INV_SQRT_D=1.0 / math.sqrt(d),
+        D=d, INV_SQRT_D=1.0 / math.sqrt(d),
         BITS_A=ba, BASE_A=pa, STRIDE_A=sa, BITS_B=bb, BASE_B=pb, STRIDE_B=sb,
         BLOCK_M=block_m, num_warps=4,
     )
