@@ -26,11 +26,11 @@ def draw_needle_heatmap(
     depths = sorted({float(d) for s in settings for n in cells[s] for d in cells[s][n]})
     fig, axes = plt.subplots(1, len(settings), figsize=(1.2 + 2.6 * len(settings), 0.9 + 0.45 * len(depths) + 1.2), squeeze=False)
     image = None
-    for ax, setting in zip(axes[0], settings):
+    for k, (ax, setting) in enumerate(zip(axes[0], settings)):
         grid = [[cells[setting].get(str(n), {}).get(f"{d:g}", float("nan")) for n in lengths] for d in depths]
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if k == 0 else [])
         ax.set_xlabel("context tokens")
         label = "full precision" if setting == "full" else f"TurboQuant {setting}-bit"
         ax.set_title(label, fontsize=10)

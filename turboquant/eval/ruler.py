@@ -73,7 +73,7 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-register_task("niah_single", max_new_tokens=9)(make_needle_case)
+register_task("niah_single", max_new_tokens=8)(make_needle_case)
 
 
 def _distinct(rng: Any, n: int, draw: Callable[[Any], str]) -> list[str]:
@@ -85,7 +85,7 @@ def _distinct(rng: Any, n: int, draw: Callable[[Any], str]) -> list[str]:
     return out
 
 
-@register_task("niah_multikey", max_new_tokens=10)
+@register_task("niah_multikey", max_new_tokens=8)
 def make_multikey_case(
     tokenizer: Any,
     context_tokens: int,

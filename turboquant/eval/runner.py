@@ -93,6 +93,15 @@ def _kv_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     return out
 
 
+def can_share_prefill(model: Any) -> bool:
+    """True when every layer of the model's ``DynamicCache`` is a plain KV layer (no linear-attention
+    or sliding-window state), so a prefilled cache can be handed to another cache type."""
+    from transformers import DynamicCache
+
+    layers = DynamicCache(config=model.config).layers
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
 def transplant(prefilled: list[tuple[torch.Tensor, torch.Tensor]], cache: Any) -> Any:
     """Feed prefilled keys/values into an empty cache through ``cache.update`` (the prefill call)."""
     for layer_idx, (keys, values) in enumerate(prefilled):
@@ -142,11 +151,11 @@ def generate_settings(
     cache_kw = cache_argument(model)
     prefilled = None
     prefill_s = 0.0
-    if share_prefill:
+    if share_prefill and can_share_prefill(model):
         from transformers import DynamicCache
 
         t0 = time.perf_counter()
-        base = DynamicCache()
+        base = DynamicCache(config=model.config)
         model(input_ids=ids[:, :-1], **{cache_kw: base}, use_cache=True, logits_to_keep=1)
         prefill_s = time.perf_counter() - t0
         prefilled = _kv_layers(base)
@@ -237,3 +246,57 @@ def cell_accuracy(records: Sequence[dict], setting: str) -> dict[str, dict[str, 
     for (length, depth), vals in sorted(cells.items()):
         out.setdefault(str(length), {})[f"{depth:g}"] = sum(vals) / len(vals)
     return out
+
+
+def needle_settings(required_bits: str | float, report_bits: Sequence[str] = ("2.5",)) -> list[str]:
+    """``["full", required, *reported]`` without duplicates (``required_bits`` like ``"3.5"``)."""
+    required = f"{setting_bits(str(required_bits)):g}"
+    return list(dict.fromkeys([FULL, required, *(f"{setting_bits(str(b)):g}" for b in report_bits)]))
+
+
+def run_task_grid(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    settings: Sequence[str],
+    cache_factory: CacheFactory | None = None,
+    seed: int = 0,
+    share_prefill: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """A registered task (``niah_single``, ...) over lengths x depths x trials under each setting.
+
+    Returns ``{"accuracy": {setting: mean}, "cells": {setting: {length: {depth: acc}}},
+    "records": [...], "seconds": wall time, "n_trials": trials per setting}``. Lengths beyond the
+    model's context and depths outside [0, 1] raise before any generation."""
+    from turboquant.eval.needle import check_context_tokens, check_depth, model_max_positions
+    from turboquant.eval.ruler import get_task
+
+    spec = get_task(task)
+    limit = model_max_positions(model)
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    for n in lengths:
+        check_context_tokens(n, None if limit is None else limit - spec.max_new_tokens)
+    for d in depths:
+        check_depth(d)
+    factory = cache_factory or default_cache_factory(model)
+    t0 = time.perf_counter()
+    cases = [
+        spec.make(tokenizer, n, d, t, seed=seed, max_positions=limit)
+        for n in lengths
+        for d in depths
+        for t in range(trials)
+    ]
+    records = run_cases(model, tokenizer, cases, settings, factory, spec.max_new_tokens, share_prefill, log)
+    return {
+        "task": task,
+        "accuracy": {s: accuracy(records, s) for s in settings},
+        "cells": {s: cell_accuracy(records, s) for s in settings},
+        "records": records,
+        "seconds": time.perf_counter() - t0,
+        "n_trials": len(cases),
+    }
