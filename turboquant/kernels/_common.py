@@ -60,6 +60,7 @@ class KernelTables:
             (a byte holding two codes indexes both halves: one load a centroid, no nibble math).
         lut32: int32 ``[2, 256]``: the same pairs packed, ``f16(c_s[p & 15]) | f16(c_s[p >> 4]) << 16``
             (one 4-byte load yields both centroids of a code-pair byte).
+        cent16: float16 ``[2, 16]``: the centroids, 32 bytes a segment (one L1 sector each).
         rot_t: float32 ``[d, d]`` = ``Π^T`` (row vectors: ``Π x = x @ Π^T``).
         rot: float32 ``[d, d]`` = ``Π`` (row vectors: ``Π^T y = y @ Π``).
     """
@@ -73,6 +74,7 @@ class KernelTables:
     centroids: torch.Tensor
     lut: torch.Tensor
     lut32: torch.Tensor
+    cent16: torch.Tensor
     rot_t: torch.Tensor
     rot: torch.Tensor
 
@@ -141,6 +143,7 @@ class KernelTables:
             centroids=cen.to(device),
             lut=lut.to(device=device, dtype=torch.float16),
             lut32=_pack_pairs(lut.to(torch.float16)).to(device),
+            cent16=cen.to(device=device, dtype=torch.float16).contiguous(),
             rot_t=rot.T.contiguous().to(device),
             rot=rot.contiguous().to(device),
         )

@@ -116,9 +116,14 @@ if HAS_TRITON:
         return acc | (x & (0x11111111 << J))
 
     @triton.jit
-    def _lookup(lut_ptr, a, B: tl.constexpr):
-        # byte B of every word: a code pair -> packed float16 centroid pair (one 4-byte L1 load)
-        return tl.load(lut_ptr + ((a >> (8 * B)) & 0xFF).to(tl.int32))
+    def _lookup(cb_ptr, a4, B: tl.constexpr):
+        # byte B of every word holds one code (< 16): its centroid from the 16-entry float16 table
+        # (32 bytes, one L1 sector: every lane of a warp hits the same sector)
+        if B == 3:
+            idx = a4 >> 24
+        else:
+            idx = (a4 >> (8 * B)) & 0xFF
+        return tl.load(cb_ptr + idx.to(tl.int32))
 
     @triton.jit
     def _join4(x0, x1, x2, x3):
@@ -126,18 +131,22 @@ if HAS_TRITON:
         return tl.join(tl.join(x0, x1), tl.join(x2, x3))
 
     @triton.jit
-    def _unpack_segment(row_ptr, nmask, lut_ptr, BITS: tl.constexpr, BASE: tl.constexpr,
-                        STRIDE: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
-                        USE_ASM: tl.constexpr):
+    def _gather4(cb_ptr, c0, c1, c2, c3, B: tl.constexpr):
+        return _join4(_lookup(cb_ptr, c0, B), _lookup(cb_ptr, c1, B), _lookup(cb_ptr, c2, B), _lookup(cb_ptr, c3, B))
+
+    @triton.jit
+    def _unpack_segment(row_ptr, nmask, cb_ptr, BITS: tl.constexpr, BASE: tl.constexpr,
+                        STRIDE: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr):
         """Centroid values (float16, unit scale) of one segment of ``BLOCK_N`` packed rows, in the
         coordinate order of ``_perm_coords``. ``row_ptr``: int32 pointers to the row starts.
 
-        Reads ``BITS · d2/8`` bytes a row as 32-bit words (one coalesced pass). SWAR: for each
-        bit position I in 0..3, ``(w >> I) & 0x11111111`` takes bit J of the codes (8k+I, 8k+I+4)
-        of every byte k; shifted to bits (J, J+4) and OR-ed over the planes, each byte ends up
-        holding the code pair (8k+I | 8k+I+4 << 4): 2 integer ops per plane per 8 codes. Each
-        byte indexes a 256-entry table of packed float16 pairs (c[lo], c[hi]): one L1-resident
-        4-byte load per two coordinates, no nibble arithmetic. Every word stays in one thread.
+        Reads ``BITS · d2/8`` bytes a row as 32-bit words (one pass). SWAR: for each bit position
+        I in 0..3, ``(w >> I) & 0x11111111`` takes bit J of the codes (8k+I, 8k+I+4) of every byte
+        k; shifted to bits (J, J+4) and OR-ed over the planes, each byte ends up holding the code
+        pair (8k+I | 8k+I+4 << 4): 2 integer ops per plane per 8 codes, every word in one thread.
+        Each code then reads its centroid from a 32-byte float16 table (L1-resident; a 256-entry
+        pair table was tried first: its random 4-byte gathers spread a warp over ~20 sectors and
+        saturated L1, see results/gpu_decode_attention.md).
         """
         W: tl.constexpr = D2 // 32
         offs_w = tl.arange(0, W)
@@ -152,20 +161,14 @@ if HAS_TRITON:
             a1 = _pairs(a1, wj, 1, j)
             a2 = _pairs(a2, wj, 2, j)
             a3 = _pairs(a3, wj, 3, j)
-        # 16 lookups per word set: byte B of a_I -> [BLOCK_N, W, 2(l), 2(t), 2(u), 2(v)], I = 2t+l, B = 2v+u
-        p0 = _join4(_lookup(lut_ptr, a0, 0), _lookup(lut_ptr, a1, 0), _lookup(lut_ptr, a2, 0), _lookup(lut_ptr, a3, 0))
-        p1 = _join4(_lookup(lut_ptr, a0, 1), _lookup(lut_ptr, a1, 1), _lookup(lut_ptr, a2, 1), _lookup(lut_ptr, a3, 1))
-        p2 = _join4(_lookup(lut_ptr, a0, 2), _lookup(lut_ptr, a1, 2), _lookup(lut_ptr, a2, 2), _lookup(lut_ptr, a3, 2))
-        p3 = _join4(_lookup(lut_ptr, a0, 3), _lookup(lut_ptr, a1, 3), _lookup(lut_ptr, a2, 3), _lookup(lut_ptr, a3, 3))
-        pair = _join4(p0, p1, p2, p3)
-        if USE_ASM:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[pair],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
-            )
-        else:
-            lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-            hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        # low nibbles: codes 8k+I; high nibbles: codes 8k+I+4
+        l0, l1, l2, l3 = a0 & 0x0F0F0F0F, a1 & 0x0F0F0F0F, a2 & 0x0F0F0F0F, a3 & 0x0F0F0F0F
+        h0, h1, h2, h3 = (a0 >> 4) & 0x0F0F0F0F, (a1 >> 4) & 0x0F0F0F0F, (a2 >> 4) & 0x0F0F0F0F, (a3 >> 4) & 0x0F0F0F0F
+        # [BLOCK_N, W, 2(l), 2(t), 2(u), 2(v)]: I = 2t + l, byte B = 2v + u
+        lo = _join4(_gather4(cb_ptr, l0, l1, l2, l3, 0), _gather4(cb_ptr, l0, l1, l2, l3, 1),
+                    _gather4(cb_ptr, l0, l1, l2, l3, 2), _gather4(cb_ptr, l0, l1, l2, l3, 3))
+        hi = _join4(_gather4(cb_ptr, h0, h1, h2, h3, 0), _gather4(cb_ptr, h0, h1, h2, h3, 1),
+                    _gather4(cb_ptr, h0, h1, h2, h3, 2), _gather4(cb_ptr, h0, h1, h2, h3, 3))
         return tl.reshape(tl.join(lo, hi), (BLOCK_N, D2))
 
     @triton.jit
@@ -230,7 +233,8 @@ if HAS_TRITON:
         KBB: tl.constexpr, KPB: tl.constexpr, KSB: tl.constexpr,
         VBA: tl.constexpr, VPA: tl.constexpr, VSA: tl.constexpr,
         VBB: tl.constexpr, VPB: tl.constexpr, VSB: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, RES_IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RES_IEEE: tl.constexpr,
+        K_ROW: tl.constexpr, V_ROW: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     ):
         # Programs [0, S_C): `chunk` packed tokens of one KV head, all G query heads of the group.
         #   Reads chunk · 2 · (d·bits/8 + 2) bytes; writes G · (d + 2) float32 partials (rotated
@@ -262,14 +266,15 @@ if HAS_TRITON:
             l_i = tl.zeros((G_PAD,), dtype=tl.float32)
             acc_a = tl.zeros((G_PAD, D2), dtype=tl.float32)
             acc_b = tl.zeros((G_PAD, D2), dtype=tl.float32)
-            kc_base = kc_ptr + b * skc_b + h * skc_h
-            vc_base = vc_ptr + b * svc_b + h * svc_h
+            # rows are contiguous (stride K_ROW/V_ROW words, constexpr) so plane words load as 16-byte vectors
+            kc_base = kc_ptr + tl.multiple_of(b * skc_b + h * skc_h, K_ALIGN)
+            vc_base = vc_ptr + tl.multiple_of(b * svc_b + h * svc_h, V_ALIGN)
             for n0 in range(start, end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < end
-                krow = kc_base + offs_n * skc_n
-                ka = _unpack_segment(krow, nmask, klut_ptr, KBA, KPA, KSA, D2, BLOCK_N, USE_ASM)
-                kb = _unpack_segment(krow, nmask, klut_ptr + 256, KBB, KPB, KSB, D2, BLOCK_N, USE_ASM)
+                krow = kc_base + offs_n * K_ROW
+                ka = _unpack_segment(krow, nmask, klut_ptr, KBA, KPA, KSA, D2, BLOCK_N)
+                kb = _unpack_segment(krow, nmask, klut_ptr + 16, KBB, KPB, KSB, D2, BLOCK_N)
                 sc = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))  # [G_PAD, BLOCK_N], log2 units
                 kn = tl.load(kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n, mask=nmask, other=0.0).to(tl.float32)
                 sc = tl.where(nmask[None, :], sc * kn[None, :], float("-inf"))
@@ -279,9 +284,9 @@ if HAS_TRITON:
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 vn = tl.load(vn_ptr + b * svn_b + h * svn_h + offs_n * svn_n, mask=nmask, other=0.0).to(tl.float32)
                 pv = (p * vn[None, :]).to(tl.float16)
-                vrow = vc_base + offs_n * svc_n
-                va = _unpack_segment(vrow, nmask, vlut_ptr, VBA, VPA, VSA, D2, BLOCK_N, USE_ASM)
-                vb = _unpack_segment(vrow, nmask, vlut_ptr + 256, VBB, VPB, VSB, D2, BLOCK_N, USE_ASM)
+                vrow = vc_base + offs_n * V_ROW
+                va = _unpack_segment(vrow, nmask, vlut_ptr, VBA, VPA, VSA, D2, BLOCK_N)
+                vb = _unpack_segment(vrow, nmask, vlut_ptr + 16, VBB, VPB, VSB, D2, BLOCK_N)
                 acc_a = acc_a * alpha[:, None] + tl.dot(pv, va)
                 acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb)
                 m_i = m_new
@@ -353,13 +358,23 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
+def _slab_align(c32: torch.Tensor) -> int:
+    """Largest power of two (<= 4 words) dividing the (b, h) slab offsets of an int32 code view."""
+    a = 4
+    while a > 1 and (c32.stride(0) % a or c32.stride(1) % a or c32.storage_offset() % a):
+        a //= 2
+    return a
+
+
 def _check_store(name: str, codes: torch.Tensor, norms: torch.Tensor, tables: KernelTables, B: int, length: int) -> None:
     if codes.dtype != torch.uint8 or codes.dim() != 4:
         raise TypeError(f"`{name}_codes` must be uint8 [B, H_kv, capacity, code_nbytes], got {codes.dtype} {tuple(codes.shape)}")
     if codes.shape[0] != B or codes.shape[-1] != tables.code_nbytes:
         raise ValueError(f"`{name}_codes` shape {tuple(codes.shape)} does not match B={B}, code_nbytes={tables.code_nbytes}")
-    if codes.stride(-1) != 1 or any(s % 4 for s in codes.stride()[:-1]) or codes.storage_offset() % 4:
-        raise ValueError(f"`{name}_codes` rows must be contiguous and 4-byte aligned (the kernel reads 32-bit words)")
+    if codes.stride(-1) != 1 or codes.stride(2) != tables.code_nbytes or any(s % 4 for s in codes.stride()[:-1]) \
+            or codes.storage_offset() % 4:
+        raise ValueError(f"`{name}_codes` rows must be contiguous ([..., capacity, code_nbytes] with unit row "
+                         "stride) and 4-byte aligned: the kernel reads 32-bit words")
     if norms.dtype != torch.float16 or tuple(norms.shape) != tuple(codes.shape[:3]):
         raise ValueError(f"`{name}_norms` must be float16 {tuple(codes.shape[:3])}, got {norms.dtype} {tuple(norms.shape)}")
     if length > codes.shape[2]:
@@ -448,7 +463,7 @@ def decode_attention(
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
     LAST_LAUNCH["partial"] = _decode_partial_kernel[(S, B * Hkv)](
-        query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
+        query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.cent16, v_tables.cent16, rk, rv,
         m_part, l_part, acc_part,
         length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale,
         query.stride(0), query.stride(1),
@@ -458,14 +473,16 @@ def decode_attention(
         G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
         KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
         VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
-        BLOCK_N=block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
+        BLOCK_N=block_n, BLOCK_R=block_r,
         RES_IEEE=bool(R) and rk.dtype == torch.float32,
+        K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
+        K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
         num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(B * Hq,)](
         m_part, l_part, acc_part, v_tables.signs, out,
         S_C, S, Hq, out.stride(0), out.stride(2),
-        G=G, D=d, INV_SQRT_D=1.0 / math.sqrt(d), BLOCK_S=16, num_warps=4,
+        G=G, D=d, INV_SQRT_D=1.0 / math.sqrt(d), BLOCK_S=min(64, max(16, triton.next_power_of_2(S))), num_warps=4,
     )
     return out
 
