@@ -30,34 +30,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _graph_time_ms(make_call, n_sets: int, reps: int = 20) -> float:
-    """Median over ``reps`` replays of a graph holding ``n_sets`` calls (distinct buffers), per call."""
-    calls = [make_call(i) for i in range(n_sets)]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:  # warm up (compilation, allocator) outside the capture
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / n_sets)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -70,14 +42,15 @@ def main() -> None:
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="graph working set to exceed L2")
     ap.add_argument("--no-eager", action="store_true")
-    ap.add_argument("--configs", default="64:4:1:2",
-                    help="kernel configs block_n:num_warps:num_stages:programs_per_sm, comma separated")
+    ap.add_argument("--configs", default="auto",
+                    help="kernel configs block_n:num_warps:num_stages:programs_per_sm, comma separated ('auto' = defaults)")
     args = ap.parse_args()
 
     import triton
     import triton.testing
 
-    from turboquant.kernels import KernelTables, decode_attention, quantize_pack
+    from turboquant.kernels import KernelTables, quantize_pack
+    from turboquant.kernels.timing import graph_time_ms
     from turboquant.quantizer import TurboQuantMSE
 
     dev = torch.device("cuda")
@@ -113,7 +86,7 @@ def main() -> None:
             def sdpa_call(i):
                 return lambda: F.scaled_dot_product_attention(q[i], kv[i][0], kv[i][1], scale=scaling, enable_gqa=True)
 
-            t_sdpa_g = _graph_time_ms(sdpa_call, n_sets)
+            t_sdpa_g = graph_time_ms(sdpa_call, n_sets)
             t_sdpa_e = None if args.no_eager else triton.testing.do_bench(sdpa_call(0), warmup=25, rep=100, return_mode="median")
             # keep one bf16 set to build the packed stores from the same keys/values
             k0, v0 = kv[0][0], kv[0][1]
@@ -134,8 +107,11 @@ def main() -> None:
                     stores.append((q[i % n_sets], kc, kn, vc, vn, rk, rv))
 
                 for cfg in args.configs.split(","):
-                    bn, nw, ns, pps = (int(x) for x in cfg.split(":"))
-                    kw = dict(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
+                    if cfg == "auto":
+                        kw = {}
+                    else:
+                        bn, nw, ns, pps = (int(x) for x in cfg.split(":"))
+                        kw = dict(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
                     rows.append(_bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0, v0,
                                           scaling, n_sets_tq, kv_bytes, packed_bytes, t_sdpa_g, t_sdpa_e, hkv, d))
                 del stores
@@ -167,7 +143,9 @@ def _bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0,
         h = LAST_LAUNCH.get("partial")
         meta["regs_" + cfg] = {"partial_n_regs": getattr(h, "n_regs", None), "partial_n_spills": getattr(h, "n_spills", None)}
         print(json.dumps({cfg: meta["regs_" + cfg]}), flush=True)
-    t_tq_g = _graph_time_ms(tq_call, n_sets_tq)
+    from turboquant.kernels.timing import graph_time_ms
+
+    t_tq_g = graph_time_ms(tq_call, n_sets_tq)
     t_tq_e = None if args.no_eager else triton.testing.do_bench(tq_call(0), warmup=25, rep=100, return_mode="median")
     row = {
         "batch": B, "context": N, "bits": bits, "config": cfg,

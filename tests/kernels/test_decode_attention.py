@@ -118,3 +118,32 @@ def test_decode_attention_rejects_bad_input(kdev):
         decode_attention(q, kc, kn, vc, vn, 10_000, kt, vt, 0.125)
     with pytest.raises(ValueError, match="multiple"):
         decode_attention(q[:, :3], kc, kn, vc, vn, 8, kt, vt, 0.125)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [3.5, 2.5])
+def test_hook_matches_cache_reference(cuda, bits):
+    """``compressed_attention_cuda`` over the cache's real PackedStore equals the torch reference."""
+    from types import SimpleNamespace
+
+    from turboquant.attention import compressed_attention_reference
+    from turboquant.cache import PackedStore, TensorCodec
+    from turboquant.kernels import compressed_attention_cuda
+
+    B, hq, hkv, d, n, r = 2, 24, 4, 256, 3001, 17
+    stores = []
+    for kind, seed in (("k", 11), ("v", 12)):
+        st = PackedStore(TensorCodec(d, bits, "mse", "hadamard", seed, 0, "beta", cuda), chunk_tokens=256)
+        st.append(torch.randn(B, hkv, n - 1000, d, device=cuda, dtype=torch.bfloat16))
+        st.append(torch.randn(B, hkv, 1000, d, device=cuda, dtype=torch.bfloat16))  # grows in chunks
+        stores.append(st)
+    rk = torch.randn(B, hkv, 64, d, device=cuda, dtype=torch.bfloat16)[:, :, :r]
+    rv = torch.randn(B, hkv, 64, d, device=cuda, dtype=torch.bfloat16)[:, :, :r]
+    layer = SimpleNamespace(key_store=stores[0], value_store=stores[1], num_heads=hkv,
+                            residual_keys=lambda: rk, residual_values=lambda: rv)
+    q = torch.randn(B, hq, 1, d, device=cuda, dtype=torch.bfloat16)
+    out = compressed_attention_cuda(q, layer, 1 / 16, None)
+    assert out is not None
+    ref = compressed_attention_reference(q, layer, 1 / 16, None)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=2e-2)
+    assert compressed_attention_cuda(torch.cat([q, q], 2), layer, 1 / 16, None) is None  # prefill: reference

@@ -4,6 +4,8 @@
 * :func:`decode_attention` — flash-decoding over packed K/V codes + the full-precision residual
   window, GQA, fractional bits; nothing dequantized to memory.
 * :class:`KernelTables` — a quantizer's signs / codebooks in the form the kernels read.
+* :func:`compressed_attention_cuda` — the hook ``turboquant.attention.compressed_attention``
+  calls on CUDA (returns None where the kernels do not apply).
 
 Each module holds ``<op>_reference`` (pure torch), the kernel and the wrapper. Importing this
 package never fails: without Triton the wrappers raise and :func:`kernels_available` is False.
@@ -26,6 +28,7 @@ from turboquant.kernels.decode_attention import (
     decode_attention_reference,
     decode_attention_store,
 )
+from turboquant.kernels.hook import compressed_attention_cuda
 from turboquant.kernels.quantize_pack import quantize_pack, quantize_pack_reference
 
 
@@ -60,4 +63,6 @@ __all__ = [
     "decode_attention",
     "decode_attention_reference",
     "decode_attention_store",
+    # the attention hook (turboquant.attention dispatches here on CUDA)
+    "compressed_attention_cuda",
 ]

@@ -116,14 +116,9 @@ if HAS_TRITON:
         return acc | (x & (0x11111111 << J))
 
     @triton.jit
-    def _lookup(cb_ptr, a4, B: tl.constexpr):
-        # byte B of every word holds one code (< 16): its centroid from the 16-entry float16 table
-        # (32 bytes, one L1 sector: every lane of a warp hits the same sector)
-        if B == 3:
-            idx = a4 >> 24
-        else:
-            idx = (a4 >> (8 * B)) & 0xFF
-        return tl.load(cb_ptr + idx.to(tl.int32))
+    def _lookup(lut_ptr, a, B: tl.constexpr):
+        # byte B of every word: a code pair -> packed float16 centroid pair (one 4-byte L1 load)
+        return tl.load(lut_ptr + ((a >> (8 * B)) & 0xFF).to(tl.int32))
 
     @triton.jit
     def _join4(x0, x1, x2, x3):
@@ -131,22 +126,19 @@ if HAS_TRITON:
         return tl.join(tl.join(x0, x1), tl.join(x2, x3))
 
     @triton.jit
-    def _gather4(cb_ptr, c0, c1, c2, c3, B: tl.constexpr):
-        return _join4(_lookup(cb_ptr, c0, B), _lookup(cb_ptr, c1, B), _lookup(cb_ptr, c2, B), _lookup(cb_ptr, c3, B))
-
-    @triton.jit
-    def _unpack_segment(row_ptr, nmask, cb_ptr, BITS: tl.constexpr, BASE: tl.constexpr,
-                        STRIDE: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _unpack_segment(row_ptr, nmask, lut_ptr, BITS: tl.constexpr, BASE: tl.constexpr,
+                        STRIDE: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
+                        USE_ASM: tl.constexpr):
         """Centroid values (float16, unit scale) of one segment of ``BLOCK_N`` packed rows, in the
         coordinate order of ``_perm_coords``. ``row_ptr``: int32 pointers to the row starts.
 
-        Reads ``BITS · d2/8`` bytes a row as 32-bit words (one pass). SWAR: for each bit position
-        I in 0..3, ``(w >> I) & 0x11111111`` takes bit J of the codes (8k+I, 8k+I+4) of every byte
-        k; shifted to bits (J, J+4) and OR-ed over the planes, each byte ends up holding the code
-        pair (8k+I | 8k+I+4 << 4): 2 integer ops per plane per 8 codes, every word in one thread.
-        Each code then reads its centroid from a 32-byte float16 table (L1-resident; a 256-entry
-        pair table was tried first: its random 4-byte gathers spread a warp over ~20 sectors and
-        saturated L1, see results/gpu_decode_attention.md).
+        Reads ``BITS · d2/8`` bytes a row as 32-bit words (one coalesced pass). SWAR: for each
+        bit position I in 0..3, ``(w >> I) & 0x11111111`` takes bit J of the codes (8k+I, 8k+I+4)
+        of every byte k; shifted to bits (J, J+4) and OR-ed over the planes, each byte ends up
+        holding the code pair (8k+I | 8k+I+4 << 4): 2 integer ops per plane per 8 codes. Each
+        byte indexes a 256-entry table of packed float16 pairs (c[lo], c[hi]): one L1-resident
+        4-byte load per two coordinates, no nibble arithmetic. Every word stays in one thread.
+        (Tried: two loads from a 32-byte float16 table per pair instead: 1.9x slower on H100.)
         """
         W: tl.constexpr = D2 // 32
         offs_w = tl.arange(0, W)
@@ -161,14 +153,20 @@ if HAS_TRITON:
             a1 = _pairs(a1, wj, 1, j)
             a2 = _pairs(a2, wj, 2, j)
             a3 = _pairs(a3, wj, 3, j)
-        # low nibbles: codes 8k+I; high nibbles: codes 8k+I+4
-        l0, l1, l2, l3 = a0 & 0x0F0F0F0F, a1 & 0x0F0F0F0F, a2 & 0x0F0F0F0F, a3 & 0x0F0F0F0F
-        h0, h1, h2, h3 = (a0 >> 4) & 0x0F0F0F0F, (a1 >> 4) & 0x0F0F0F0F, (a2 >> 4) & 0x0F0F0F0F, (a3 >> 4) & 0x0F0F0F0F
-        # [BLOCK_N, W, 2(l), 2(t), 2(u), 2(v)]: I = 2t + l, byte B = 2v + u
-        lo = _join4(_gather4(cb_ptr, l0, l1, l2, l3, 0), _gather4(cb_ptr, l0, l1, l2, l3, 1),
-                    _gather4(cb_ptr, l0, l1, l2, l3, 2), _gather4(cb_ptr, l0, l1, l2, l3, 3))
-        hi = _join4(_gather4(cb_ptr, h0, h1, h2, h3, 0), _gather4(cb_ptr, h0, h1, h2, h3, 1),
-                    _gather4(cb_ptr, h0, h1, h2, h3, 2), _gather4(cb_ptr, h0, h1, h2, h3, 3))
+        # 16 lookups per word set: byte B of a_I -> [BLOCK_N, W, 2(l), 2(t), 2(u), 2(v)], I = 2t+l, B = 2v+u
+        p0 = _join4(_lookup(lut_ptr, a0, 0), _lookup(lut_ptr, a1, 0), _lookup(lut_ptr, a2, 0), _lookup(lut_ptr, a3, 0))
+        p1 = _join4(_lookup(lut_ptr, a0, 1), _lookup(lut_ptr, a1, 1), _lookup(lut_ptr, a2, 1), _lookup(lut_ptr, a3, 1))
+        p2 = _join4(_lookup(lut_ptr, a0, 2), _lookup(lut_ptr, a1, 2), _lookup(lut_ptr, a2, 2), _lookup(lut_ptr, a3, 2))
+        p3 = _join4(_lookup(lut_ptr, a0, 3), _lookup(lut_ptr, a1, 3), _lookup(lut_ptr, a2, 3), _lookup(lut_ptr, a3, 3))
+        pair = _join4(p0, p1, p2, p3)
+        if USE_ASM:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[pair],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+            )
+        else:
+            lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
         return tl.reshape(tl.join(lo, hi), (BLOCK_N, D2))
 
     @triton.jit
@@ -233,7 +231,7 @@ if HAS_TRITON:
         KBB: tl.constexpr, KPB: tl.constexpr, KSB: tl.constexpr,
         VBA: tl.constexpr, VPA: tl.constexpr, VSA: tl.constexpr,
         VBB: tl.constexpr, VPB: tl.constexpr, VSB: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RES_IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, RES_IEEE: tl.constexpr,
         K_ROW: tl.constexpr, V_ROW: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     ):
         # Programs [0, S_C): `chunk` packed tokens of one KV head, all G query heads of the group.
@@ -273,8 +271,8 @@ if HAS_TRITON:
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < end
                 krow = kc_base + offs_n * K_ROW
-                ka = _unpack_segment(krow, nmask, klut_ptr, KBA, KPA, KSA, D2, BLOCK_N)
-                kb = _unpack_segment(krow, nmask, klut_ptr + 16, KBB, KPB, KSB, D2, BLOCK_N)
+                ka = _unpack_segment(krow, nmask, klut_ptr, KBA, KPA, KSA, D2, BLOCK_N, USE_ASM)
+                kb = _unpack_segment(krow, nmask, klut_ptr + 256, KBB, KPB, KSB, D2, BLOCK_N, USE_ASM)
                 sc = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))  # [G_PAD, BLOCK_N], log2 units
                 kn = tl.load(kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n, mask=nmask, other=0.0).to(tl.float32)
                 sc = tl.where(nmask[None, :], sc * kn[None, :], float("-inf"))
@@ -285,8 +283,8 @@ if HAS_TRITON:
                 vn = tl.load(vn_ptr + b * svn_b + h * svn_h + offs_n * svn_n, mask=nmask, other=0.0).to(tl.float32)
                 pv = (p * vn[None, :]).to(tl.float16)
                 vrow = vc_base + offs_n * V_ROW
-                va = _unpack_segment(vrow, nmask, vlut_ptr, VBA, VPA, VSA, D2, BLOCK_N)
-                vb = _unpack_segment(vrow, nmask, vlut_ptr + 16, VBB, VPB, VSB, D2, BLOCK_N)
+                va = _unpack_segment(vrow, nmask, vlut_ptr, VBA, VPA, VSA, D2, BLOCK_N, USE_ASM)
+                vb = _unpack_segment(vrow, nmask, vlut_ptr + 256, VBB, VPB, VSB, D2, BLOCK_N, USE_ASM)
                 acc_a = acc_a * alpha[:, None] + tl.dot(pv, va)
                 acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb)
                 m_i = m_new
@@ -393,11 +391,11 @@ def decode_attention(
     scaling: float,
     residual_k: torch.Tensor | None = None,
     residual_v: torch.Tensor | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 1,
-    programs_per_sm: int = 2,
+    programs_per_sm: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token over a packed TurboQuant-mse KV store + residual window.
 
@@ -409,6 +407,9 @@ def decode_attention(
         k_tables, v_tables: :class:`KernelTables` of the layer's K and V quantizers.
         scaling: softmax scale (1/sqrt(d) usually).
         residual_k, residual_v: [B, H_kv, R, d] full-precision recent tokens (after the codes), or None.
+        block_n, num_warps, programs_per_sm: launch configuration (default: measured on H100 --
+            few KV heads in flight (B·H_kv < 16): 128 tokens a block, 8 warps, 2 programs/SM;
+            else 64 tokens, 4 warps, 3 programs/SM). num_splits overrides the split count.
     Returns:
         [B, 1, H_q, d] in the query's dtype.
     """
@@ -436,6 +437,10 @@ def decode_attention(
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     dev = query.device
     qk_scale = float(scaling) * LOG2E
+    few = B * Hkv < 16
+    block_n = block_n or (128 if few else 64)
+    num_warps = num_warps or (8 if few else 4)
+    programs_per_sm = programs_per_sm or (2 if few else 3)
 
     # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks
     if length > 0:
@@ -463,7 +468,7 @@ def decode_attention(
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
     LAST_LAUNCH["partial"] = _decode_partial_kernel[(S, B * Hkv)](
-        query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.cent16, v_tables.cent16, rk, rv,
+        query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
         m_part, l_part, acc_part,
         length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale,
         query.stride(0), query.stride(1),
@@ -473,7 +478,7 @@ def decode_attention(
         G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
         KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
         VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
-        BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_N=block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
         RES_IEEE=bool(R) and rk.dtype == torch.float32,
         K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
         K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
@@ -482,7 +487,7 @@ def decode_attention(
     _decode_combine_kernel[(B * Hq,)](
         m_part, l_part, acc_part, v_tables.signs, out,
         S_C, S, Hq, out.stride(0), out.stride(2),
-        G=G, D=d, INV_SQRT_D=1.0 / math.sqrt(d), BLOCK_S=min(64, max(16, triton.next_power_of_2(S))), num_warps=4,
+        G=G, D=d, INV_SQRT_D=1.0 / math.sqrt(d), BLOCK_S=16, num_warps=4,
     )
     return out
 

@@ -118,12 +118,14 @@ def quantize_pack(
     tables: KernelTables,
     out_codes: torch.Tensor | None = None,
     out_norms: torch.Tensor | None = None,
+    check_range: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize and pack ``x`` [..., d] (at most 3 leading dims, e.g. ``[B, H_kv, T, d]``).
 
     Writes into ``out_codes`` uint8 [..., code_nbytes] / ``out_norms`` float16 [...] when given
     (e.g. ``store.codes[:, :, L:L+T]``: any strides, last dim contiguous), else allocates them.
-    Returns ``(codes, norms)``.
+    ``check_range`` raises like the core quantizer when a norm exceeds float16 (one host sync;
+    pass False on the decode hot path). Returns ``(codes, norms)``.
     """
     if not HAS_TRITON:
         raise RuntimeError("quantize_pack needs Triton (pip install triton); use quantize_pack_reference")
@@ -134,7 +136,7 @@ def quantize_pack(
         raise ValueError(f"`x` has last dim {d}, the tables were built for d={tables.d}")
     if x.dim() > 4 or x.dim() < 1:
         raise ValueError(f"`x` must have 1..4 dims ([B, H, T, d] at most), got shape {tuple(x.shape)}")
-    if x.numel() and float(torch.linalg.vector_norm(x.float(), dim=-1).max()) > _NORM_MAX:
+    if check_range and x.numel() and float(torch.linalg.vector_norm(x.float(), dim=-1).max()) > _NORM_MAX:
         raise ValueError(f"a vector norm exceeds the float16 norm storage range ({_NORM_MAX:.0f})")
     lead = x.shape[:-1]
     if out_codes is None:

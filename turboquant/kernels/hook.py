@@ -1,0 +1,36 @@
+"""The fused decode path for ``turboquant.attention.compressed_attention`` on CUDA.
+
+``compressed_attention(query, layer, scaling, mask)`` calls :func:`compressed_attention_cuda`
+first; it returns ``None`` (and the pure-torch reference runs) wherever the kernels do not apply:
+more than one query token (prefill / chunked prefill), an explicit attention mask (padding), QJL
+(prod) codes, a dense rotation, or a head dim outside ``SUPPORTED_HEAD_DIMS``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from turboquant.kernels._common import HAS_TRITON, SUPPORTED_HEAD_DIMS, KernelTables
+
+
+def compressed_attention_cuda(query: torch.Tensor, layer, scaling: float, attention_mask) -> torch.Tensor | None:
+    """Decode attention of ``query`` [B, H_q, 1, D] over a ``TurboQuantLayer`` (packed K/V stores +
+    residual window) with the Triton kernel; ``[B, 1, H_q, D]`` or ``None`` when not applicable."""
+    if not HAS_TRITON or not query.is_cuda or query.shape[2] != 1 or attention_mask is not None:
+        return None
+    if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return None
+    ks, vs = getattr(layer, "key_store", None), getattr(layer, "value_store", None)
+    if ks is None or vs is None or ks.codes is None or vs.codes is None:
+        return None
+    if getattr(ks, "qjl", None) is not None or getattr(vs, "qjl", None) is not None:
+        return None
+    kq, vq = ks.codec.quantizer, vs.codec.quantizer
+    if getattr(kq.rotation, "kind", None) != "hadamard" or getattr(vq.rotation, "kind", None) != "hadamard":
+        return None
+    from turboquant.kernels.decode_attention import decode_attention
+
+    kt = KernelTables.from_quantizer(kq, query.device)
+    vt = KernelTables.from_quantizer(vq, query.device)
+    rk, rv = layer.residual_keys(), layer.residual_values()
+    return decode_attention(query, ks.codes, ks.norms, vs.codes, vs.norms, int(ks.length), kt, vt, scaling, rk, rv)
