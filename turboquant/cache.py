@@ -1,0 +1,685 @@
+"""``TurboQuantCache``: a transformers ``Cache`` whose resident KV storage is packed TurboQuant codes.
+
+Per full-attention layer, keys and values live in a :class:`PackedStore` (bit-plane codes in the
+rotated domain + float16 norms; prod mode adds a 1-bit QJL plane and float16 residual norms, see
+``docs/ARCHITECTURE.md``) plus a full-precision *residual window* of fewer than
+``residual_length`` newest tokens. When the window fills up it is flushed into codes as one block
+(block boundaries are aligned to absolute positions: a 2048-token prompt with a 32-token window is
+stored fully compressed). No full-precision copy of the compressed history is ever kept.
+
+* prefill (the first ``update`` of a layer) returns the exact keys/values, so the prompt attends to
+  itself in full precision (as KIVI / transformers' ``QuantizedCache``); what is stored is compressed;
+* later updates: with ``attn_implementation="turboquant"`` (see :func:`turboquant_attention`) the
+  attention scores the codes directly (``turboquant.attention``); with any other attention the
+  layer returns a transient dequantized copy (exact same math, slower) so results stay correct;
+* layers that are not full attention (linear attention / Gated DeltaNet, sliding window) keep
+  transformers' own exact layer classes; ``protected_layers`` keep exact ``DynamicLayer`` storage;
+* ``key_bits = value_bits = 16`` is a passthrough: every attention layer is exact, logits equal
+  ``DynamicCache``'s bit for bit (a guard against silent corruption in hybrid models).
+
+Memory: :func:`cache_nbytes` reports what any cache (ours or ``DynamicCache``) really pins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    LinearAttentionCacheLayerMixin,
+    get_layer_types_and_kwargs,
+)
+
+from turboquant.attention import ATTENTION_NAME, CentroidTable, handoff, qjl_signs, register_attention
+from turboquant.rotation import fwht
+from turboquant.quantizer import NORM_DTYPE, SUPPORTED_BITS, TurboQuantMSE, TurboQuantProd
+
+PASSTHROUGH_BITS = 16
+SHARED = "shared_tables"
+MODES = ("mse", "prod")
+COMPRESSED_LAYER_TYPES = ("full_attention",)
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TurboQuantCacheConfig:
+    """What the cache compresses and how.
+
+    Args:
+        key_bits, value_bits: bits a coordinate, one of ``SUPPORTED_BITS`` (1 ... 4, halves
+            included), or 16 for both (passthrough: nothing compressed).
+        key_mode, value_mode: ``"mse"`` (TurboQuant-mse) or ``"prod"`` (mse at b-1 bits + 1-bit QJL).
+        residual_length: full-precision window; flushed into codes as one block when it fills.
+            0 compresses every token immediately.
+        protected_layers: layer indices kept exact (negative indices count from the end).
+        rotation: ``"hadamard"`` (head_dim a power of two) or ``"dense"``.
+        seed: the quantizer of layer ``l``, tensor ``k|v`` is seeded from ``(seed, l, k|v)``;
+            the QJL matrix ``S`` is one per cache (seeded from ``seed``).
+        chunk_tokens: code buffers grow by this many tokens (not by doubling), so the bytes pinned
+            exceed the bytes used by less than one chunk.
+    """
+
+    key_bits: float = 3.5
+    value_bits: float = 3.5
+    key_mode: str = "mse"
+    value_mode: str = "mse"
+    residual_length: int = 32
+    protected_layers: tuple[int, ...] = ()
+    rotation: str = "hadamard"
+    seed: int = 0
+    law: str = "beta"
+    chunk_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        allowed = (*SUPPORTED_BITS, PASSTHROUGH_BITS)
+        for name in ("key_bits", "value_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {v!r}")
+        if (float(self.key_bits) == PASSTHROUGH_BITS) != (float(self.value_bits) == PASSTHROUGH_BITS):
+            raise ValueError(
+                f"`key_bits`={self.key_bits} and `value_bits`={self.value_bits}: the {PASSTHROUGH_BITS}-bit passthrough "
+                "applies to both tensors or neither; protect whole layers with `protected_layers` instead"
+            )
+        for name in ("key_mode", "value_mode"):
+            if getattr(self, name) not in MODES:
+                raise ValueError(f"`{name}` must be one of {MODES}, got {getattr(self, name)!r}")
+        for name, mode, bits in (("key", self.key_mode, self.key_bits), ("value", self.value_mode, self.value_bits)):
+            if mode == "prod" and float(bits) in (1.5,):
+                raise ValueError(f"`{name}_bits`={bits} with `{name}_mode`='prod' is not supported: prod needs 1 or >= 2 bits")
+        if not isinstance(self.residual_length, int) or self.residual_length < 0:
+            raise ValueError(f"`residual_length` must be an int >= 0, got {self.residual_length!r}")
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise ValueError(f"`chunk_tokens` must be an int >= 1, got {self.chunk_tokens!r}")
+        if self.rotation not in ("hadamard", "dense"):
+            raise ValueError(f"`rotation` must be one of ('hadamard', 'dense'), got {self.rotation!r}")
+        object.__setattr__(self, "protected_layers", tuple(int(i) for i in self.protected_layers))
+
+    @property
+    def passthrough(self) -> bool:
+        return float(self.key_bits) == PASSTHROUGH_BITS
+
+
+def check_head_dim(head_dim: int, rotation: str) -> int:
+    """The cache packs ``head_dim`` coordinates into bytes (fractional bits: two halves)."""
+    if rotation == "hadamard":
+        ok = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+        allowed = "a power of two >= 16 (16, 32, 64, 128, 256, ...) for rotation='hadamard'"
+    else:
+        ok = head_dim >= 16 and head_dim % 16 == 0
+        allowed = "a multiple of 16 for rotation='dense'"
+    if not ok:
+        raise ValueError(f"`head_dim`={head_dim} is not supported by TurboQuantCache: head_dim must be {allowed}")
+    return head_dim
+
+
+# ------------------------------------------------------------------------------------------------
+# one tensor's quantizer, in the form the attention reads
+# ------------------------------------------------------------------------------------------------
+_SHARED_S: dict = {}
+
+
+def _shared_qjl_matrix(d: int, seed: int, device: torch.device) -> torch.Tensor:
+    key = (d, seed, str(device))
+    if key not in _SHARED_S:
+        gen = torch.Generator().manual_seed(seed + 1_000_003)
+        _SHARED_S[key] = torch.randn(d, d, generator=gen, dtype=torch.float32).to(device)
+    return _SHARED_S[key]
+
+
+_SHARED_H: dict = {}
+
+
+def _shared_hadamard(d: int, device: torch.device) -> torch.Tensor:
+    """Sylvester ``H_d / sqrt(d)`` (symmetric), shared by every layer: ``Π = H diag(s) / sqrt(d)``."""
+    key = (d, str(device))
+    if key not in _SHARED_H:
+        h = fwht(torch.eye(d, dtype=torch.float32)) / math.sqrt(d)
+        _SHARED_H[key] = h.to(device).contiguous()
+    return _SHARED_H[key]
+
+
+class TensorCodec:
+    """TurboQuant quantizer of one (layer, K|V) plus its centroid table and rotation on ``device``."""
+
+    def __init__(self, d: int, bits: float, mode: str, rotation: str, seed: int, qjl_seed: int, law: str, device: torch.device) -> None:
+        self.d, self.bits, self.mode = d, float(bits), mode
+        if mode == "prod":
+            self.quantizer: TurboQuantMSE | TurboQuantProd = TurboQuantProd(d, bits, rotation, seed, law, qjl_seed=qjl_seed)
+            # one S per cache: identical values for every layer, stored once (C04: the bias of one fixed S)
+            self.quantizer.S = _shared_qjl_matrix(d, qjl_seed, torch.device("cpu"))
+            self.quantizer._s_cache = {}
+            self.mse = self.quantizer.mse
+            self.S = _shared_qjl_matrix(d, qjl_seed, device)
+            self.qjl_scale = self.quantizer.qjl_scale
+        else:
+            self.quantizer = TurboQuantMSE(d, bits, rotation, seed, law)
+            self.mse = self.quantizer
+            self.S = None
+            self.qjl_scale = 0.0
+        self.table = CentroidTable.shared(d, self.mse.segments, device) if self.mse is not None else None
+        self.rotation = self.mse.rotation if self.mse is not None else None
+        self.code_nbytes = self.mse.code_nbytes if self.mse is not None else 0
+        self._signs = self._h = self._pi = self._pi_t = None
+        if self.rotation is not None and self.rotation.kind == "hadamard":
+            self._signs = self.rotation.signs.to(device)
+            self._h = _shared_hadamard(d, device)
+        elif self.rotation is not None:
+            self._pi = self.rotation.matrix().to(device).contiguous()  # Π, [d, d]
+            self._pi_t = self._pi.T.contiguous()
+
+    @property
+    def nbytes_per_vector(self) -> int:
+        """Ideal stored bytes a vector: packed codes + float16 norm(s) (+ QJL plane)."""
+        return self.quantizer.nbytes_per_vector
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``Π x``; Hadamard: ``(x ⊙ s) H / sqrt(d)`` (one small matmul with the shared ``H``)."""
+        if self._signs is None:
+            return torch.matmul(x, self._pi_t)
+        return torch.matmul(x * self._signs, self._h)
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        """``Π^T y``; Hadamard: ``s ⊙ (y H / sqrt(d))``."""
+        if self._signs is None:
+            return torch.matmul(y, self._pi)
+        return torch.matmul(y, self._h) * self._signs
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``x`` [..., d] -> (codes, norms, qjl, rnorms) as stored (``None`` where the mode has none)."""
+        packed = self.quantizer.pack(self.quantizer.quantize(x))
+        if self.mode == "mse":
+            return packed.codes, packed.norms, None, None
+        mse = packed.mse
+        return (mse.codes if mse else None), (mse.norms if mse else None), packed.qjl, packed.rnorms
+
+    def metadata_tensors(self) -> list[torch.Tensor]:
+        """Per-layer quantizer state held by the cache: Hadamard signs ``s`` (d floats), or the
+        dense ``Π`` and ``Π^T`` for ``rotation='dense'``."""
+        if self.rotation is None:
+            return []
+        if self._signs is not None:
+            return [self._signs]
+        return [self._pi, self._pi_t]
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Process-wide tables shared by every layer/cache of the same width: lookup tables, QJL ``S``."""
+        out = self.table.tensors() if self.table is not None else []
+        return out + [t for t in (self.S, self._h) if t is not None]
+
+
+def _codec_seed(seed: int, layer_idx: int, kind: str) -> int:
+    return (seed * 100_003 + layer_idx) * 2 + (0 if kind == "k" else 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# storage
+# ------------------------------------------------------------------------------------------------
+class PackedStore:
+    """Packed codes of one (layer, K|V): tokens ``[0, length)`` of buffers of ``capacity`` tokens.
+
+    ``codes`` uint8 [B, H, cap, code_nbytes] (bit planes, rotated domain); ``norms`` float16
+    [B, H, cap]; prod mode: ``qjl`` uint8 [B, H, cap, D/8], ``rnorms`` float16 [B, H, cap].
+    """
+
+    FIELDS = ("codes", "norms", "qjl", "rnorms")
+
+    def __init__(self, codec: TensorCodec, chunk_tokens: int) -> None:
+        self.codec = codec
+        self.chunk_tokens = chunk_tokens
+        self.codes: torch.Tensor | None = None
+        self.norms: torch.Tensor | None = None
+        self.qjl: torch.Tensor | None = None
+        self.rnorms: torch.Tensor | None = None
+        self.length = 0
+        self.capacity = 0
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {f: getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None}
+
+    def append(self, x: torch.Tensor) -> None:
+        """Quantize and pack ``x`` [B, H, T, D] after the stored tokens."""
+        t = x.shape[-2]
+        if t == 0:
+            return
+        parts = dict(zip(self.FIELDS, self.codec.encode(x)))
+        need = self.length + t
+        if need > self.capacity:
+            # first allocation exact, later growth in whole chunks
+            cap = need if self.capacity == 0 else self.length + math.ceil(t / self.chunk_tokens) * self.chunk_tokens
+            cap = max(cap, need)
+            for f, p in parts.items():
+                if p is None:
+                    continue
+                buf = torch.empty((*p.shape[:2], cap, *p.shape[3:]), dtype=p.dtype, device=p.device)
+                old = getattr(self, f)
+                if old is not None and self.length:
+                    buf[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, f, buf)
+            self.capacity = cap
+        for f, p in parts.items():
+            if p is not None:
+                getattr(self, f)[:, :, self.length : need] = p
+        self.length = need
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """Reconstruction ``x̃`` [B, H, length, D] (transient; for the non-fused attention path and tests)."""
+        c, n = self.codec, self.length
+        out = None
+        if self.codes is not None:
+            y = c.table.gather(self.codes[:, :, :n]) * self.norms[:, :, :n].float().unsqueeze(-1)
+            out = c.unrotate(y)
+        if self.qjl is not None:
+            z = qjl_signs(self.qjl[:, :, :n], c.d)
+            o = c.qjl_scale * self.rnorms[:, :, :n].float().unsqueeze(-1) * (z @ c.S)
+            out = o if out is None else out + o
+        return out.to(dtype)
+
+    def crop(self, n_keep: int) -> None:
+        self.length = min(self.length, max(0, n_keep))
+
+    def index_batch(self, fn) -> None:
+        for f, buf in self._buffers().items():
+            setattr(self, f, fn(buf))
+
+    def used_nbytes(self) -> dict[str, int]:
+        out = {}
+        for f, buf in self._buffers().items():
+            per_token = buf[:, :, :1].numel() * buf.element_size()
+            out[f] = per_token * self.length
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# layers
+# ------------------------------------------------------------------------------------------------
+class TurboQuantLayer(CacheLayerMixin):
+    """Compressed cache of one full-attention layer: packed K/V stores + a residual window."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, settings: TurboQuantCacheConfig, num_heads: int, head_dim: int, decoder_config: Any) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.settings = settings
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self._decoder_config = decoder_config
+        self.key_store: PackedStore | None = None
+        self.value_store: PackedStore | None = None
+        self._rk: torch.Tensor | None = None  # residual buffers [B, H, max(R, 1), D]
+        self._rv: torch.Tensor | None = None
+        self._r = 0
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _codec(self, kind: str, device: torch.device) -> TensorCodec:
+        s = self.settings
+        bits, mode = (s.key_bits, s.key_mode) if kind == "k" else (s.value_bits, s.value_mode)
+        return TensorCodec(self.head_dim, bits, mode, s.rotation, _codec_seed(s.seed, self.layer_idx, kind), s.seed, s.law, device)
+
+    def residual_keys(self) -> torch.Tensor | None:
+        return None if self._rk is None or self._r == 0 else self._rk[:, :, : self._r]
+
+    def residual_values(self) -> torch.Tensor | None:
+        return None if self._rv is None or self._r == 0 else self._rv[:, :, : self._r]
+
+    def _fused(self) -> bool:
+        return getattr(self._decoder_config, "_attn_implementation", None) == ATTENTION_NAME
+
+    # -- CacheLayerMixin API -----------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.key_store = PackedStore(self._codec("k", self.device), self.settings.chunk_tokens)
+        self.value_store = PackedStore(self._codec("v", self.device), self.settings.chunk_tokens)
+        b = key_states.shape[0]
+        width = max(self.settings.residual_length, 1)
+        self._rk = key_states.new_empty((b, self.num_heads, width, self.head_dim))
+        self._rv = value_states.new_empty((b, self.num_heads, width, self.head_dim))
+        self._r = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[B, H, T, D]`` keys/values; return what the attention function should receive.
+
+        First call (prefill): the exact inputs. Later, under the ``"turboquant"`` attention: the
+        residual window (placeholders; the attention reads the codes via the hand-off); under any
+        other attention: the full dequantized history + window (transient).
+        """
+        first = not self.is_initialized
+        if first:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        self.keys, self.values = self.residual_keys(), self.residual_values()
+        if first:
+            return key_states, value_states
+        if self._fused():
+            k = self._rk[:, :, : self._r]
+            handoff(self, self.layer_idx, k)
+            return k, self._rv[:, :, : self._r]
+        return self.dequantized()
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        R, t = self.settings.residual_length, k.shape[-2]
+        total = self._r + t
+        if R and total < R:  # fits in the window
+            self._rk[:, :, self._r : total] = k
+            self._rv[:, :, self._r : total] = v
+            self._r = total
+            return
+        n_flush = total if R == 0 else (total // R) * R
+        if self._r:
+            k = torch.cat([self._rk[:, :, : self._r], k], dim=-2)
+            v = torch.cat([self._rv[:, :, : self._r], v], dim=-2)
+        self.key_store.append(k[:, :, :n_flush])
+        self.value_store.append(v[:, :, :n_flush])
+        rest = total - n_flush
+        if rest:
+            self._rk[:, :, :rest] = k[:, :, n_flush:]
+            self._rv[:, :, :rest] = v[:, :, n_flush:]
+        self._r = rest
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full keys/values ``[B, H, L, D]``: dequantized codes then the window (transient)."""
+        ks = [self.key_store.dequantize(self.dtype)] if self.key_store.length else []
+        vs = [self.value_store.dequantize(self.dtype)] if self.value_store.length else []
+        if self._r:
+            ks.append(self._rk[:, :, : self._r])
+            vs.append(self._rv[:, :, : self._r])
+        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.key_store.length + self._r
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.key_store = self.value_store = None
+        self._rk = self._rv = None
+        self._r = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def offload(self) -> None:
+        raise NotImplementedError("TurboQuantCache does not support offloading; it is already compressed")
+
+    prefetch = offload
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``|tokens_to_remove|`` tokens (negative int, as ``DynamicLayer.crop``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"`crop` takes a negative number of tokens to remove, got {tokens_to_remove}")
+        n = abs(tokens_to_remove)
+        if n == 0 or not self.is_initialized:
+            return
+        from_window = min(n, self._r)
+        self._r -= from_window
+        n -= from_window
+        if n:
+            self.key_store.crop(self.key_store.length - n)
+            self.value_store.crop(self.value_store.length - n)
+
+    def _index_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.key_store.index_batch(fn)
+        self.value_store.index_batch(fn)
+        self._rk, self._rv = fn(self._rk), fn(self._rv)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch of codes, norms and window (exact: no requantization)."""
+        idx = beam_idx.to(self.device) if self.is_initialized else beam_idx
+        self._index_batch(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(lambda t: t[indices, ...])
+
+
+class ExactLayer(DynamicLayer):
+    """Exact full-precision layer (protected layers, passthrough mode): ``DynamicLayer`` unchanged."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the cache
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]
+
+
+def attention_shape(config: Any) -> AttentionShape:
+    """Layer count, KV heads, head dim and layer types of a (decoder) config."""
+    cfg = config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layer_types, _ = get_layer_types_and_kwargs(cfg)
+    return AttentionShape(cfg.num_hidden_layers, int(heads), int(head_dim), tuple(layer_types))
+
+
+class TurboQuantCache(Cache):
+    """KV cache with TurboQuant-compressed full-attention layers (see the module docstring).
+
+    Args:
+        config: the model's ``PreTrainedConfig`` (layer types, KV heads, head dim are read from it).
+        settings: a :class:`TurboQuantCacheConfig`; keyword overrides (``key_bits=...``) also work.
+
+    Example::
+
+        cache = TurboQuantCache(model.config, key_bits=3.5, value_bits=2.5)
+        with turboquant_attention(model):
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    """
+
+    def __init__(self, config: Any, settings: TurboQuantCacheConfig | None = None, **overrides: Any) -> None:
+        if config is None or not hasattr(config, "get_text_config"):
+            raise ValueError("`config` must be the model's PreTrainedConfig (TurboQuantCache reads its layer types)")
+        settings = settings or TurboQuantCacheConfig()
+        if overrides:
+            settings = TurboQuantCacheConfig(**{**asdict(settings), **overrides})
+        self.settings = settings
+        self.shape = shape = attention_shape(config)
+        decoder_config = config.get_text_config(decoder=True)
+        _, per_layer_kwargs = get_layer_types_and_kwargs(decoder_config)
+        full = [i for i, t in enumerate(shape.layer_types) if t in COMPRESSED_LAYER_TYPES]
+        if not full:
+            raise ValueError(
+                "TurboQuantCache compresses full-attention layers, but this model has none: layer_types = "
+                f"{sorted(set(shape.layer_types))}; allowed compressed types: {COMPRESSED_LAYER_TYPES}"
+            )
+        protected = set()
+        for i in settings.protected_layers:
+            j = i + shape.num_layers if i < 0 else i
+            if not 0 <= j < shape.num_layers:
+                raise ValueError(f"`protected_layers` entry {i} is out of range for a model of {shape.num_layers} layers")
+            protected.add(j)
+        self.protected = tuple(sorted(protected))
+        if not settings.passthrough:
+            check_head_dim(shape.head_dim, settings.rotation)
+            register_attention()
+        layers: list = []
+        for i, (t, kw) in enumerate(zip(shape.layer_types, per_layer_kwargs)):
+            if t in COMPRESSED_LAYER_TYPES and not settings.passthrough and i not in protected:
+                layers.append(TurboQuantLayer(i, settings, shape.num_kv_heads, shape.head_dim, decoder_config))
+            elif t in COMPRESSED_LAYER_TYPES:
+                layers.append(ExactLayer())
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[t](**kw))
+        self.compressed_layers = tuple(i for i, l in enumerate(layers) if isinstance(l, TurboQuantLayer))
+        super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.layers)
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < n:
+            raise ValueError(
+                f"`layer_idx`={layer_idx!r} is out of range: this TurboQuantCache was built for a model of {n} layers "
+                "(was it built from another model's config?)"
+            )
+        if key_states.dim() != 4 or key_states.shape[1] != self.shape.num_kv_heads or key_states.shape[-1] != self.shape.head_dim:
+            raise ValueError(
+                f"key_states of shape {tuple(key_states.shape)} do not match the cache's config: expected "
+                f"[batch, num_key_value_heads={self.shape.num_kv_heads}, seq, head_dim={self.shape.head_dim}] "
+                "(was the cache built from another model's config?)"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def nbytes(self) -> "MemoryReport":
+        return cache_nbytes(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory accounting
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class MemoryReport:
+    """Bytes a cache holds. ``pinned``: storage really kept alive (whole buffers, deduplicated);
+    ``used``: the valid part. Categories: ``codes`` (incl. QJL planes), ``norms`` (incl. residual
+    norms), ``residual`` (full-precision window), ``exact_kv`` (uncompressed attention layers),
+    ``linear_state`` (conv / recurrent states of linear-attention layers), ``metadata`` (per-layer
+    rotation signs). ``shared_tables`` (centroid lookup tables, the QJL matrix ``S``) are held once
+    per process for every cache of the same widths, whatever the number of tokens: reported, but
+    not part of ``total_*``."""
+
+    used: dict[str, int] = field(default_factory=dict)
+    pinned: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_used(self) -> int:
+        return sum(v for k, v in self.used.items() if k != SHARED)
+
+    @property
+    def total_pinned(self) -> int:
+        return sum(v for k, v in self.pinned.items() if k != SHARED)
+
+    def kv_pinned(self) -> int:
+        """Pinned bytes of the attention KV (everything but the linear-attention state)."""
+        return self.total_pinned - self.pinned.get("linear_state", 0)
+
+    def as_dict(self) -> dict:
+        return {"used": dict(self.used), "pinned": dict(self.pinned), "total_used": self.total_used, "total_pinned": self.total_pinned}
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.report = MemoryReport()
+        self._seen: set[int] = set()
+
+    def add(self, cat: str, t: torch.Tensor | None, used: int | None = None) -> None:
+        """Count ``t`` once: ``used`` bytes (default: its elements) and its whole storage as pinned."""
+        if t is None:
+            return
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._seen:  # shared tables, views of one buffer: counted once
+            return
+        if ptr:
+            self._seen.add(ptr)
+        self.report.used[cat] = self.report.used.get(cat, 0) + (t.numel() * t.element_size() if used is None else used)
+        self.report.pinned[cat] = self.report.pinned.get(cat, 0) + storage.nbytes()
+
+
+def cache_nbytes(cache: Cache) -> MemoryReport:
+    """Memory report of a ``TurboQuantCache`` or any transformers ``Cache`` (e.g. ``DynamicCache``)."""
+    tally = _Tally()
+    for layer in cache.layers:
+        if isinstance(layer, TurboQuantLayer):
+            if not layer.is_initialized:
+                continue
+            for store in (layer.key_store, layer.value_store):
+                used = store.used_nbytes()
+                tally.add("codes", store.codes, used.get("codes", 0))
+                tally.add("codes", store.qjl, used.get("qjl", 0))
+                tally.add("norms", store.norms, used.get("norms", 0))
+                tally.add("norms", store.rnorms, used.get("rnorms", 0))
+                for t in store.codec.metadata_tensors():
+                    tally.add("metadata", t)
+                for t in store.codec.shared_tensors():
+                    tally.add(SHARED, t)
+            per_tok = layer._rk[:, :, :1].numel() * layer._rk.element_size()
+            tally.add("residual", layer._rk, per_tok * layer._r)
+            tally.add("residual", layer._rv, per_tok * layer._r)
+            continue
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for states in (layer.conv_states, layer.recurrent_states):
+                for t in states.values():
+                    tally.add("linear_state", t)
+        if isinstance(layer, CacheLayerMixin) and getattr(layer, "is_initialized", False):
+            for t in (layer.keys, layer.values):
+                if isinstance(t, torch.Tensor):
+                    tally.add("exact_kv", t)
+    return tally.report
+
+
+def ideal_kv_nbytes(cache: TurboQuantCache, tokens: int, batch: int = 1) -> int:
+    """Bytes the layout needs for ``tokens`` tokens: per compressed vector packed codes + 16-bit
+    norm(s) (+ QJL plane); exact layers at 2 bytes a coordinate (bf16). No window, no metadata."""
+    s, sh = cache.settings, cache.shape
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, TurboQuantLayer):
+            for bits, mode in ((s.key_bits, s.key_mode), (s.value_bits, s.value_mode)):
+                total += tokens * batch * sh.num_kv_heads * _vector_nbytes(sh.head_dim, bits, mode)
+        elif isinstance(layer, ExactLayer):
+            total += 2 * tokens * batch * sh.num_kv_heads * sh.head_dim * 2
+    return total
+
+
+def _vector_nbytes(d: int, bits: float, mode: str) -> int:
+    norm = NORM_DTYPE.itemsize
+    if mode == "mse":
+        return int(d * bits) // 8 + norm
+    mse_bits = bits - 1
+    return int(d * mse_bits) // 8 + d // 8 + norm * (2 if mse_bits > 0 else 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# switching a model's attention
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def turboquant_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block the model uses the ``"turboquant"`` attention (compressed decode; any layer
+    without a compressed store runs ``sdpa``); the previous implementation is restored after."""
+    register_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+__all__ = [
+    "TurboQuantCacheConfig",
+    "TurboQuantCache",
+    "TurboQuantLayer",
+    "ExactLayer",
+    "PackedStore",
+    "TensorCodec",
+    "MemoryReport",
+    "cache_nbytes",
+    "ideal_kv_nbytes",
+    "check_head_dim",
+    "attention_shape",
+    "turboquant_attention",
+]
