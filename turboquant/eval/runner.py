@@ -6,12 +6,12 @@ empty cache object; :func:`default_cache_factory` builds the real ones, tests ma
 
 Shared prefill. Every setting stores the prompt in its own cache, but the prompt's forward pass
 does not depend on how the cache stores it (a quantized cache quantizes what it is given; the
-prefill attention itself runs on the exact keys and values). So the prompt minus its last token is
-run once into a full-precision ``DynamicCache``; for each setting a fresh cache receives those keys
-and values through the Cache API (``cache.update(k, v, layer_idx)``, exactly the call the model
-makes during prefill), and ``model.generate`` then runs the last prompt token and the answer
-against that cache. This saves (settings - 1) prefills per prompt; it is slightly *stricter* than a
-from-scratch run, because the last prompt token already attends to the compressed history.
+prefill attention itself runs on the exact keys and values). So the whole prompt is
+run once into a full-precision ``DynamicCache`` and gives the first answer token; for each setting a
+fresh cache receives those keys and values through the Cache API (``cache.update(k, v, layer_idx)``,
+exactly the call the model makes during prefill, so the cache compresses and windows them as it
+would), and ``model.generate`` decodes the rest of the answer against that cache. This is the same
+computation as a from-scratch ``generate`` with the cache, minus (settings - 1) prefills.
 Models whose cache holds non-KV state (hybrid linear-attention layers) fall back to one full run per
 setting; ``share_prefill=False`` forces that path too.
 """
@@ -129,6 +129,13 @@ class PromptRun:
     generations: dict[str, Generation] = field(default_factory=dict)
 
 
+def _eos_ids(model: Any, tokenizer: Any, eos_token_id: int | list[int] | None) -> set[int]:
+    eos = eos_token_id if eos_token_id is not None else getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
 @torch.inference_mode()
 def generate_settings(
     model: Any,
@@ -140,43 +147,58 @@ def generate_settings(
     share_prefill: bool = True,
     eos_token_id: int | list[int] | None = None,
 ) -> PromptRun:
-    """Greedy-decode ``max_new_tokens`` (stopping at EOS) after ``input_ids`` under each setting."""
+    """Greedy-decode ``max_new_tokens`` (stopping at EOS) after ``input_ids`` under each setting.
+
+    Shared prefill (see the module docstring): the whole prompt runs once at full precision, which
+    gives the first answer token (a cache that stores compressed K/V still prefills on the exact
+    ones, so that token is the same for every setting); each setting's cache then receives the
+    prompt's K/V through ``cache.update`` and ``generate`` decodes the rest from the first token on.
+    This is the same computation as a from-scratch ``generate`` with that cache."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(input_ids) < 2:
-        raise ValueError("a prompt needs at least 2 tokens")
+    if len(input_ids) < 1:
+        raise ValueError("a prompt needs at least 1 token")
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
     cache_kw = cache_argument(model)
+    eos = _eos_ids(model, tokenizer, eos_token_id)
     prefilled = None
+    first = None
     prefill_s = 0.0
     if share_prefill and can_share_prefill(model):
         from transformers import DynamicCache
 
         t0 = time.perf_counter()
         base = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], **{cache_kw: base}, use_cache=True, logits_to_keep=1)
+        logits = model(input_ids=ids, **{cache_kw: base}, use_cache=True, logits_to_keep=1).logits
+        first = logits[:, -1].argmax(-1, keepdim=True)
         prefill_s = time.perf_counter() - t0
         prefilled = _kv_layers(base)
-        del base
+        del base, logits
     run = PromptRun(n_tokens=ids.shape[1], prefill_seconds=prefill_s, shared_prefill=prefilled is not None)
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    gen_kwargs: dict[str, Any] = dict(do_sample=False, num_beams=1, eos_token_id=sorted(eos) or None)
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if eos_token_id is not None:
-        gen_kwargs["eos_token_id"] = eos_token_id
     for setting in settings:
         cache = cache_factory(setting)
         t0 = time.perf_counter()
         if prefilled is not None:
             transplant(prefilled, cache)
-        with attention_context(model, cache):
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                **{cache_kw: cache},
-                **gen_kwargs,
-            )
+            start = torch.cat([ids, first], dim=1)
+            remaining = max_new_tokens - 1
+            if remaining == 0 or int(first) in eos:
+                out = start
+            else:
+                with attention_context(model, cache):
+                    out = model.generate(
+                        input_ids=start, attention_mask=torch.ones_like(start), **{cache_kw: cache},
+                        max_new_tokens=remaining, **gen_kwargs,
+                    )
+        else:
+            with attention_context(model, cache):
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_kw: cache},
+                    max_new_tokens=max_new_tokens, **gen_kwargs,
+                )
         new = out[0, ids.shape[1]:]
         run.generations[setting] = Generation(
             setting=setting,
