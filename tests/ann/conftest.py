@@ -35,8 +35,9 @@ def synthetic_seed_ds() -> ANNDataset:
 
 @pytest.fixture(scope="session")
 def synthetic_grid(synthetic_seed_ds):
+    """Our methods only (FAISS is cross-checked on synthetic data in the C14 test; keeps this < 10 s)."""
     torch.manual_seed(0)
-    return run_grid(synthetic_seed_ds, grid_methods(), BITS, k=SEED_K)
+    return run_grid(synthetic_seed_ds, GRID_METHODS, BITS, k=SEED_K)
 
 
 @pytest.fixture(scope="session")
@@ -61,22 +62,61 @@ def _model_and_tokenizer(lm):
 
 
 @pytest.fixture(scope="session")
-def lm_seed_ds(ann_lm) -> ANNDataset:
-    from turboquant.embeddings import lm_hidden_embeddings, load_corpus
+def lm_pooled(ann_lm) -> tuple[torch.Tensor, str]:
+    """Mean-pooled last-layer hidden states of the selected LM over texts 0..1151 of the corpus."""
+    from turboquant.embeddings import lm_pooled_states, load_corpus
 
     model, tok, name = _model_and_tokenizer(ann_lm)
-    texts = load_corpus(n=SEED_DB + SEED_NQ)
-    x = lm_hidden_embeddings(model, tok, texts, dim=SEED_DIM, seed=0)
-    return ANNDataset.from_vectors(
-        "lm-hidden-meanpool-256",
-        x[:SEED_DB],
-        x[SEED_DB:],
-        meta={"source": f"{name} last-layer mean-pooled hidden states, Gaussian projection to 256 (seed 0), unit norm",
-              "corpus": "data/ann/corpus.txt", "db": SEED_DB, "queries": SEED_NQ},
-    )
+    return lm_pooled_states(model, tok, load_corpus(n=SEED_DB + SEED_NQ)), name
+
+
+def _lm_meta(name: str, recipe: str) -> dict:
+    return {"source": f"{name}: last-layer hidden states, mean-pooled, Gaussian projection to 256 (seed 0); {recipe}",
+            "corpus": "data/ann/corpus.txt (texts 0..1023 database, 1024..1151 queries)", "db": SEED_DB,
+            "queries": SEED_NQ}
+
+
+@pytest.fixture(scope="session")
+def lm_seed_ds(lm_pooled) -> ANNDataset:
+    """The seed's recipe as written: pool, project to 256, nothing else (no normalisation, no centering)."""
+    from turboquant.embeddings import project
+
+    h, name = lm_pooled
+    x = project(h, SEED_DIM, seed=0, normalize=False)
+    return ANNDataset.from_vectors("lm-meanpool-256", x[:SEED_DB], x[SEED_DB:], meta=_lm_meta(name, "raw (seed recipe)"))
+
+
+@pytest.fixture(scope="session")
+def lm_variant_datasets(lm_pooled) -> dict[str, ANNDataset]:
+    """Preprocessing variants, reported next to the seed recipe.
+
+    * ``unit``: rows L2-normalised (cosine search); what FAISS's TurboQuant SQ (no norm) expects.
+    * ``unit_centered_db``: the unit database minus its mean ``μ``, queries unchanged. For inner
+      product ``<q, x - μ> = <q, x> - <q, μ>`` shifts every score of a query equally, so the exact
+      ranking (ground truth) is the ``unit`` one; only what the quantizer sees changes.
+    """
+    from turboquant.embeddings import project
+
+    h, name = lm_pooled
+    x = project(h, SEED_DIM, seed=0, normalize=True)
+    base, queries = x[:SEED_DB], x[SEED_DB:]
+    unit = ANNDataset.from_vectors("lm-meanpool-256-unit", base, queries, meta=_lm_meta(name, "unit rows"))
+    centered = ANNDataset("lm-meanpool-256-unit-centered-db", (base - base.mean(0)).contiguous(), queries, unit.gt,
+                          _lm_meta(name, "unit rows, database mean subtracted (same ranking)"))
+    return {"unit": unit, "unit_centered_db": centered}
 
 
 @pytest.fixture(scope="session")
 def lm_grid(lm_seed_ds):
     torch.manual_seed(0)
     return run_grid(lm_seed_ds, grid_methods(), BITS, k=SEED_K)
+
+
+@pytest.fixture(scope="session")
+def lm_variant_grids(lm_variant_datasets):
+    methods = ["turboquant-mse", "turboquant-prod", "scalar"]
+    out = {}
+    for name, ds in lm_variant_datasets.items():
+        extra = ["faiss-tqmse", "faiss-tq"] if name == "unit" and faiss_available() else []
+        out[name] = run_grid(ds, methods + extra, BITS, k=SEED_K)
+    return out

@@ -5,6 +5,9 @@
   better than prod at equal bits, as FAISS's own SQtq vs SQtqmse also shows); prod is reported.
 * C13: index build time (train + add) speedup over PQ-kmeans >= ``--ann_pq_index_speedup_threshold``
   (default 10), measured in the same run; the recall gap to PQ and to FAISS is reported, whatever it is.
+* The LM data follows the seed's recipe as written (mean-pool, Gaussian projection to 256, no
+  normalisation or centering) for the asserted claims; unit-normalised and database-centred
+  variants are measured and reported (C12 WARNs if TurboQuant loses to scalar on one of them).
 * C14 (ANN part): our TurboQuant-mse index's recall@10 within 0.01 of FAISS ``RR{d},SQtqmse{b}`` on
   the same vectors and bits.
 
@@ -93,46 +96,74 @@ def test_c12_tq_beats_scalar_synthetic(claim, synthetic_grid, synthetic_seed_ds,
 
 @pytest.mark.model
 @pytest.mark.claim("C12", "ANN: TurboQuant beats scalar no-rotation")
-def test_c12_tq_beats_scalar_lm_embeddings(claim, lm_grid, lm_seed_ds, tq_options):
+def test_c12_tq_beats_scalar_lm_embeddings(claim, lm_grid, lm_seed_ds, lm_variant_grids, tq_options):
+    """Asserted on the seed's recipe as written (pool, project; raw). Variants reported, WARN if TQ loses."""
+    req = required_bits(tq_options)
+    variants = {}
+    for name, grid in lm_variant_grids.items():
+        rec = table(grid, "recall_at_k")
+        variants[name] = {m: {b: _r(v) for b, v in s.items()} for m, s in rec.items()}
+        lost = [b for b in req if not rec["turboquant-mse"][f"{b}"] > rec["scalar"][f"{b}"]]
+        if lost:
+            claim.warn(f"lm variant {name}: TQ-mse does not beat scalar at bits {lost} ("
+                       + ", ".join(f"{rec['turboquant-mse'][f'{b}']:.3f} vs {rec['scalar'][f'{b}']:.3f}" for b in lost) + ")")
+    claim.measured(lm_variants=variants)
     check_c12(claim, lm_grid, lm_seed_ds, tq_options, "lm", compare_seed=True)
 
 
 # -- C13 -----------------------------------------------------------------------------------------------
-def tq_build_seconds(ds, bits: int, repeats: int = 5) -> list[float]:
-    """Wall time of building a TurboQuant-mse index (construct + add the whole database), repeated."""
-    out = []
+def build_seconds(method: str, ds, bits: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of building ``method`` (construct + train + add the database), repeated.
+
+    The claim uses the minimum wall time of each method (timeit's convention: the least-disturbed
+    run). Both methods get the same estimator; on a shared 2-core machine a 10 ms build can be
+    stretched many times by preemption, a 1 s build much less, so a single run biases the ratio.
+    """
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        index = TurboQuantIndex(ds.d, bits, "mse", seed=0)
+        w0, c0 = time.perf_counter(), time.process_time()
+        index = make_index(method, ds.d, bits, seed=0)
+        if index.requires_training:
+            index.train(ds.base)
         index.add(ds.base)
-        out.append(time.perf_counter() - t0)
-    return out
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
+TQ_REPEATS, PQ_REPEATS = 7, 1  # PQ: plus the grid's own build of the same index = 2 runs
 
 
 def check_c13(claim, grid, ds, tq_options, source: str) -> None:
     threshold = float(tq_options.ann_pq_index_speedup_threshold)
     TurboQuantIndex(ds.d, 1).add(ds.base[:8])  # warm up (first-call allocations), not timed
-    tq_times = {b: tq_build_seconds(ds, b) for b in BITS}
-    tq_med = {b: statistics.median(v) for b, v in tq_times.items()}
-    pq = {b: _cell(grid, "pq-kmeans", b) for b in BITS}
-    speedup = {b: pq[b].build_s / tq_med[b] for b in BITS}
+    tq = {b: build_seconds("turboquant-mse", ds, b, TQ_REPEATS) for b in BITS}
+    pq = {b: build_seconds("pq-kmeans", ds, b, PQ_REPEATS) for b in BITS}
+    for b in BITS:  # the grid's build of the same PQ index is a run too
+        pq[b][0].append(_cell(grid, "pq-kmeans", b).build_s)
+    tq_min = {b: min(tq[b][0]) for b in BITS}
+    pq_min = {b: min(pq[b][0]) for b in BITS}
+    speedup = {b: pq_min[b] / tq_min[b] for b in BITS}
+    cpu_speedup = {b: min(pq[b][1]) / max(min(tq[b][1]), 1e-9) for b in BITS}  # CPU time: this run only
     recall = table(grid, "recall_at_k")
     gaps = {
         other: {f"{b}": _r(recall["turboquant-mse"][f"{b}"] - recall[other][f"{b}"]) for b in BITS if f"{b}" in recall[other]}
         for other in ("pq-kmeans", "faiss-tqmse", "faiss-rabitq", "faiss-sq", "turboquant-prod", "faiss-tq")
         if other in recall
     }
-    claim.setting(**{source: {**ds.meta, "d": ds.d, "k": SEED_K, "tq_build": "construct + add, median of 5",
-                              "pq": "scipy kmeans2 per sub-space (minit=points, 10 iters), train + add, 1 run",
-                              "pq_layout_M_nbits": {b: [pq[b].bytes_per_vector * 8 / ds.d] for b in BITS},
+    claim.setting(**{source: {**ds.meta, "d": ds.d, "k": SEED_K,
+                              "build": f"construct + train + add; min wall of {TQ_REPEATS} (TQ) / {PQ_REPEATS + 1} (PQ) runs",
+                              "pq": "scipy kmeans2 per sub-space (minit=points, 10 iters, 8-bit codebooks where possible)",
                               "threads": torch.get_num_threads()}})
     claim.measured(**{source: {
-        "tq_build_s_median": {b: _r(v) for b, v in tq_med.items()},
-        "tq_build_s_runs": {b: [round(x, 5) for x in v] for b, v in tq_times.items()},
-        "pq_build_s": {b: _r(pq[b].build_s) for b in BITS},
+        "tq_build_s_min": {b: round(v, 5) for b, v in tq_min.items()},
+        "pq_build_s_min": {b: round(v, 4) for b, v in pq_min.items()},
+        "tq_build_s_runs": {b: [round(x, 5) for x in tq[b][0]] for b in BITS},
+        "pq_build_s_runs": {b: [round(x, 4) for x in pq[b][0]] for b in BITS},
         "speedup_pq_over_tq": {b: round(v, 1) for b, v in speedup.items()},
+        "cpu_time_speedup_pq_over_tq": {b: round(v, 1) for b, v in cpu_speedup.items()},
         "recall_tq_minus_other": gaps,
-        "recall_pq_kmeans": {b: _r(pq[b].recall_at_k) for b in BITS},
+        "recall_pq_kmeans": {b: _r(recall["pq-kmeans"][f"{b}"]) for b in BITS},
         "recall_tq_mse": {b: _r(recall["turboquant-mse"][f"{b}"]) for b in BITS},
     }})
     claim.threshold(min_build_speedup=threshold, seed_speedup=SEED_SPEEDUP, seed_pq_recall=SEED_PQ)
@@ -140,7 +171,7 @@ def check_c13(claim, grid, ds, tq_options, source: str) -> None:
     low = [b for b in BITS if speedup[b] < threshold]
     assert not low, (
         f"{source}: TQ build speedup over PQ-kmeans below {threshold:g}x at bits {low}: "
-        + ", ".join(f"{b} bit: PQ {pq[b].build_s:.4f}s / TQ {tq_med[b]:.5f}s = {speedup[b]:.1f}x" for b in BITS)
+        + ", ".join(f"{b} bit: PQ {pq_min[b]:.4f}s / TQ {tq_min[b]:.5f}s = {speedup[b]:.1f}x" for b in BITS)
     )
 
 
@@ -186,9 +217,10 @@ def test_c14_ann_recall_matches_faiss_sqtqmse(claim):
 @pytest.mark.model
 @pytest.mark.skipif(not faiss_available(), reason="the FAISS cross-check needs faiss-cpu (pip install faiss-cpu)")
 @pytest.mark.claim("C14", "cross-check with FAISS's TurboQuant")
-def test_c14_ann_recall_vs_faiss_on_lm_embeddings_reported(claim, lm_grid):
-    """Same comparison on the seed's 128 LM-embedding queries: reported (1280 pairs: too few to assert 0.01)."""
-    recall = table(lm_grid, "recall_at_k")
+def test_c14_ann_recall_vs_faiss_on_lm_embeddings_reported(claim, lm_variant_grids):
+    """Same comparison on the seed's 128 LM-embedding queries, unit rows (FAISS's TurboQuant stores no
+    norm): reported, not asserted (1280 query-neighbour pairs are too few to resolve 0.01)."""
+    recall = table(lm_variant_grids["unit"], "recall_at_k")
     diff = {b: _r(recall["turboquant-mse"][b] - recall["faiss-tqmse"][b]) for b in recall["faiss-tqmse"]}
     diff_prod = {b: _r(recall["turboquant-prod"][b] - recall["faiss-tq"][b]) for b in recall.get("faiss-tq", {})}
     claim.measured(ann_lm_recall_diff_mse_vs_sqtqmse=diff, ann_lm_recall_diff_prod_vs_sqtq=diff_prod)

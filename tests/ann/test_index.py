@@ -182,7 +182,7 @@ def test_faiss_code_sizes(method, bits, expected):
 @needs_faiss
 def test_faiss_pq_pads_when_m_does_not_divide_d():
     index = make_index("faiss-pq", 384, 3)
-    assert index.factory == "PQ144x8" and index.pad_to == 432 and index.code_size() == 144
+    assert index.factory == "PQ144x8np" and index.pad_to == 432 and index.code_size() == 144
 
 
 # -- quality smoke: recall rises with bits -----------------------------------------------------------
