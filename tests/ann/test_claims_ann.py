@@ -136,7 +136,9 @@ TQ_REPEATS, PQ_REPEATS = 7, 1  # PQ: plus the grid's own build of the same index
 
 def check_c13(claim, grid, ds, tq_options, source: str) -> None:
     threshold = float(tq_options.ann_pq_index_speedup_threshold)
-    TurboQuantIndex(ds.d, 1).add(ds.base[:8])  # warm up (first-call allocations), not timed
+    # The first builds in a process are slower (allocator, thread-pool and kernel warm-up): report
+    # the cold run, then time warm builds (the steady cost of an online index).
+    tq_cold = {b: build_seconds("turboquant-mse", ds, b, 2)[0][0] for b in BITS}
     tq = {b: build_seconds("turboquant-mse", ds, b, TQ_REPEATS) for b in BITS}
     pq = {b: build_seconds("pq-kmeans", ds, b, PQ_REPEATS) for b in BITS}
     for b in BITS:  # the grid's build of the same PQ index is a run too
@@ -152,11 +154,13 @@ def check_c13(claim, grid, ds, tq_options, source: str) -> None:
         if other in recall
     }
     claim.setting(**{source: {**ds.meta, "d": ds.d, "k": SEED_K,
-                              "build": f"construct + train + add; min wall of {TQ_REPEATS} (TQ) / {PQ_REPEATS + 1} (PQ) runs",
+                              "build": f"construct + train + add; min wall of {TQ_REPEATS} warm (TQ, after 2 untimed) / "
+                                       f"{PQ_REPEATS + 1} (PQ) runs",
                               "pq": "scipy kmeans2 per sub-space (minit=points, 10 iters, 8-bit codebooks where possible)",
                               "threads": torch.get_num_threads()}})
     claim.measured(**{source: {
         "tq_build_s_min": {b: round(v, 5) for b, v in tq_min.items()},
+        "tq_build_s_cold_first_run": {b: round(v, 5) for b, v in tq_cold.items()},
         "pq_build_s_min": {b: round(v, 4) for b, v in pq_min.items()},
         "tq_build_s_runs": {b: [round(x, 5) for x in tq[b][0]] for b in BITS},
         "pq_build_s_runs": {b: [round(x, 4) for x in pq[b][0]] for b in BITS},
