@@ -4,7 +4,7 @@ Per full-attention layer, keys and values live in a :class:`PackedStore` (bit-pl
 rotated domain + float16 norms; prod mode adds a 1-bit QJL plane and float16 residual norms, see
 ``docs/ARCHITECTURE.md``) plus a full-precision *residual window* of fewer than
 ``residual_length`` newest tokens. When the window fills up it is flushed into codes as one block
-(block boundaries are aligned to absolute positions: a 2048-token prompt with a 32-token window is
+(block boundaries are aligned to absolute positions: a 2048-token prompt with the default 16-token window is
 stored fully compressed). No full-precision copy of the compressed history is ever kept.
 
 * prefill (the first ``update`` of a layer) returns the exact keys/values, so the prompt attends to
@@ -72,7 +72,7 @@ class TurboQuantCacheConfig:
     value_bits: float = 3.5
     key_mode: str = "mse"
     value_mode: str = "mse"
-    residual_length: int = 32
+    residual_length: int = 16
     protected_layers: tuple[int, ...] = ()
     rotation: str = "hadamard"
     seed: int = 0
@@ -342,12 +342,16 @@ class TurboQuantLayer(CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         self.key_store = PackedStore(self._codec("k", self.device), self.settings.chunk_tokens)
         self.value_store = PackedStore(self._codec("v", self.device), self.settings.chunk_tokens)
-        b = key_states.shape[0]
-        width = max(self.settings.residual_length, 1)
-        self._rk = key_states.new_empty((b, self.num_heads, width, self.head_dim))
-        self._rv = value_states.new_empty((b, self.num_heads, width, self.head_dim))
+        self._rk = self._rv = None  # the window buffer exists only while it holds tokens
         self._r = 0
         self.is_initialized = True
+
+    def _window(self, like: torch.Tensor) -> None:
+        """Allocate the residual window buffers ``[B, H, residual_length, D]`` if absent."""
+        if self._rk is None:
+            shape = (like.shape[0], self.num_heads, max(self.settings.residual_length, 1), self.head_dim)
+            self._rk = like.new_empty(shape)
+            self._rv = like.new_empty(shape)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[B, H, T, D]`` keys/values; return what the attention function should receive.
@@ -364,15 +368,16 @@ class TurboQuantLayer(CacheLayerMixin):
         if first:
             return key_states, value_states
         if self._fused():
-            k = self._rk[:, :, : self._r]
+            k = self._rk[:, :, : self._r] if self._r else key_states[:, :, :0]
             handoff(self, self.layer_idx, k)
-            return k, self._rv[:, :, : self._r]
+            return k, (self._rv[:, :, : self._r] if self._r else value_states[:, :, :0])
         return self.dequantized()
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         R, t = self.settings.residual_length, k.shape[-2]
         total = self._r + t
         if R and total < R:  # fits in the window
+            self._window(k)
             self._rk[:, :, self._r : total] = k
             self._rv[:, :, self._r : total] = v
             self._r = total
@@ -385,8 +390,11 @@ class TurboQuantLayer(CacheLayerMixin):
         self.value_store.append(v[:, :, :n_flush])
         rest = total - n_flush
         if rest:
-            self._rk[:, :, :rest] = k[:, :, n_flush:]
-            self._rv[:, :, :rest] = v[:, :, n_flush:]
+            self._window(k)
+            self._rk[:, :, :rest] = k[:, :, n_flush:].clone()
+            self._rv[:, :, :rest] = v[:, :, n_flush:].clone()
+        else:  # empty window: release its buffer (no bytes pinned for nothing)
+            self._rk = self._rv = None
         self._r = rest
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,6 +438,8 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         from_window = min(n, self._r)
         self._r -= from_window
+        if self._r == 0:
+            self._rk = self._rv = None
         n -= from_window
         if n:
             self.key_store.crop(self.key_store.length - n)
@@ -440,7 +450,8 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         self.key_store.index_batch(fn)
         self.value_store.index_batch(fn)
-        self._rk, self._rv = fn(self._rk), fn(self._rv)
+        if self._rk is not None:
+            self._rk, self._rv = fn(self._rk), fn(self._rv)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the batch of codes, norms and window (exact: no requantization)."""
@@ -616,9 +627,10 @@ def cache_nbytes(cache: Cache) -> MemoryReport:
                     tally.add("metadata", t)
                 for t in store.codec.shared_tensors():
                     tally.add(SHARED, t)
-            per_tok = layer._rk[:, :, :1].numel() * layer._rk.element_size()
-            tally.add("residual", layer._rk, per_tok * layer._r)
-            tally.add("residual", layer._rv, per_tok * layer._r)
+            if layer._rk is not None:
+                per_tok = layer._rk[:, :, :1].numel() * layer._rk.element_size()
+                tally.add("residual", layer._rk, per_tok * layer._r)
+                tally.add("residual", layer._rv, per_tok * layer._r)
             continue
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             for states in (layer.conv_states, layer.recurrent_states):
