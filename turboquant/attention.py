@@ -509,13 +509,19 @@ def turboquant_attention_forward(
     return compressed_attention(query, layer, scaling, attention_mask), None
 
 
-def register_attention() -> None:
-    """Register ``"turboquant"`` with transformers' attention and mask interfaces (idempotent)."""
+HANDOFF_ATTENTIONS: set[str] = {ATTENTION_NAME}
+
+
+def register_attention(name: str = ATTENTION_NAME, fn: Any = None) -> None:
+    """Register an attention function that reads the cache's hand-off (default: ``"turboquant"`` =
+    :func:`turboquant_attention_forward`) with transformers' attention and mask interfaces
+    (sdpa masks); ``TurboQuantCache`` hands its layers to every name registered here. Idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, turboquant_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionInterface.register(name, fn or turboquant_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    HANDOFF_ATTENTIONS.add(name)
 
 
 __all__ = [
@@ -526,6 +532,7 @@ __all__ = [
     "handoff",
     "qjl_signs",
     "register_attention",
+    "HANDOFF_ATTENTIONS",
     "take_handoff",
     "turboquant_attention_forward",
 ]

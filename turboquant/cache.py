@@ -37,7 +37,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from turboquant.attention import ATTENTION_NAME, CentroidTable, handoff, qjl_signs, register_attention
+from turboquant.attention import ATTENTION_NAME, HANDOFF_ATTENTIONS, CentroidTable, handoff, qjl_signs, register_attention
 from turboquant.rotation import fwht
 from turboquant.quantizer import NORM_DTYPE, SUPPORTED_BITS, TurboQuantMSE, TurboQuantProd
 
@@ -335,7 +335,7 @@ class TurboQuantLayer(CacheLayerMixin):
         return None if self._rv is None or self._r == 0 else self._rv[:, :, : self._r]
 
     def _fused(self) -> bool:
-        return getattr(self._decoder_config, "_attn_implementation", None) == ATTENTION_NAME
+        return getattr(self._decoder_config, "_attn_implementation", None) in HANDOFF_ATTENTIONS
 
     # -- CacheLayerMixin API -----------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
