@@ -66,6 +66,38 @@ def build_model(tiny: bool, device: torch.device):
     return model, cfg
 
 
+def _compat_layer_kwargs(cfg) -> None:
+    """transformers 5.17 returns the per-layer cache kwargs of ``get_layer_types_and_kwargs`` in
+    another form than 5.24 (which ``turboquant.cache`` was written against): normalise it to one
+    dict a layer for this script (reported to the cache owner)."""
+    import inspect
+
+    import turboquant.cache as tc
+    from transformers import cache_utils
+
+    orig = cache_utils.get_layer_types_and_kwargs
+    t, kw = orig(cfg)
+    print("get_layer_types_and_kwargs ->", type(kw).__name__, str(kw)[:200], flush=True)
+    print("LinearAttentionLayer", inspect.signature(cache_utils.LinearAttentionLayer.__init__), flush=True)
+    if isinstance(kw, (list, tuple)) and all(isinstance(k, dict) for k in kw):
+        return
+
+    def shim(config):
+        types, k = orig(config)
+        n = len(types)
+        if isinstance(k, dict) and all(isinstance(v, (list, tuple)) and len(v) == n for v in k.values()):
+            per = [{name: v[i] for name, v in k.items() if v[i] is not None} for i in range(n)]
+        elif isinstance(k, dict):
+            per = [dict(k) if x == "linear_attention" else {} for x in types]
+        else:
+            per = [{} for _ in types]
+        params = inspect.signature(cache_utils.LinearAttentionLayer.__init__).parameters
+        per = [{a: b for a, b in d.items() if a in params} if x == "linear_attention" else d for d, x in zip(per, types)]
+        return types, per
+
+    tc.get_layer_types_and_kwargs = shim
+
+
 def kv_bytes(cache) -> int:
     """Bytes of the full-attention K/V held by ``cache`` (codes + norms + residual, or bf16 K/V)."""
     from turboquant.cache import cache_nbytes
@@ -160,6 +192,7 @@ def main() -> None:
     }
     print(json.dumps(meta), flush=True)
 
+    _compat_layer_kwargs(cfg)
     calls = {"n": 0}
     orig = tk.compressed_attention_cuda
 

@@ -17,10 +17,13 @@ import torch.nn.functional as F
 
 from turboquant.quantizer import PackedMSE, TurboQuantMSE
 
-TINY = [  # (d, k_bits, v_bits, Hq, Hkv, length, R, B) — a second each under the interpreter
+TINY = [  # (d, k_bits, v_bits, Hq, Hkv, length, R, B) — about a second each under the interpreter
+    (64, 3.5, 3.5, 6, 2, 45, 5, 1),
+    (64, 4, 2, 2, 1, 0, 9, 1),
+]
+SMALL = [  # interpreter cases of a few seconds each: no marker, run wherever kernels can run
     (64, 3.5, 3.5, 6, 2, 77, 5, 2),
     (128, 2.5, 4, 4, 4, 40, 0, 1),
-    (64, 4, 2, 2, 1, 0, 9, 1),
 ]
 FULL = [
     (256, 3.5, 3.5, 24, 4, 4097, 128, 1),
@@ -80,6 +83,11 @@ def _check(dev, d, kb, vb, hq, hkv, n, r, b, **kw):
 @pytest.mark.synthetic
 @pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", TINY, ids=_ids(TINY))
 def test_decode_attention_tiny(kdev, d, kb, vb, hq, hkv, n, r, b):
+    _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=32)
+
+
+@pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", SMALL, ids=_ids(SMALL))
+def test_decode_attention_small(kdev, d, kb, vb, hq, hkv, n, r, b):
     _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=32)
 
 

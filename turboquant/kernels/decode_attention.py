@@ -217,7 +217,8 @@ if HAS_TRITON:
         tl.store(l_ptr + part, l_i, mask=gmask)
         tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
 
-    @triton.jit
+    # sizes that change every decode step are not specialised on (no recompilation as the cache grows)
+    @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r"])
     def _decode_partial_kernel(
         q_ptr, ksign_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, klut_ptr, vlut_ptr, rk_ptr, rv_ptr,
         m_ptr, l_ptr, acc_ptr,
@@ -297,7 +298,7 @@ if HAS_TRITON:
             _residual_part(q_rows, gmask, part, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr, b, h, pid_s, S_C, R, chunk_r,
                            qk_scale, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, G_PAD, D, BLOCK_R, RES_IEEE)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S_C", "S"])
     def _decode_combine_kernel(
         m_ptr, l_ptr, acc_ptr, vsign_ptr, out_ptr,
         S_C, S, Hq, so_b, so_h,
