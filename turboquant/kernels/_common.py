@@ -59,8 +59,7 @@ class KernelTables:
         lut: float16 ``[2, 2, 256]``: ``lut[s, 0, p] = c_s[p & 15]``, ``lut[s, 1, p] = c_s[p >> 4]``
             (a byte holding two codes indexes both halves: one load a centroid, no nibble math).
         lut32: int32 ``[2, 256]``: the same pairs packed, ``f16(c_s[p & 15]) | f16(c_s[p >> 4]) << 16``
-            (one 4-byte load yields both centroids of a code-pair byte).
-        cent16: float16 ``[2, 16]``: the centroids, 32 bytes a segment (one L1 sector each).
+            (one 4-byte load yields both centroids of a code-pair byte; what the decode kernel reads).
         rot_t: float32 ``[d, d]`` = ``Π^T`` (row vectors: ``Π x = x @ Π^T``).
         rot: float32 ``[d, d]`` = ``Π`` (row vectors: ``Π^T y = y @ Π``).
     """
@@ -74,7 +73,6 @@ class KernelTables:
     centroids: torch.Tensor
     lut: torch.Tensor
     lut32: torch.Tensor
-    cent16: torch.Tensor
     rot_t: torch.Tensor
     rot: torch.Tensor
 
@@ -143,7 +141,6 @@ class KernelTables:
             centroids=cen.to(device),
             lut=lut.to(device=device, dtype=torch.float16),
             lut32=_pack_pairs(lut.to(torch.float16)).to(device),
-            cent16=cen.to(device=device, dtype=torch.float16).contiguous(),
             rot_t=rot.T.contiguous().to(device),
             rot=rot.contiguous().to(device),
         )
