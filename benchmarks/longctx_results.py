@@ -21,13 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
+    p.add_argument("run_dirs", nargs="+", help="suite --out-dir folders (several: merged)")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default=str(ROOT / "results"))
     args = p.parse_args(argv)
-    run, out = Path(args.run_dir), Path(args.out_dir)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Long-context results ({args.tag})", ""]
+    for run in map(Path, args.run_dirs):
+        lines += collect(run, out, args.tag)
+    (out / f"longctx_summary_{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def collect(run: Path, out: Path, tag: str) -> list[str]:
+    """Copy one run's records to ``out``; returns its markdown lines."""
+    lines: list[str] = []
     claims = json.loads((run / "claims.json").read_text()) if (run / "claims.json").is_file() else {"claims": []}
     for rec in claims["claims"]:
         if rec["id"] in ("C09", "C10"):
@@ -38,14 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         src = run / f"C09_needle_records_{grid}.json"
         if src.is_file():
             doc = json.loads(src.read_text())
-            shutil.copyfile(src, out / f"longctx_niah_single_{args.tag}.json")
-            png = draw_needle_heatmap(doc["cells"], out / f"longctx_niah_single_{args.tag}.png", f"Needle in a haystack ({args.tag})")
+            shutil.copyfile(src, out / f"longctx_niah_single_{tag}.json")
+            png = draw_needle_heatmap(doc["cells"], out / f"longctx_niah_single_{tag}.png", f"Needle in a haystack ({tag})")
             lines += [f"![needle heatmap]({png.name})", ""]
     for name, target in (("C09_ruler_records.json", "longctx_ruler"), ("C10_longbench_records.json", "longctx_longbench")):
         if (run / name).is_file():
-            shutil.copyfile(run / name, out / f"{target}_{args.tag}.json")
-    (out / f"longctx_summary_{args.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            shutil.copyfile(run / name, out / f"{target}_{tag}.json")
+    return lines
 
 
 if __name__ == "__main__":
