@@ -108,8 +108,10 @@ def lm_variant_datasets(lm_pooled) -> dict[str, ANNDataset]:
 
 @pytest.fixture(scope="session")
 def lm_grid(lm_seed_ds):
+    """All methods on the raw seed-recipe vectors, except FAISS SQtqmse: it stores no vector norm, so
+    on rows of unequal norm its scores are not inner products (it is compared on the unit variant)."""
     torch.manual_seed(0)
-    return run_grid(lm_seed_ds, grid_methods(), BITS, k=SEED_K)
+    return run_grid(lm_seed_ds, [m for m in grid_methods() if m != "faiss-tqmse"], BITS, k=SEED_K)
 
 
 @pytest.fixture(scope="session")
