@@ -27,7 +27,10 @@ from turboquant.eval.needle import (
 )
 from turboquant.eval.runner import needle_settings, run_task_grid
 
-# Grids declared once. CPU: ~8 minutes on 2 cores at most; GPU: the embedded model's full 8k context.
+# Grids declared once. CPU: one key/value per cell (9 per setting) because the compressed decode
+# costs seconds a token on 2 CPU cores (the run took 1199 s on a machine shared with 3-4 other
+# heavy processes; see results/longctx_summary_cpu.md); more trials with --needle-trials.
+# GPU: the embedded model's full 8k context, 4 keys/values per cell.
 CPU_GRID = {"lengths": (1024, 2048, 4096), "depths": (0.1, 0.5, 0.9), "trials": 1}
 GPU_GRID = {"lengths": (1024, 2048, 4096, 6144, 8000), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "trials": 4}
 SEED = 0
