@@ -170,6 +170,7 @@ def main() -> None:
             "TurboQuant index: Hadamard rotation when d is a power of two, else dense Haar (d=384: dense)",
             "FAISS SQtqmse/SQtq store no vector norm: they assume unit rows (all data here is unit-norm)",
             "the machine is shared (2 cores, several concurrent users): absolute times are noisy, ratios less so",
+            f"IndexPQ: PQ{{M}}x8np (plain k-means, no polysemous training), trained on {args.pq_train or 'all'} rows",
         ],
     }
     # warm up torch kernels (first calls are slow), untimed
