@@ -209,12 +209,13 @@ def test_c11_cpu_decode_throughput(lm, prefill_2048, tq_options, claim):
         "turboquant_3.5": lambda: TurboQuantCache(model.config, key_bits=3.5, value_bits=3.5),
         "turboquant_2.5": lambda: TurboQuantCache(model.config, key_bits=2.5, value_bits=2.5),
     }
-    ctx = {k: (lambda: turboquant_attention(model)) for k in caches if k != "dynamic"}
+    ctx = lambda: turboquant_attention(model)  # noqa: E731  (DynamicCache runs plain sdpa under it)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread for every cache, measured alike
     try:
         res = decode_throughput(model, prefill_2048, caches, ctx, new_tokens=new, warmup=warm, repeats=reps)
-        prof = {k: profile_decode(model, prefill_2048, caches[k], ctx.get(k), steps=4) for k in ("dynamic", "turboquant_3.5")}
+        prof = {"dynamic": profile_decode(model, prefill_2048, caches["dynamic"], None, steps=4),
+                "turboquant_3.5": profile_decode(model, prefill_2048, caches["turboquant_3.5"], ctx, steps=4)}
     finally:
         torch.set_num_threads(threads)
     claim.setting(model=lm.name, prompt_tokens=res.prompt_tokens, new_tokens=new, warmup=warm, repeats=reps,

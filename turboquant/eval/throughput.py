@@ -102,7 +102,7 @@ def decode_throughput(
     model: Any,
     prefill: Prefill,
     caches: dict[str, Callable[[], Cache]],
-    contexts: dict[str, Callable[[], ContextManager]] | None = None,
+    context: Callable[[], ContextManager] | None = None,
     baseline: str = "dynamic",
     new_tokens: int = 128,
     warmup: int = 1,
@@ -110,18 +110,19 @@ def decode_throughput(
 ) -> ThroughputResult:
     """Median decode tokens/s of every cache factory in ``caches`` (interleaved runs).
 
-    ``contexts[name]`` (optional) wraps that cache's decode loop, e.g. ``turboquant_attention(model)``.
+    ``context`` (optional) wraps every run, e.g. ``turboquant_attention(model)``: under it a cache
+    without compressed layers (``DynamicCache``) runs plain ``sdpa`` (one extra Python call a layer).
     """
     if baseline not in caches:
         raise ValueError(f"`baseline` {baseline!r} must be one of the caches {sorted(caches)}")
     if new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need new_tokens >= 1, repeats >= 1, warmup >= 0; got {new_tokens}, {repeats}, {warmup}")
-    contexts = contexts or {}
     first = prefill.logits.argmax(-1)
     runs: dict[str, list[float]] = defaultdict(list)
     toks: dict[str, list[int]] = {}
     for rep in range(warmup + repeats):
-        secs, out = _lockstep(model, prefill, caches, contexts, first, new_tokens)
+        with (context or contextlib.nullcontext)():
+            secs, out = _lockstep(model, prefill, caches, first, new_tokens)
         if rep >= warmup:
             for name in caches:
                 runs[name].append(secs[name])
@@ -132,7 +133,7 @@ def decode_throughput(
 
 
 @torch.no_grad()
-def _lockstep(model, prefill, caches, contexts, first, new_tokens) -> tuple[dict[str, float], dict[str, list[int]]]:
+def _lockstep(model, prefill, caches, first, new_tokens) -> tuple[dict[str, float], dict[str, list[int]]]:
     """One run of every cache, interleaved step by step (step t of cache A, B, C, then t + 1, ...):
     background load hits every cache alike. Returns the summed wall time of each cache's steps."""
     state = {name: fill_from_prefill(factory(), prefill) for name, factory in caches.items()}
@@ -141,11 +142,10 @@ def _lockstep(model, prefill, caches, contexts, first, new_tokens) -> tuple[dict
     out: dict[str, list[int]] = {name: [] for name in caches}
     for _ in range(new_tokens):
         for name in caches:
-            with contexts.get(name, contextlib.nullcontext)():
-                start = time.perf_counter()
-                logits = model(input_ids=tok[name], past_key_values=state[name], use_cache=True).logits[:, -1]
-                tok[name] = logits.argmax(-1, keepdim=True)
-                secs[name] += time.perf_counter() - start
+            start = time.perf_counter()
+            logits = model(input_ids=tok[name], past_key_values=state[name], use_cache=True).logits[:, -1]
+            tok[name] = logits.argmax(-1, keepdim=True)
+            secs[name] += time.perf_counter() - start
             out[name].append(int(tok[name][0, 0]))
     return secs, out
 
