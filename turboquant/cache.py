@@ -513,6 +513,8 @@ class TurboQuantCache(Cache):
         self.shape = shape = attention_shape(config)
         decoder_config = config.get_text_config(decoder=True)
         _, per_layer_kwargs = get_layer_types_and_kwargs(decoder_config)
+        if isinstance(per_layer_kwargs, dict):  # transformers 5.17: one dict shared by every layer
+            per_layer_kwargs = [dict(per_layer_kwargs) if t == "linear_attention" else {} for t in shape.layer_types]
         full = [i for i, t in enumerate(shape.layer_types) if t in COMPRESSED_LAYER_TYPES]
         if not full:
             raise ValueError(
