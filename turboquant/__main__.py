@@ -20,25 +20,10 @@ SUITES = {
     "all": "synthetic or model or gpu",
 }
 
-# (seed flag, default, help). Value flags are forwarded to the pytest options of the same name.
-VALUE_FLAGS: list[tuple[str, str | None, str]] = [
-    ("model_id", None, "Hugging Face model id or local directory (default: the embedded SmolLM2-135M-Instruct GGUF)"),
-    ("torch_dtype", "float32", "model dtype: float32 | bfloat16 | float16"),
-    ("attn_implementation", "sdpa", "attention backend for full-precision runs: sdpa | eager"),
-    ("needle_context_tokens", None, "needle-in-a-haystack context lengths, comma list (default: CPU grid 1k,2k,4k)"),
-    ("needle_required_bits", "3.5", "bit width whose needle accuracy must match full precision (C09)"),
-    ("needle_trials", None, "needle trials per (length, depth) cell"),
-    ("needle_positions", None, "needle depths in [0, 1], comma list"),
-    ("longbench_local_dir", None, "directory of LongBench-E jsonl files (default: the shipped fixture in data/)"),
-    ("longbench_required_bits", "3.5", "bit width whose LongBench score must match full precision (C10)"),
-    ("longbench_max_examples", None, "examples per LongBench task"),
-    ("longbench_max_prompt_tokens", None, "truncate LongBench prompts (head + tail) to this many tokens"),
-    ("throughput_new_tokens", "128", "new tokens per decode-throughput repeat (C11)"),
-    ("throughput_warmup", "1", "decode-throughput warmup runs"),
-    ("throughput_repeats", "3", "decode-throughput measured repeats"),
-    ("ann_required_scalar_bits", "2,3,4", "bits at which TurboQuant must beat scalar no-rotation recall (C12)"),
-    ("ann_pq_index_speedup_threshold", "10", "minimum PQ / TurboQuant index build-time ratio (C13)"),
-]
+from turboquant.options import SUITE_OPTIONS
+
+# Value options are forwarded to the pytest options of the same name (dashes); booleans are switches.
+VALUE_FLAGS = [(n, d, h) for n, d, h in SUITE_OPTIONS if not isinstance(d, bool)]
 # Seed switches: accepted for compatibility. The suites they enabled always run here.
 SEED_SWITCHES: list[tuple[str, str]] = [
     ("load_model", "accepted; the model suite always loads the selected model"),
@@ -62,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow_downloads", dest="local_files_only", action="store_false",
                    help="let transformers download --model_id from the hub")
     v.add_argument("--ann_use_qwen_embeddings", "--ann-use-qwen-embeddings", action="store_true",
-                   help="ANN data = mean-pooled hidden states of the selected model (C12/C13)")
+                   help=dict((n, h) for n, _, h in SUITE_OPTIONS)["ann_use_qwen_embeddings"])
     for name, default, help_text in VALUE_FLAGS:
         v.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
                        help=help_text + (f" (default {default})" if default else ""))
