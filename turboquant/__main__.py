@@ -69,7 +69,9 @@ def suite_expression(suite: str) -> str:
 
 def pytest_argv(args: argparse.Namespace, tests_dir: Path) -> list[str]:
     out_dir = Path(args.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    argv = [str(tests_dir), "-m", suite_expression(args.suite), "--out-dir", str(out_dir),
+    root = tests_dir.parent
+    argv = [str(tests_dir), f"--rootdir={root}", "-c", str(root / "pytest.ini"),
+            "-m", suite_expression(args.suite), f"--out-dir={out_dir}",
             "--json-report", f"--json-report-file={out_dir / 'report.json'}", "--json-report-indent=1",
             f"--local-files-only={str(args.local_files_only).lower()}",
             f"--ann-use-qwen-embeddings={str(args.ann_use_qwen_embeddings).lower()}"]
