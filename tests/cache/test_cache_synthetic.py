@@ -29,10 +29,8 @@ SHAPES = {  # 4 layers: qwen3_5_text = 3 Gated DeltaNet + 1 full attention (Qwen
 
 @pytest.fixture(scope="module")
 def models():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: threading only adds overhead on 2 shared cores
-    yield {arch: tiny_model(arch, seed=0, **SHAPES[arch]) for arch in ARCHS}
-    torch.set_num_threads(threads)
+    # synthetic tests already run on one thread (root conftest's autouse fixture)
+    return {arch: tiny_model(arch, seed=0, **SHAPES[arch]) for arch in ARCHS}
 
 
 def _ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
