@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="graph working set to exceed L2")
     ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--backends", default="triton,cuda", help="decode_attention backends to time, comma separated")
     ap.add_argument("--configs", default="auto",
                     help="kernel configs block_n:num_warps:num_stages:programs_per_sm, comma separated ('auto' = defaults)")
     args = ap.parse_args()
@@ -106,18 +107,27 @@ def main() -> None:
                     rv = v0[:, :, N:].contiguous() if R else None
                     stores.append((q[i % n_sets], kc, kn, vc, vn, rk, rv))
 
-                for cfg in args.configs.split(","):
+                for cfg, backend in [(c, be) for be in args.backends.split(",") for c in args.configs.split(",")]:
                     if cfg == "auto":
-                        kw = {}
+                        kw = {"backend": backend}
+                    elif backend == "cuda":  # programs per SM only
+                        kw = {"backend": backend, "programs_per_sm": int(cfg.split(":")[-1])}
                     else:
                         bn, nw, ns, pps = (int(x) for x in cfg.split(":"))
-                        kw = dict(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
+                        kw = dict(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps, backend=backend)
                     rows.append(_bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0, v0,
                                           scaling, n_sets_tq, kv_bytes, packed_bytes, t_sdpa_g, t_sdpa_e, hkv, d))
                 del stores
                 torch.cuda.empty_cache()
             del q
             torch.cuda.empty_cache()
+    try:
+        from turboquant.kernels import cuda_decode
+
+        meta["cuda_kernels"] = cuda_decode.kernel_info()
+        print(json.dumps(meta["cuda_kernels"]), flush=True)
+    except Exception as exc:  # noqa: BLE001 - informational only
+        meta["cuda_kernels"] = repr(exc)
     _report(args, meta, rows)
 
 
@@ -148,7 +158,7 @@ def _bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0,
     t_tq_g = graph_time_ms(tq_call, n_sets_tq)
     t_tq_e = None if args.no_eager else triton.testing.do_bench(tq_call(0), warmup=25, rep=100, return_mode="median")
     row = {
-        "batch": B, "context": N, "bits": bits, "config": cfg,
+        "batch": B, "context": N, "bits": bits, "config": cfg, "backend": kw.get("backend", "auto"),
         "sdpa_graph_ms": t_sdpa_g, "tq_graph_ms": t_tq_g, "speedup_graph": t_sdpa_g / t_tq_g,
         "sdpa_eager_ms": t_sdpa_e, "tq_eager_ms": t_tq_e,
         "speedup_eager": (t_sdpa_e / t_tq_e) if t_tq_e else None,
@@ -162,13 +172,13 @@ def _bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0,
 
 
 def _report(args, meta, rows) -> None:
-    print("\n| batch | context | bits | config | SDPA bf16 ms (graph) | TQ ms (graph) | speedup | TQ TB/s | SDPA ms (eager) | TQ ms (eager) | speedup eager | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| batch | context | bits | backend | config | SDPA bf16 ms (graph) | TQ ms (graph) | speedup | TQ TB/s | SDPA ms (eager) | TQ ms (eager) | speedup eager | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         e1 = f"{r['sdpa_eager_ms']:.4f}" if r["sdpa_eager_ms"] else "-"
         e2 = f"{r['tq_eager_ms']:.4f}" if r["tq_eager_ms"] else "-"
         e3 = f"{r['speedup_eager']:.2f}x" if r["speedup_eager"] else "-"
-        print(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['config']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
+        print(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['backend']} | {r['config']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
               f"{r['speedup_graph']:.2f}x | {r['tq_TBps_graph']:.2f} | {e1} | {e2} | {e3} | {r['rel_err_vs_dequant_sdpa']:.1e} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -96,10 +96,38 @@ def test_decode_attention_interpreter_splits(kdev):
     _check(kdev, 256, 3.5, 3.5, 24, 4, 300, 20, 1, block_n=32, num_splits=4)
 
 
+CUDA_CASES = [  # the CUDA (tensor-core register-LUT) kernel: head_dim 256, every segment width, G 1..8
+    (256, 3.5, 3.5, 24, 4, 4097, 128, 1),
+    (256, 2.5, 2.5, 24, 4, 1000, 37, 3),
+    (256, 4, 4, 16, 2, 333, 0, 2),
+    (256, 3, 3, 8, 1, 65, 5, 1),
+    (256, 2, 2, 4, 4, 17, 0, 1),
+    (256, 1.5, 1.5, 12, 2, 1, 3, 2),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", FULL, ids=_ids(FULL))
 def test_decode_attention_gpu(cuda, d, kb, vb, hq, hkv, n, r, b):
-    _check(cuda, d, kb, vb, hq, hkv, n, r, b)
+    _check(cuda, d, kb, vb, hq, hkv, n, r, b, backend="triton")
+    _check(cuda, d, kb, vb, hq, hkv, n, r, b, backend="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", CUDA_CASES, ids=_ids(CUDA_CASES))
+def test_decode_attention_cuda_backend(cuda, d, kb, vb, hq, hkv, n, r, b):
+    _check(cuda, d, kb, vb, hq, hkv, n, r, b, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_backend_rejects_unsupported_shapes(cuda):
+    from turboquant.kernels import decode_attention
+
+    q, kc, kn, vc, vn, kt, vt, *_ = _case(cuda, 128, 3.5, 3.5, 8, 2, 40, 0, 1)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(q, kc, kn, vc, vn, 40, kt, vt, 0.09, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        decode_attention(q, kc, kn, vc, vn, 40, kt, vt, 0.09, backend="cutlass")
 
 
 @pytest.mark.gpu
@@ -111,9 +139,10 @@ def test_decode_attention_gpu_bf16_long(cuda):
     q = q.to(torch.bfloat16)
     rk, rv = rk.to(torch.bfloat16), rv.to(torch.bfloat16)
     ref = decode_attention_reference(q.float(), kc, kn, vc, vn, 32768, kt, vt, 1 / 16, rk, rv)
-    for splits in (None, 1, 7):
-        out = decode_attention(q, kc, kn, vc, vn, 32768, kt, vt, 1 / 16, rk, rv, num_splits=splits)
-        torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=2e-2)  # bf16 output rounding
+    for backend in ("triton", "cuda"):
+        for splits in (None, 1, 7):
+            out = decode_attention(q, kc, kn, vc, vn, 32768, kt, vt, 1 / 16, rk, rv, num_splits=splits, backend=backend)
+            torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=2e-2)  # bf16 output rounding
 
 
 def test_decode_attention_rejects_bad_input(kdev):

@@ -218,11 +218,11 @@ if HAS_TRITON:
         tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
 
     # sizes that change every decode step are not specialised on (no recompilation as the cache grows)
-    @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r"])
+    @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r", "S_BASE"])
     def _decode_partial_kernel(
         q_ptr, ksign_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, klut_ptr, vlut_ptr, rk_ptr, rv_ptr,
         m_ptr, l_ptr, acc_ptr,
-        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale,
+        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, S_BASE,
         sq_b, sq_h,
         skc_b, skc_h, skc_n, skn_b, skn_h, skn_n,
         svc_b, svc_h, svc_n, svn_b, svn_h, svn_n,
@@ -240,8 +240,9 @@ if HAS_TRITON:
         #   domain, kernel position order).
         # Programs [S_C, S): `chunk_r` residual-window tokens, full precision, natural order.
         #   Reads chunk_r · 2 · d values; writes G · (d + 2) float32.
+        # The grid may start at split S_BASE (the CUDA kernel took the compressed splits).
         D2: tl.constexpr = D // 2
-        pid_s = tl.program_id(0)
+        pid_s = tl.program_id(0) + S_BASE
         pid_bh = tl.program_id(1)
         b = pid_bh // Hkv
         h = pid_bh % Hkv
@@ -397,6 +398,7 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int = 1,
     programs_per_sm: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Decode attention of one query token over a packed TurboQuant-mse KV store + residual window.
 
@@ -411,6 +413,10 @@ def decode_attention(
         block_n, num_warps, programs_per_sm: launch configuration (default: measured on H100 --
             few KV heads in flight (B·H_kv < 16): 128 tokens a block, 8 warps, 2 programs/SM;
             else 64 tokens, 4 warps, 3 programs/SM). num_splits overrides the split count.
+        backend: "triton" (every supported shape), "cuda" (the tensor-core register-LUT kernel of
+            :mod:`turboquant.kernels.cuda_decode`: head_dim 256, G <= 8; raises where it does not
+            apply) or "auto" (cuda where it applies, else triton). The residual window and the
+            combine step run in Triton either way.
     Returns:
         [B, 1, H_q, d] in the query's dtype.
     """
@@ -438,7 +444,22 @@ def decode_attention(
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     dev = query.device
     qk_scale = float(scaling) * LOG2E
+    if backend not in ("auto", "triton", "cuda"):
+        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
+    use_cuda = False
+    if backend != "triton" and length > 0:
+        from turboquant.kernels import cuda_decode
+
+        use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes) and \
+            k_codes.shape[-1] == v_codes.shape[-1] and k_norms.stride(2) == 1 and v_norms.stride(2) == 1
+        if backend == "cuda" and not use_cuda:
+            raise ValueError(
+                f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
+                f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={d}, G={G}, "
+                f"bits={k_tables.bits}/{v_tables.bits}, device={dev}: use backend='triton' or 'auto'")
     few = B * Hkv < 16
+    if use_cuda:  # 4 warps x 16-token tiles a CTA step
+        block_n, programs_per_sm = 64, programs_per_sm or 2
     block_n = block_n or (128 if few else 64)
     num_warps = num_warps or (8 if few else 4)
     programs_per_sm = programs_per_sm or (2 if few else 3)
@@ -468,23 +489,28 @@ def decode_attention(
     rv = residual_v if R else query
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-    LAST_LAUNCH["partial"] = _decode_partial_kernel[(S, B * Hkv)](
-        query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
-        m_part, l_part, acc_part,
-        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale,
-        query.stride(0), query.stride(1),
-        kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
-        vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
-        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
-        KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-        VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
-        BLOCK_N=block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
-        RES_IEEE=bool(R) and rk.dtype == torch.float32,
-        K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
-        K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if use_cuda:
+        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables,
+                                   v_tables, qk_scale, m_part, l_part, acc_part)
+    if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
+        s_base = S_C if use_cuda else 0
+        LAST_LAUNCH["partial"] = _decode_partial_kernel[(S - s_base, B * Hkv)](
+            query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
+            m_part, l_part, acc_part,
+            length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, s_base,
+            query.stride(0), query.stride(1),
+            kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
+            vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
+            rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+            G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
+            KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
+            VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
+            BLOCK_N=block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
+            RES_IEEE=bool(R) and rk.dtype == torch.float32,
+            K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
+            K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
+            num_warps=num_warps, num_stages=num_stages,
+        )
     _decode_combine_kernel[(B * Hq,)](
         m_part, l_part, acc_part, v_tables.signs, out,
         S_C, S, Hq, out.stride(0), out.stride(2),

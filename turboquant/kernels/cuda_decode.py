@@ -1,0 +1,473 @@
+"""Split-K decode attention over packed TurboQuant-mse codes in CUDA C++ (tensor cores, register LUT).
+
+The Triton kernel (:mod:`turboquant.kernels.decode_attention`) spends most of its time turning
+codes into float16 centroids: one L1 gather a code pair and a shared-memory round trip to reach
+the tensor-core operand layout. This kernel decodes codes *directly in the registers that feed*
+``mma.sync.m16n8k16``, so neither happens:
+
+* keys are the A operand (16 tokens x 16 positions), the G <= 8 query heads of a KV group the B
+  operand (``n = 8``): ``s[t, h] = (Σ_j q_rot[h, j] c[idx_tj]) · ||k_t||``;
+* each thread owns whole 32-bit plane words (32 coordinates of one token), so its codes never leave
+  it: SWAR gathers bit ``j`` of codes ``4k + I`` into nibble ``k`` (2 integer ops a plane per 8
+  codes), and ``prmt`` looks up the low and the high byte of four float16 centroids at once from
+  an 8-entry table held in two registers; 4-bit codes use the codebook's symmetry
+  ``c[r] = -c[15 - r]`` (3-bit magnitude index + sign, checked at table build);
+* the positions the MMA sees are a fixed permutation of the rotated coordinates; the query is
+  loaded in the same permutation, so ``q·k`` is unchanged;
+* probabilities go C layout -> B operand with ``movmatrix`` (no shared memory), and values reuse
+  the key decoder plus four ``movmatrix`` transposes a 16 x 16 tile to become the A operand of
+  ``acc^T[pos, h] += V^T[pos, t] · P^T[t, h]`` (rotated value domain);
+* packed rows stream global -> shared with ``cp.async`` (``STAGES``-deep pipeline a warp);
+* online softmax in log2 units a warp, warps merged through shared memory, one float32 partial
+  ``(m, l, acc)`` a CTA, written in the position order of the Triton combine kernel, which merges
+  the splits, adds the residual window (Triton partial programs) and un-rotates once a head.
+
+Compiled at first use with NVRTC (``torch.cuda._compile_kernel``; no nvcc needed). Supports
+head_dim 256 (the Qwen3.6 full-attention shape), segment widths 1-4 bits (so 1.5 ... 4.0 bits),
+G <= 8 query heads a KV head; :func:`supports` says whether a call qualifies, and
+``decode_attention(..., backend="auto")`` falls back to the Triton kernel otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from turboquant.kernels._common import KernelTables
+
+CUDA_HEAD_DIMS = (256,)
+WARPS = 4
+TILE = 16
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define D 256
+#define D2 128
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+  u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s)); return d;
+}
+__device__ __forceinline__ u32 movt(u32 a) {
+  u32 d; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a)); return d;
+}
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+  u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+__device__ __forceinline__ float h2f(u16 h) {
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ float ex2(float x) {
+  float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
+}
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int nbytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(nbytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+
+__device__ __forceinline__ float load_q(const void* q, long i) {
+#if Q_KIND == 0
+  return ((const float*)q)[i];
+#elif Q_KIND == 1
+  return h2f(((const u16*)q)[i]);
+#else
+  return __uint_as_float(((u32)((const u16*)q)[i]) << 16);
+#endif
+}
+
+// Rotated coordinate held at MMA k-position `pos` (0..15) of k-tile `t` (0..15); see module doc.
+// Thread r (= lane % 4) owns plane word r (coordinates 32r..32r+31) of both segments; the
+// decoder's half2 number h holds coordinates (h>>2) + 8(h&3) + {0, 4}; tile t uses h = 2(t%8)
+// (k-positions 2r, 2r+1) and 2(t%8)+1 (k-positions 2r+8, 2r+9).
+__device__ __forceinline__ int coord_of(int t, int pos) {
+  int seg = t >> 3, tl = t & 7, hi = pos >> 3, rr = (pos & 7) >> 1, e = pos & 1;
+  int h = 2 * tl + hi;
+  return seg * D2 + 32 * rr + (h >> 2) + 8 * (h & 3) + 4 * e;
+}
+
+// 32 codes of one token (one word a plane) -> 16 half2 centroids. tab = {lo0, lo1, hi0, hi1}:
+// low / high bytes of the float16 centroids of entries 0..7 (BITS <= 3) or of c[8..15] (BITS == 4).
+template <int BITS>
+__device__ __forceinline__ void decode32(const u32* P, const u32* tab, u32* H) {
+#pragma unroll
+  for (int I = 0; I < 4; ++I) {
+    u32 x = 0;
+#pragma unroll
+    for (int j = 0; j < (BITS < 4 ? BITS : 3); ++j) {
+      u32 w = (j >= I) ? (P[j] << (j - I)) : (P[j] >> (I - j));
+      x |= w & (0x11111111u << j);
+    }
+    u32 sel = x, sg0 = 0, sg1 = 0;
+    if (BITS == 4) {
+      u32 y = (P[3] >> I) & 0x11111111u;            // top bit h of each code, at nibble bit 0
+      sel = x ^ ((y ^ 0x11111111u) * 7u);            // h ? r : 7 - r  (index into c[8..15])
+      u32 raw = x + (y << 3);                        // nibble = 8h + r
+      u32 s0 = prmt(0x80808080u, 0x80808080u, raw);  // byte: 0x80 if h == 0, 0xFF if h == 1
+      u32 s1 = prmt(0x80808080u, 0x80808080u, raw >> 16);
+      sg0 = ~(s0 << 1) & 0x80808080u;                 // float16 sign bit where h == 0
+      sg1 = ~(s1 << 1) & 0x80808080u;
+    }
+    u32 s16 = sel >> 16;
+    u32 l0 = prmt(tab[0], tab[1], sel), h0 = prmt(tab[2], tab[3], sel) | sg0;
+    u32 l1 = prmt(tab[0], tab[1], s16), h1 = prmt(tab[2], tab[3], s16) | sg1;
+    H[4 * I + 0] = prmt(l0, h0, 0x5140);
+    H[4 * I + 1] = prmt(l0, h0, 0x7362);
+    H[4 * I + 2] = prmt(l1, h1, 0x5140);
+    H[4 * I + 3] = prmt(l1, h1, 0x7362);
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ void load_planes(const u8* row, int base, int stride, int r, u32* P) {
+#pragma unroll
+  for (int j = 0; j < BITS; ++j) P[j] = *(const u32*)(row + base + j * stride + 4 * r);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
+                  const u8* __restrict__ kc, const u16* __restrict__ kn,
+                  const u8* __restrict__ vc, const u16* __restrict__ vn,
+                  const u32* __restrict__ tabs, const int* __restrict__ dst,
+                  float* __restrict__ m_part, float* __restrict__ l_part, float* __restrict__ acc_part,
+                  int length, int chunk, int S, int Hkv, double qk_scale_d,
+                  int sq_b, int sq_h, int skc_b, int skc_h, int skn_b, int skn_h,
+                  int svc_b, int svc_h, int svn_b, int svn_h) {
+  extern __shared__ __align__(16) u8 smem[];
+  float* qs = (float*)smem;                                     // [G][D] rotated, scaled queries
+  u8* stage = smem + G * D * 4;                                 // [WARPS][STAGES][2][TILE * NB]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, r = lane & 3;
+  const int s_idx = blockIdx.x, bh = blockIdx.y, b = bh / Hkv, h = bh % Hkv;
+  const int start = s_idx * chunk;
+  const int end = min(start + chunk, length);
+  const float qk_scale = (float)qk_scale_d;
+
+  // ---- query: s ∘ q, FWHT, scale (Π q · scaling · log2 e) -------------------------------------
+  for (int i = tid; i < G * D; i += WARPS * 32) {
+    int gi = i / D, c = i % D;
+    qs[i] = load_q(q, (long)b * sq_b + (long)(h * G + gi) * sq_h + c) * ksign[c];
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int L = 1; L < D; L <<= 1) {
+    for (int u = tid; u < G * D2; u += WARPS * 32) {
+      int gi = u / D2, v = u % D2;
+      int a = (v / L) * 2 * L + (v % L);
+      float x = qs[gi * D + a], y = qs[gi * D + a + L];
+      qs[gi * D + a] = x + y;
+      qs[gi * D + a + L] = x - y;
+    }
+    __syncthreads();
+  }
+  const float qmul = qk_scale * rsqrtf((float)D);
+  u32 qf[16][2];
+#pragma unroll
+  for (int t = 0; t < 16; ++t) {
+    if (g < G) {
+      const float* qg = qs + g * D;
+      qf[t][0] = pack_h2(qg[coord_of(t, 2 * r)] * qmul, qg[coord_of(t, 2 * r + 1)] * qmul);
+      qf[t][1] = pack_h2(qg[coord_of(t, 2 * r + 8)] * qmul, qg[coord_of(t, 2 * r + 9)] * qmul);
+    } else {
+      qf[t][0] = 0u; qf[t][1] = 0u;
+    }
+  }
+  u32 ktab[2][4], vtab[2][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ktab[0][i] = tabs[i]; ktab[1][i] = tabs[4 + i]; vtab[0][i] = tabs[8 + i]; vtab[1][i] = tabs[12 + i];
+  }
+
+  // ---- stream this warp's 16-token tiles ------------------------------------------------------
+  const u8* kbase = kc + (long long)b * skc_b + (long long)h * skc_h;
+  const u8* vbase = vc + (long long)b * svc_b + (long long)h * svc_h;
+  const u16* knb = kn + (long long)b * skn_b + (long long)h * skn_h;
+  const u16* vnb = vn + (long long)b * svn_b + (long long)h * svn_h;
+  const int ntiles = (end - start + TILE - 1) / TILE;
+  const int nmy = ntiles > warp ? (ntiles - warp + WARPS - 1) / WARPS : 0;
+  u8* wstage = stage + warp * (STAGES * 2 * TILE * NB);
+  u32 wstage_s;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(wstage_s) : "l"(wstage));
+
+  auto issue = [&](int k) {
+    if (k < nmy) {
+      const int n0 = start + (warp + k * WARPS) * TILE;
+      const long long valid = (long long)(end - n0) * NB;       // bytes of real rows in this tile
+      const u8* ksrc = kbase + (long long)n0 * NB;
+      const u8* vsrc = vbase + (long long)n0 * NB;
+      const u32 kd = wstage_s + (k % STAGES) * (2 * TILE * NB);
+      const u32 vd = kd + TILE * NB;
+      for (int c = lane; c < TILE * NB / 16; c += 32) {
+        long long rem = valid - 16LL * c;
+        int nb = rem >= 16 ? 16 : (rem > 0 ? (int)rem : 0);
+        cp_async16(kd + 16 * c, nb ? (const void*)(ksrc + 16 * c) : (const void*)kbase, nb);
+        cp_async16(vd + 16 * c, nb ? (const void*)(vsrc + 16 * c) : (const void*)vbase, nb);
+      }
+    }
+    cp_commit();
+  };
+
+  float m0 = -TQ_INF, m1 = -TQ_INF, l0 = 0.f, l1 = 0.f;
+  float acc[16][4];
+#pragma unroll
+  for (int t = 0; t < 16; ++t) { acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f; }
+
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) issue(k);
+#pragma unroll 1
+  for (int k = 0; k < nmy; ++k) {
+    issue(k + STAGES - 1);
+    cp_wait<STAGES - 1>();
+    __syncwarp();
+    const int n0 = start + (warp + k * WARPS) * TILE;
+    const u8* kt = wstage + (k % STAGES) * (2 * TILE * NB);
+    const u8* vt = kt + TILE * NB;
+    const u8* krow0 = kt + g * NB;
+    const u8* krow1 = kt + (g + 8) * NB;
+
+    // scores: s[0..1] token g heads 2r, 2r+1; s[2..3] token g+8
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    {
+      u32 P0[4], P1[4], H0[16], H1[16];
+      load_planes<KBA>(krow0, KPA, KSA, r, P0);
+      load_planes<KBA>(krow1, KPA, KSA, r, P1);
+      decode32<KBA>(P0, ktab[0], H0);
+      decode32<KBA>(P1, ktab[0], H1);
+#pragma unroll
+      for (int tl = 0; tl < 8; ++tl) mma16816(s, H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], qf[tl][0], qf[tl][1]);
+      load_planes<KBB>(krow0, KPB, KSB, r, P0);
+      load_planes<KBB>(krow1, KPB, KSB, r, P1);
+      decode32<KBB>(P0, ktab[1], H0);
+      decode32<KBB>(P1, ktab[1], H1);
+#pragma unroll
+      for (int tl = 0; tl < 8; ++tl) mma16816(s, H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], qf[8 + tl][0], qf[8 + tl][1]);
+    }
+    const int t0 = n0 + g, t1 = n0 + g + 8;
+    const float kn0 = t0 < end ? h2f(knb[t0]) : 0.f, kn1 = t1 < end ? h2f(knb[t1]) : 0.f;
+    s[0] = t0 < end ? s[0] * kn0 : -TQ_INF;
+    s[1] = t0 < end ? s[1] * kn0 : -TQ_INF;
+    s[2] = t1 < end ? s[2] * kn1 : -TQ_INF;
+    s[3] = t1 < end ? s[3] * kn1 : -TQ_INF;
+    float x0 = fmaxf(s[0], s[2]), x1 = fmaxf(s[1], s[3]);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, o));
+      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, o));
+    }
+    const float mn0 = fmaxf(m0, x0), mn1 = fmaxf(m1, x1);
+    const float a0 = ex2(m0 - mn0), a1 = ex2(m1 - mn1);
+    m0 = mn0; m1 = mn1;
+    const float p0 = ex2(s[0] - mn0), p1 = ex2(s[1] - mn1), p2 = ex2(s[2] - mn0), p3 = ex2(s[3] - mn1);
+    l0 = l0 * a0 + p0 + p2;
+    l1 = l1 * a1 + p1 + p3;
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+      for (int t = 0; t < 16; ++t) { acc[t][0] *= a0; acc[t][1] *= a1; acc[t][2] *= a0; acc[t][3] *= a1; }
+    }
+    const float vn0 = t0 < end ? h2f(vnb[t0]) : 0.f, vn1 = t1 < end ? h2f(vnb[t1]) : 0.f;
+    const u32 pb0 = movt(pack_h2(p0 * vn0, p1 * vn0));   // B operand: tokens 2r, 2r+1 of head g
+    const u32 pb1 = movt(pack_h2(p2 * vn1, p3 * vn1));   // tokens 2r+8, 2r+9
+    {
+      const u8* vrow0 = vt + g * NB;
+      const u8* vrow1 = vt + (g + 8) * NB;
+      u32 P0[4], P1[4], H0[16], H1[16];
+      load_planes<VBA>(vrow0, VPA, VSA, r, P0);
+      load_planes<VBA>(vrow1, VPA, VSA, r, P1);
+      decode32<VBA>(P0, vtab[0], H0);
+      decode32<VBA>(P1, vtab[0], H1);
+#pragma unroll
+      for (int tl = 0; tl < 8; ++tl)
+        mma16816(acc[tl], movt(H0[2 * tl]), movt(H0[2 * tl + 1]), movt(H1[2 * tl]), movt(H1[2 * tl + 1]), pb0, pb1);
+      load_planes<VBB>(vrow0, VPB, VSB, r, P0);
+      load_planes<VBB>(vrow1, VPB, VSB, r, P1);
+      decode32<VBB>(P0, vtab[1], H0);
+      decode32<VBB>(P1, vtab[1], H1);
+#pragma unroll
+      for (int tl = 0; tl < 8; ++tl)
+        mma16816(acc[8 + tl], movt(H0[2 * tl]), movt(H0[2 * tl + 1]), movt(H1[2 * tl]), movt(H1[2 * tl + 1]), pb0, pb1);
+    }
+    __syncwarp();
+  }
+  cp_wait<0>();
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+  }
+
+  // ---- merge the warps in shared memory, write one partial a CTA ------------------------------
+  __syncthreads();
+  float* wm = (float*)stage;                  // [WARPS][8]
+  float* wl = wm + WARPS * 8;                 // [WARPS][8]
+  float* wacc = wl + WARPS * 8;               // [WARPS][8][D] (rotated coordinate order)
+  if (g == 0) {
+    wm[warp * 8 + 2 * r] = m0; wm[warp * 8 + 2 * r + 1] = m1;
+    wl[warp * 8 + 2 * r] = l0; wl[warp * 8 + 2 * r + 1] = l1;
+  }
+  __syncthreads();
+  float M0 = -TQ_INF, M1 = -TQ_INF;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) { M0 = fmaxf(M0, wm[w * 8 + 2 * r]); M1 = fmaxf(M1, wm[w * 8 + 2 * r + 1]); }
+  const float f0 = m0 == -TQ_INF ? 0.f : ex2(m0 - M0), f1 = m1 == -TQ_INF ? 0.f : ex2(m1 - M1);
+  float* mine = wacc + warp * 8 * D;
+#pragma unroll
+  for (int t = 0; t < 16; ++t) {
+    const int c0 = coord_of(t, g), c1 = coord_of(t, g + 8);   // rows g / g+8 of the V^T tile
+    mine[(2 * r) * D + c0] = acc[t][0] * f0;
+    mine[(2 * r + 1) * D + c0] = acc[t][1] * f1;
+    mine[(2 * r) * D + c1] = acc[t][2] * f0;
+    mine[(2 * r + 1) * D + c1] = acc[t][3] * f1;
+  }
+  __syncthreads();
+  const long long part0 = ((long long)bh * S + s_idx) * G;
+  for (int i = tid; i < G * D; i += WARPS * 32) {
+    const int hi = i / D, c = i % D;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) v += wacc[(w * 8 + hi) * D + c];
+    acc_part[(part0 + hi) * D + dst[c]] = v;
+  }
+  if (tid < G) {
+    float M = -TQ_INF, L = 0.f;
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, wm[w * 8 + tid]);
+    for (int w = 0; w < WARPS; ++w) {
+      const float mw = wm[w * 8 + tid];
+      if (mw != -TQ_INF) L += wl[w * 8 + tid] * ex2(mw - M);
+    }
+    m_part[part0 + tid] = M;
+    l_part[part0 + tid] = L;
+  }
+}
+"""
+
+_KERNELS: dict = {}
+_TABLES: dict = {}
+
+
+def supports(d: int, G: int, k_tables: KernelTables, v_tables: KernelTables, k_codes: torch.Tensor,
+             v_codes: torch.Tensor) -> bool:
+    """Whether the CUDA kernel handles this call (else the Triton kernel does)."""
+    if d not in CUDA_HEAD_DIMS or not 1 <= G <= 8 or k_codes.device.type != "cuda":
+        return False
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    for t in (k_tables, v_tables):
+        if any(not 1 <= nb <= 4 for nb, _, _ in t.seg):
+            return False
+        if _tables_of(t) is None:
+            return False
+    for c in (k_codes, v_codes):
+        if c.stride(-1) != 1 or c.stride(2) != c.shape[-1] or c.data_ptr() % 16 or c.shape[-1] % 16 \
+                or any((s * c.element_size()) % 16 for s in c.stride()[:2]):
+            return False
+    return True
+
+
+def _tables_of(t: KernelTables):
+    """uint32 ``[2 segments][lo0, lo1, hi0, hi1]`` byte tables (CPU), or None when a 4-bit
+    codebook is not symmetric in float16 (the kernel needs ``c[r] = -c[15 - r]``)."""
+    key = id(t)
+    if key in _TABLES:
+        return _TABLES[key][1]
+    out = []
+    for s, (nb, _, _) in enumerate(t.seg):
+        c = t.centroids[s, : 2**nb].detach().cpu().to(torch.float16)
+        if nb == 4:
+            if not torch.equal(c[:8], -c.flip(0)[:8]):
+                _TABLES[key] = (t, None)
+                return None
+            ent = c[8:]
+        else:
+            ent = torch.cat([c, torch.zeros(8 - c.numel(), dtype=torch.float16)])
+        bits = ent.view(torch.int16).to(torch.int32) & 0xFFFF
+        lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
+        word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24  # noqa: E731
+        out.append([word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])])
+    _TABLES[key] = (t, out)  # keep t alive so id() stays unique
+    return out
+
+
+def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int):
+    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
+    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
+    key = (G, k_tables.seg, v_tables.seg, q_kind, nb, stages)
+    if key not in _KERNELS:
+        defs = dict(G=G, NB=nb, STAGES=stages, WARPS=WARPS, TILE=TILE, Q_KIND=q_kind,
+                    KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
+                    VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb)
+        src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" + _SOURCE
+        kern = torch.cuda._compile_kernel(src, "tq_decode_partial", nvcc_options=["-std=c++17"])
+        smem = G * 256 * 4 + max(WARPS * stages * 2 * TILE * nb, (WARPS * 8 * 2 + WARPS * 8 * 256) * 4)
+        if smem >= 48 * 1024:
+            kern.set_shared_memory_config(smem)
+        _KERNELS[key] = (kern, smem)
+    return _KERNELS[key]
+
+
+def _dst_index(d: int, device: torch.device) -> torch.Tensor:
+    """int32 [d]: where the Triton combine kernel expects rotated coordinate j (its position order
+    holds coordinate ``nat[k]`` at position k, ``decode_attention._natural``)."""
+    key = ("dst", d, str(device))
+    if key not in _TABLES:
+        d2 = d // 2
+        k = torch.arange(d)
+        p = k % d2
+        nat = (k // d2) * d2 + 32 * (p // 32) + 8 * (2 * ((p // 2) % 2) + (p // 4) % 2) + 2 * ((p // 8) % 2) \
+            + (p // 16) % 2 + 4 * (p % 2)
+        _TABLES[key] = torch.argsort(nat).to(device=device, dtype=torch.int32)
+    return _TABLES[key]
+
+
+def _tables_tensor(k_tables: KernelTables, v_tables: KernelTables, device: torch.device) -> torch.Tensor:
+    key = ("tabs", id(k_tables), id(v_tables), str(device))
+    if key not in _TABLES:
+        vals = [w for seg in _tables_of(k_tables) for w in seg] + [w for seg in _tables_of(v_tables) for w in seg]
+        t = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in vals], dtype=torch.int32)
+        _TABLES[key] = (k_tables, v_tables, t.to(device))
+    return _TABLES[key][2]
+
+
+def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables, v_tables,
+                   qk_scale: float, m_part, l_part, acc_part, stages: int = 2) -> None:
+    """Compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``)."""
+    B, Hq, _, d = query.shape
+    Hkv = k_codes.shape[1]
+    G = Hq // Hkv
+    if k_codes.shape[-1] != v_codes.shape[-1]:
+        raise ValueError("the CUDA kernel needs K and V codes of one width (use backend='triton')")
+    q_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query.dtype]
+    kern, smem = _kernel(G, k_tables, v_tables, q_kind, k_codes.shape[-1], stages)
+    tabs = _tables_tensor(k_tables, v_tables, query.device)
+    dst = _dst_index(d, query.device)
+    kern(grid=(S_C, B * Hkv, 1), block=(WARPS * 32, 1, 1), shared_mem=smem, args=[
+        query, k_tables.signs, k_codes, k_norms, v_codes, v_norms, tabs, dst, m_part, l_part, acc_part,
+        int(length), int(chunk), int(S), int(Hkv), float(qk_scale),
+        int(query.stride(0)), int(query.stride(1)),
+        int(k_codes.stride(0)), int(k_codes.stride(1)), int(k_norms.stride(0)), int(k_norms.stride(1)),
+        int(v_codes.stride(0)), int(v_codes.stride(1)), int(v_norms.stride(0)), int(v_norms.stride(1)),
+    ])
+
+
+def kernel_info() -> list[dict]:
+    """Registers and local (spill) bytes a thread of every compiled variant (cuFuncGetAttribute)."""
+    import ctypes
+
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    out = []
+    for key, (kern, smem) in _KERNELS.items():
+        vals = {}
+        for name, attr in (("regs", 4), ("local_bytes", 3), ("max_threads", 0)):
+            v = ctypes.c_int()
+            lib.cuFuncGetAttribute(ctypes.byref(v), attr, kern.func)
+            vals[name] = v.value
+        out.append({"G": key[0], "k_seg": key[1], "v_seg": key[2], "smem": smem, **vals})
+    return out
+
+
+__all__ = ["supports", "launch_partial", "kernel_info", "CUDA_HEAD_DIMS"]
