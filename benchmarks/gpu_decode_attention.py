@@ -109,9 +109,18 @@ def main() -> None:
 
                 for cfg, backend in [(c, be) for be in args.backends.split(",") for c in args.configs.split(",")]:
                     if cfg == "auto":
+                        if backend == "cuda":
+                            from turboquant.kernels import cuda_decode
+
+                            cuda_decode.TUNING.update(cuda_decode.DEFAULT_TUNING)
                         kw = {"backend": backend}
-                    elif backend == "cuda":  # programs per SM only
-                        kw = {"backend": backend, "programs_per_sm": int(cfg.split(":")[-1])}
+                    elif backend == "cuda":  # programs_per_sm:stages:min_blocks:chains:qf_smem:warps
+                        from turboquant.kernels import cuda_decode
+
+                        pps, st, mb, ch, qs, wp = (int(x) for x in cfg.split(":"))
+                        cuda_decode.TUNING.update(stages=st, min_blocks=mb, programs_per_sm=pps, chains=ch, qf_smem=qs,
+                                                  warps=wp)
+                        kw = {"backend": backend}
                     else:
                         bn, nw, ns, pps = (int(x) for x in cfg.split(":"))
                         kw = dict(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps, backend=backend)

@@ -17,6 +17,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x8192,1x32768,8x32768")
     ap.add_argument("--bits", type=float, default=3.5)
     ap.add_argument("--config", default="64:4:1:2")
+    ap.add_argument("--backend", default="triton", help="decode_attention backend (triton | cuda | auto)")
+    ap.add_argument("--no-profiler", action="store_true", help="just run the calls (for ncu)")
     args = ap.parse_args()
     from turboquant.kernels import KernelTables, decode_attention, quantize_pack
     from turboquant.quantizer import TurboQuantMSE
@@ -34,12 +36,16 @@ def main() -> None:
         rv = torch.randn(B, 4, 128, 256, device=dev, dtype=torch.bfloat16)
 
         def f():
+            if args.backend != "triton":
+                return decode_attention(q, kc, kn, vc, vn, N, kt, vt, 1 / math.sqrt(256), rk, rv, backend=args.backend)
             return decode_attention(q, kc, kn, vc, vn, N, kt, vt, 1 / math.sqrt(256), rk, rv,
                                     block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
 
         for _ in range(5):
             f()
         torch.cuda.synchronize()
+        if args.no_profiler:
+            continue
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 f()

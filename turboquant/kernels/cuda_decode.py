@@ -35,7 +35,6 @@ import torch
 from turboquant.kernels._common import KernelTables
 
 CUDA_HEAD_DIMS = (256,)
-WARPS = 4
 TILE = 16
 
 _SOURCE = r"""
@@ -98,25 +97,28 @@ template <int BITS>
 __device__ __forceinline__ void decode32(const u32* P, const u32* tab, u32* H) {
 #pragma unroll
   for (int I = 0; I < 4; ++I) {
-    u32 x = 0;
+    u32 x = P[0] >> I & 0x11111111u;
 #pragma unroll
-    for (int j = 0; j < (BITS < 4 ? BITS : 3); ++j) {
+    for (int j = 1; j < (BITS < 4 ? BITS : 3); ++j) {
       u32 w = (j >= I) ? (P[j] << (j - I)) : (P[j] >> (I - j));
       x |= w & (0x11111111u << j);
     }
-    u32 sel = x, sg0 = 0, sg1 = 0;
+    u32 sel = x;
     if (BITS == 4) {
-      u32 y = (P[3] >> I) & 0x11111111u;            // top bit h of each code, at nibble bit 0
-      sel = x ^ ((y ^ 0x11111111u) * 7u);            // h ? r : 7 - r  (index into c[8..15])
-      u32 raw = x + (y << 3);                        // nibble = 8h + r
-      u32 s0 = prmt(0x80808080u, 0x80808080u, raw);  // byte: 0x80 if h == 0, 0xFF if h == 1
-      u32 s1 = prmt(0x80808080u, 0x80808080u, raw >> 16);
-      sg0 = ~(s0 << 1) & 0x80808080u;                 // float16 sign bit where h == 0
-      sg1 = ~(s1 << 1) & 0x80808080u;
+      const u32 y = (P[3] >> I) & 0x11111111u;      // top bit h of each code, at nibble bit 0
+      sel = x ^ (0x77777777u - 7u * y);              // h ? r : 7 - r  (index into c[8..15])
     }
-    u32 s16 = sel >> 16;
-    u32 l0 = prmt(tab[0], tab[1], sel), h0 = prmt(tab[2], tab[3], sel) | sg0;
-    u32 l1 = prmt(tab[0], tab[1], s16), h1 = prmt(tab[2], tab[3], s16) | sg1;
+    const u32 s16 = sel >> 16;
+    u32 l0 = prmt(tab[0], tab[1], sel), h0 = prmt(tab[2], tab[3], sel);
+    u32 l1 = prmt(tab[0], tab[1], s16), h1 = prmt(tab[2], tab[3], s16);
+    if (BITS == 4) {  // float16 sign bit where h == 0 (c[r] = -c[15 - r])
+      const u32 y = (P[3] >> I) & 0x11111111u;
+      const u32 raw = x + (y << 3);                  // nibble = 8h + r
+      const u32 t0 = prmt(0x80808080u, 0x80808080u, raw) << 1;        // byte bit 7 = h
+      const u32 t1 = prmt(0x80808080u, 0x80808080u, raw >> 16) << 1;
+      h0 |= ~t0 & 0x80808080u;
+      h1 |= ~t1 & 0x80808080u;
+    }
     H[4 * I + 0] = prmt(l0, h0, 0x5140);
     H[4 * I + 1] = prmt(l0, h0, 0x7362);
     H[4 * I + 2] = prmt(l1, h1, 0x5140);
@@ -130,7 +132,7 @@ __device__ __forceinline__ void load_planes(const u8* row, int base, int stride,
   for (int j = 0; j < BITS; ++j) P[j] = *(const u32*)(row + base + j * stride + 4 * r);
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
                   const u8* __restrict__ kc, const u16* __restrict__ kn,
                   const u8* __restrict__ vc, const u16* __restrict__ vn,
@@ -141,7 +143,7 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
                   int svc_b, int svc_h, int svn_b, int svn_h) {
   extern __shared__ __align__(16) u8 smem[];
   float* qs = (float*)smem;                                     // [G][D] rotated, scaled queries
-  u8* stage = smem + G * D * 4;                                 // [WARPS][STAGES][2][TILE * NB]
+  u8* stage = smem + G * D * 4 + QF_SMEM * 4096;               // [WARPS][STAGES][2][TILE * NB]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, r = lane & 3;
   const int s_idx = blockIdx.x, bh = blockIdx.y, b = bh / Hkv, h = bh % Hkv;
@@ -155,11 +157,12 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
     qs[i] = load_q(q, (long)b * sq_b + (long)(h * G + gi) * sq_h + c) * ksign[c];
   }
   __syncthreads();
-#pragma unroll 1
-  for (int L = 1; L < D; L <<= 1) {
+#pragma unroll
+  for (int lg = 0; lg < 8; ++lg) {  // D = 2^8; butterflies (a, a + L), L = 2^lg, a's lg-bit clear
+    const int L = 1 << lg;
     for (int u = tid; u < G * D2; u += WARPS * 32) {
-      int gi = u / D2, v = u % D2;
-      int a = (v / L) * 2 * L + (v % L);
+      const int gi = u / D2, v = u % D2;
+      const int a = ((v >> lg) << (lg + 1)) | (v & (L - 1));
       float x = qs[gi * D + a], y = qs[gi * D + a + L];
       qs[gi * D + a] = x + y;
       qs[gi * D + a + L] = x - y;
@@ -167,6 +170,25 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
     __syncthreads();
   }
   const float qmul = qk_scale * rsqrtf((float)D);
+#if QF_SMEM
+  // query B fragments, the same for every warp: u32 [16 k-tiles][2][32 lanes] after the queries
+  u32* qfs = (u32*)(smem + G * D * 4);
+  if (warp == 0) {
+#pragma unroll
+    for (int t = 0; t < 16; ++t) {
+      u32 f0 = 0u, f1 = 0u;
+      if (g < G) {
+        const float* qg = qs + g * D;
+        f0 = pack_h2(qg[coord_of(t, 2 * r)] * qmul, qg[coord_of(t, 2 * r + 1)] * qmul);
+        f1 = pack_h2(qg[coord_of(t, 2 * r + 8)] * qmul, qg[coord_of(t, 2 * r + 9)] * qmul);
+      }
+      qfs[(2 * t) * 32 + lane] = f0;
+      qfs[(2 * t + 1) * 32 + lane] = f1;
+    }
+  }
+  __syncthreads();
+#define QF(t, i) qfs[(2 * (t) + (i)) * 32 + lane]
+#else
   u32 qf[16][2];
 #pragma unroll
   for (int t = 0; t < 16; ++t) {
@@ -178,6 +200,8 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
       qf[t][0] = 0u; qf[t][1] = 0u;
     }
   }
+#define QF(t, i) qf[t][i]
+#endif
   u32 ktab[2][4], vtab[2][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -203,11 +227,19 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
       const u8* vsrc = vbase + (long long)n0 * NB;
       const u32 kd = wstage_s + (k % STAGES) * (2 * TILE * NB);
       const u32 vd = kd + TILE * NB;
-      for (int c = lane; c < TILE * NB / 16; c += 32) {
-        long long rem = valid - 16LL * c;
-        int nb = rem >= 16 ? 16 : (rem > 0 ? (int)rem : 0);
-        cp_async16(kd + 16 * c, nb ? (const void*)(ksrc + 16 * c) : (const void*)kbase, nb);
-        cp_async16(vd + 16 * c, nb ? (const void*)(vsrc + 16 * c) : (const void*)vbase, nb);
+      if (valid >= TILE * NB) {  // full tile: no bounds
+#pragma unroll
+        for (int c = lane; c < TILE * NB / 16; c += 32) {
+          cp_async16(kd + 16 * c, ksrc + 16 * c, 16);
+          cp_async16(vd + 16 * c, vsrc + 16 * c, 16);
+        }
+      } else {  // last tile: rows past `end` are zero-filled, never read from global memory
+        for (int c = lane; c < TILE * NB / 16; c += 32) {
+          long long rem = valid - 16LL * c;
+          int nb = rem >= 16 ? 16 : (rem > 0 ? (int)rem : 0);
+          cp_async16(kd + 16 * c, nb ? (const void*)(ksrc + 16 * c) : (const void*)kbase, nb);
+          cp_async16(vd + 16 * c, nb ? (const void*)(vsrc + 16 * c) : (const void*)vbase, nb);
+        }
       }
     }
     cp_commit();
@@ -218,11 +250,24 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
 #pragma unroll
   for (int t = 0; t < 16; ++t) { acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f; }
 
+  // norms of tokens g / g+8 of tile k, loaded one tile ahead (global latency off the critical path)
+  auto load_norms = [&](int k, u16* nrm) {
+    nrm[0] = nrm[1] = nrm[2] = nrm[3] = 0;
+    if (k < nmy) {
+      const int n0 = start + (warp + k * WARPS) * TILE, t0 = n0 + g, t1 = n0 + g + 8;
+      if (t0 < end) { nrm[0] = knb[t0]; nrm[2] = vnb[t0]; }
+      if (t1 < end) { nrm[1] = knb[t1]; nrm[3] = vnb[t1]; }
+    }
+  };
+  u16 cur[4];
+  load_norms(0, cur);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) issue(k);
 #pragma unroll 1
   for (int k = 0; k < nmy; ++k) {
     issue(k + STAGES - 1);
+    u16 nxt[4];
+    load_norms(k + 1, nxt);
     cp_wait<STAGES - 1>();
     __syncwarp();
     const int n0 = start + (warp + k * WARPS) * TILE;
@@ -231,25 +276,37 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
     const u8* krow0 = kt + g * NB;
     const u8* krow1 = kt + (g + 8) * NB;
 
-    // scores: s[0..1] token g heads 2r, 2r+1; s[2..3] token g+8
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    // scores: s[0..1] token g heads 2r, 2r+1; s[2..3] token g+8. CHAINS independent accumulator
+    // chains (k-tile % CHAINS) so consecutive MMAs need not wait on each other.
+    float s[4];
     {
+      float sc[CHAINS][4];
+#pragma unroll
+      for (int i = 0; i < CHAINS; ++i) { sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f; }
       u32 P0[4], P1[4], H0[16], H1[16];
       load_planes<KBA>(krow0, KPA, KSA, r, P0);
       load_planes<KBA>(krow1, KPA, KSA, r, P1);
       decode32<KBA>(P0, ktab[0], H0);
       decode32<KBA>(P1, ktab[0], H1);
 #pragma unroll
-      for (int tl = 0; tl < 8; ++tl) mma16816(s, H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], qf[tl][0], qf[tl][1]);
+      for (int tl = 0; tl < 8; ++tl)
+        mma16816(sc[tl % CHAINS], H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], QF(tl, 0), QF(tl, 1));
       load_planes<KBB>(krow0, KPB, KSB, r, P0);
       load_planes<KBB>(krow1, KPB, KSB, r, P1);
       decode32<KBB>(P0, ktab[1], H0);
       decode32<KBB>(P1, ktab[1], H1);
 #pragma unroll
-      for (int tl = 0; tl < 8; ++tl) mma16816(s, H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], qf[8 + tl][0], qf[8 + tl][1]);
+      for (int tl = 0; tl < 8; ++tl)
+        mma16816(sc[tl % CHAINS], H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], QF(8 + tl, 0), QF(8 + tl, 1));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[i] = sc[0][i];
+#pragma unroll
+        for (int c = 1; c < CHAINS; ++c) s[i] += sc[c][i];
+      }
     }
     const int t0 = n0 + g, t1 = n0 + g + 8;
-    const float kn0 = t0 < end ? h2f(knb[t0]) : 0.f, kn1 = t1 < end ? h2f(knb[t1]) : 0.f;
+    const float kn0 = h2f(cur[0]), kn1 = h2f(cur[1]);
     s[0] = t0 < end ? s[0] * kn0 : -TQ_INF;
     s[1] = t0 < end ? s[1] * kn0 : -TQ_INF;
     s[2] = t1 < end ? s[2] * kn1 : -TQ_INF;
@@ -270,7 +327,7 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
 #pragma unroll
       for (int t = 0; t < 16; ++t) { acc[t][0] *= a0; acc[t][1] *= a1; acc[t][2] *= a0; acc[t][3] *= a1; }
     }
-    const float vn0 = t0 < end ? h2f(vnb[t0]) : 0.f, vn1 = t1 < end ? h2f(vnb[t1]) : 0.f;
+    const float vn0 = h2f(cur[2]), vn1 = h2f(cur[3]);
     const u32 pb0 = movt(pack_h2(p0 * vn0, p1 * vn0));   // B operand: tokens 2r, 2r+1 of head g
     const u32 pb1 = movt(pack_h2(p2 * vn1, p3 * vn1));   // tokens 2r+8, 2r+9
     {
@@ -292,6 +349,8 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
       for (int tl = 0; tl < 8; ++tl)
         mma16816(acc[8 + tl], movt(H0[2 * tl]), movt(H0[2 * tl + 1]), movt(H1[2 * tl]), movt(H1[2 * tl + 1]), pb0, pb1);
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
     __syncwarp();
   }
   cp_wait<0>();
@@ -347,6 +406,21 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
 """
 
 _KERNELS: dict = {}
+# launch tuning (benchmarks sweep it): cp.async stages a warp, minimum resident CTAs an SM
+# (__launch_bounds__; caps registers), CTAs per SM the split count aims at
+# None = by load, measured on H100: few KV heads in flight (B·H_kv < 16) -> one 16-warp CTA an SM
+# (fewer, longer splits: a cheaper combine); else 4-warp CTAs, 4 an SM (128 registers a thread).
+TUNING = {"stages": 2, "min_blocks": None, "programs_per_sm": None, "warps": None, "chains": 2, "qf_smem": 1}
+
+
+def launch_shape(few: bool) -> dict:
+    """Warps a CTA, resident CTAs an SM (register cap) and CTAs an SM the split count aims at."""
+    return {
+        "warps": TUNING["warps"] or (16 if few else 4),
+        "min_blocks": TUNING["min_blocks"] or (1 if few else 4),
+        "programs_per_sm": TUNING["programs_per_sm"] or (1 if few else 4),
+    }
+DEFAULT_TUNING = dict(TUNING)
 _TABLES: dict = {}
 
 
@@ -393,17 +467,18 @@ def _tables_of(t: KernelTables):
     return out
 
 
-def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int):
+def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int,
+            min_blocks: int, chains: int = 1, qf_smem: int = 0, warps: int = 4):
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-    key = (G, k_tables.seg, v_tables.seg, q_kind, nb, stages)
+    key = (G, k_tables.seg, v_tables.seg, q_kind, nb, stages, min_blocks, chains, qf_smem, warps)
     if key not in _KERNELS:
-        defs = dict(G=G, NB=nb, STAGES=stages, WARPS=WARPS, TILE=TILE, Q_KIND=q_kind,
+        defs = dict(G=G, NB=nb, STAGES=stages, MIN_BLOCKS=min_blocks, CHAINS=chains, QF_SMEM=qf_smem, WARPS=warps, TILE=TILE, Q_KIND=q_kind,
                     KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
                     VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb)
         src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" + _SOURCE
         kern = torch.cuda._compile_kernel(src, "tq_decode_partial", nvcc_options=["-std=c++17"])
-        smem = G * 256 * 4 + max(WARPS * stages * 2 * TILE * nb, (WARPS * 8 * 2 + WARPS * 8 * 256) * 4)
+        smem = G * 256 * 4 + 4096 * qf_smem + max(warps * stages * 2 * TILE * nb, (warps * 8 * 2 + warps * 8 * 256) * 4)
         if smem >= 48 * 1024:
             kern.set_shared_memory_config(smem)
         _KERNELS[key] = (kern, smem)
@@ -434,7 +509,7 @@ def _tables_tensor(k_tables: KernelTables, v_tables: KernelTables, device: torch
 
 
 def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables, v_tables,
-                   qk_scale: float, m_part, l_part, acc_part, stages: int = 2) -> None:
+                   qk_scale: float, m_part, l_part, acc_part, few: bool = False) -> None:
     """Compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``)."""
     B, Hq, _, d = query.shape
     Hkv = k_codes.shape[1]
@@ -442,10 +517,12 @@ def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C
     if k_codes.shape[-1] != v_codes.shape[-1]:
         raise ValueError("the CUDA kernel needs K and V codes of one width (use backend='triton')")
     q_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query.dtype]
-    kern, smem = _kernel(G, k_tables, v_tables, q_kind, k_codes.shape[-1], stages)
+    shape = launch_shape(few)
+    kern, smem = _kernel(G, k_tables, v_tables, q_kind, k_codes.shape[-1], int(TUNING["stages"]),
+                         int(shape["min_blocks"]), int(TUNING["chains"]), int(TUNING["qf_smem"]), int(shape["warps"]))
     tabs = _tables_tensor(k_tables, v_tables, query.device)
     dst = _dst_index(d, query.device)
-    kern(grid=(S_C, B * Hkv, 1), block=(WARPS * 32, 1, 1), shared_mem=smem, args=[
+    kern(grid=(S_C, B * Hkv, 1), block=(shape["warps"] * 32, 1, 1), shared_mem=smem, args=[
         query, k_tables.signs, k_codes, k_norms, v_codes, v_norms, tabs, dst, m_part, l_part, acc_part,
         int(length), int(chunk), int(S), int(Hkv), float(qk_scale),
         int(query.stride(0)), int(query.stride(1)),
@@ -466,7 +543,9 @@ def kernel_info() -> list[dict]:
             v = ctypes.c_int()
             lib.cuFuncGetAttribute(ctypes.byref(v), attr, kern.func)
             vals[name] = v.value
-        out.append({"G": key[0], "k_seg": key[1], "v_seg": key[2], "smem": smem, **vals})
+        out.append({"G": key[0], "k_seg": key[1], "v_seg": key[2], "stages": key[5], "min_blocks": key[6],
+                    "chains": key[7], "qf_smem": key[8], "warps": key[9],
+                    "smem": smem, **vals})
     return out
 
 

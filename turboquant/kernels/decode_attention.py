@@ -26,6 +26,7 @@ Reads top to bottom: pure-torch reference, Triton kernels, wrapper.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 
 import torch
 
@@ -347,6 +348,13 @@ if HAS_TRITON:
 # wrapper
 # ------------------------------------------------------------------------------------------------
 _SM_COUNT: dict = {}
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 LAST_LAUNCH: dict = {}  # last compiled kernel handles (register / spill reports in benchmarks)
 
 
@@ -458,8 +466,10 @@ def decode_attention(
                 f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={d}, G={G}, "
                 f"bits={k_tables.bits}/{v_tables.bits}, device={dev}: use backend='triton' or 'auto'")
     few = B * Hkv < 16
-    if use_cuda:  # 4 warps x 16-token tiles a CTA step
-        block_n, programs_per_sm = 64, programs_per_sm or 2
+    if use_cuda:  # a CTA step = warps x 16-token tiles
+        shape = cuda_decode.launch_shape(few)
+        block_n = 16 * shape["warps"]
+        programs_per_sm = programs_per_sm or shape["programs_per_sm"]
     block_n = block_n or (128 if few else 64)
     num_warps = num_warps or (8 if few else 4)
     programs_per_sm = programs_per_sm or (2 if few else 3)
@@ -489,28 +499,36 @@ def decode_attention(
     rv = residual_v if R else query
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-    if use_cuda:
-        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables,
-                                   v_tables, qk_scale, m_part, l_part, acc_part)
+    side = None
+    if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
+        cur = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(cur)
     if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
         s_base = S_C if use_cuda else 0
-        LAST_LAUNCH["partial"] = _decode_partial_kernel[(S - s_base, B * Hkv)](
-            query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
-            m_part, l_part, acc_part,
-            length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, s_base,
-            query.stride(0), query.stride(1),
-            kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
-            vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
-            rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-            G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
-            KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-            VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
-            BLOCK_N=block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
-            RES_IEEE=bool(R) and rk.dtype == torch.float32,
-            K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
-            K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        with torch.cuda.stream(side) if side is not None else _nullcontext():
+            LAST_LAUNCH["partial"] = _decode_partial_kernel[(S - s_base, B * Hkv)](
+                query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
+                m_part, l_part, acc_part,
+                length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, s_base,
+                query.stride(0), query.stride(1),
+                kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
+                vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
+                rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+                G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
+                KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
+                VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
+                BLOCK_N=64 if use_cuda else block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
+                RES_IEEE=bool(R) and rk.dtype == torch.float32,
+                K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
+                K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
+                num_warps=num_warps, num_stages=num_stages,
+            )
+    if use_cuda:
+        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables,
+                                   v_tables, qk_scale, m_part, l_part, acc_part, few=few)
+    if side is not None:
+        cur.wait_stream(side)
     _decode_combine_kernel[(B * Hq,)](
         m_part, l_part, acc_part, v_tables.signs, out,
         S_C, S, Hq, out.stride(0), out.stride(2),

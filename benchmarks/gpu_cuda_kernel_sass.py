@@ -1,0 +1,51 @@
+"""Dump the SASS of the CUDA decode kernel (turboquant.kernels.cuda_decode) and an opcode histogram
+of its main loop, to see where the instructions go (needs a CUDA machine with cuobjdump).
+
+Usage: ``python benchmarks/gpu_cuda_kernel_sass.py --bits 3.5 --out-dir DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=float, default=3.5)
+    ap.add_argument("--few", action="store_true", help="the few-KV-heads variant (3 CTAs/SM)")
+    ap.add_argument("--out-dir", default=".")
+    args = ap.parse_args()
+    from torch.cuda._utils import _nvrtc_compile
+
+    from turboquant.kernels import KernelTables, cuda_decode
+    from turboquant.quantizer import TurboQuantMSE
+
+    t = KernelTables.from_quantizer(TurboQuantMSE(256, args.bits, seed=1), "cuda")
+    (kba, kpa, ksa), (kbb, kpb, ksb) = t.seg
+    tun = cuda_decode.TUNING
+    defs = dict(G=6, NB=t.code_nbytes, STAGES=tun["stages"], MIN_BLOCKS=tun["min_blocks"] or (3 if args.few else 4),
+                CHAINS=tun["chains"], QF_SMEM=tun["qf_smem"], WARPS=cuda_decode.WARPS, TILE=cuda_decode.TILE, Q_KIND=2,
+                KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb, VBA=kba, VPA=kpa, VSA=ksa, VBB=kbb, VPB=kpb, VSB=ksb)
+    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" \
+        + cuda_decode._SOURCE
+    cubin, _ = _nvrtc_compile(src, "tq_decode_partial", None, None, ["-std=c++17"])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tq_decode.cubin").write_bytes(cubin)
+    sass = subprocess.run(["cuobjdump", "-sass", str(out / "tq_decode.cubin")], capture_output=True, text=True).stdout
+    (out / f"tq_decode_{args.bits}.sass").write_text(sass)
+    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
+    hist = collections.Counter(o.split(".")[0] for o in ops)
+    print(f"total SASS instructions {len(ops)}")
+    for op, n in hist.most_common(40):
+        print(f"{op:12s} {n}")
+
+
+if __name__ == "__main__":
+    main()
