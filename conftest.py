@@ -121,9 +121,6 @@ KNOWN_FAILURES: dict[str, tuple[str, bool, str]] = {
     "tests/longctx/test_needle.py::test_needle_grid_gpu": (
         "always", False,
         "C09 GPU grid (1k-8k x 5 depths x 4 trials, H100): 3.5-bit 0.93 < full 0.96 - 0.02"),
-    "tests/kernels/test_c11_gpu.py::test_c11_gpu_decode_attention_vs_sdpa_32k": (
-        "always", False,
-        "C11 GPU: the Triton decode-attention kernel runs at 0.7-0.8x of bf16 SDPA on the H100"),
 }
 
 
