@@ -29,8 +29,8 @@ def main() -> None:
     t = KernelTables.from_quantizer(TurboQuantMSE(256, args.bits, seed=1), "cuda")
     (kba, kpa, ksa), (kbb, kpb, ksb) = t.seg
     tun = cuda_decode.TUNING
-    defs = dict(G=6, NB=t.code_nbytes, STAGES=tun["stages"], MIN_BLOCKS=tun["min_blocks"] or (3 if args.few else 4),
-                CHAINS=tun["chains"], QF_SMEM=tun["qf_smem"], WARPS=cuda_decode.WARPS, TILE=cuda_decode.TILE, Q_KIND=2,
+    defs = dict(G=6, NB=t.code_nbytes, STAGES=tun["stages"], MIN_BLOCKS=cuda_decode.launch_shape(args.few)["min_blocks"],
+                CHAINS=tun["chains"], QF_SMEM=tun["qf_smem"], WARPS=cuda_decode.launch_shape(args.few)["warps"], TILE=cuda_decode.TILE, Q_KIND=2,
                 KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb, VBA=kba, VPA=kpa, VSA=ksa, VBB=kbb, VPB=kpb, VSB=ksb)
     src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" \
         + cuda_decode._SOURCE

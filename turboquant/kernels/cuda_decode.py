@@ -48,6 +48,12 @@ typedef unsigned char u8;
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
   u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s)); return d;
 }
+// x >> K as the high word of x * 2^(32-K): runs on the FMA pipe (IMAD.HI) instead of the integer
+// ALU pipe, which the LUT decode keeps busy (ncu: ALU the most utilised pipe). K in 1..31.
+template <int K> __device__ __forceinline__ u32 shr(u32 x) {
+  u32 d; asm("mul.hi.u32 %0, %1, %2;" : "=r"(d) : "r"(x), "n"(1u << (32 - K))); return d;
+}
+template <> __device__ __forceinline__ u32 shr<0>(u32 x) { return x; }
 __device__ __forceinline__ u32 movt(u32 a) {
   u32 d; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a)); return d;
 }
@@ -97,25 +103,25 @@ template <int BITS>
 __device__ __forceinline__ void decode32(const u32* P, const u32* tab, u32* H) {
 #pragma unroll
   for (int I = 0; I < 4; ++I) {
-    u32 x = P[0] >> I & 0x11111111u;
+    u32 x = (I == 0 ? P[0] : (I == 1 ? shr<1>(P[0]) : (I == 2 ? shr<2>(P[0]) : shr<3>(P[0])))) & 0x11111111u;
 #pragma unroll
     for (int j = 1; j < (BITS < 4 ? BITS : 3); ++j) {
-      u32 w = (j >= I) ? (P[j] << (j - I)) : (P[j] >> (I - j));
+      const int k = I - j;  // right shift by k > 0, else left shift by -k
+      u32 w = k <= 0 ? (P[j] << (-k)) : (k == 1 ? shr<1>(P[j]) : shr<2>(P[j]));
       x |= w & (0x11111111u << j);
     }
-    u32 sel = x;
+    u32 sel = x, y = 0;
     if (BITS == 4) {
-      const u32 y = (P[3] >> I) & 0x11111111u;      // top bit h of each code, at nibble bit 0
+      y = (I == 0 ? P[3] : (I == 1 ? shr<1>(P[3]) : (I == 2 ? shr<2>(P[3]) : shr<3>(P[3])))) & 0x11111111u;
       sel = x ^ (0x77777777u - 7u * y);              // h ? r : 7 - r  (index into c[8..15])
     }
-    const u32 s16 = sel >> 16;
+    const u32 s16 = shr<16>(sel);
     u32 l0 = prmt(tab[0], tab[1], sel), h0 = prmt(tab[2], tab[3], sel);
     u32 l1 = prmt(tab[0], tab[1], s16), h1 = prmt(tab[2], tab[3], s16);
     if (BITS == 4) {  // float16 sign bit where h == 0 (c[r] = -c[15 - r])
-      const u32 y = (P[3] >> I) & 0x11111111u;
       const u32 raw = x + (y << 3);                  // nibble = 8h + r
       const u32 t0 = prmt(0x80808080u, 0x80808080u, raw) << 1;        // byte bit 7 = h
-      const u32 t1 = prmt(0x80808080u, 0x80808080u, raw >> 16) << 1;
+      const u32 t1 = prmt(0x80808080u, 0x80808080u, shr<16>(raw)) << 1;
       h0 |= ~t0 & 0x80808080u;
       h1 |= ~t1 & 0x80808080u;
     }
