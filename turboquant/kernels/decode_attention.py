@@ -348,6 +348,9 @@ if HAS_TRITON:
 # wrapper
 # ------------------------------------------------------------------------------------------------
 _SM_COUNT: dict = {}
+# backend="auto" runs the CUDA kernel from this many packed token-heads (B · H_kv · length) up:
+# the crossover measured on the H100 (results/gpu_decode_attention.md: batch 1 at 16k, batch 8 at 4k)
+AUTO_CUDA_MIN_TOKEN_HEADS = 65536
 _SIDE_STREAMS: dict = {}
 
 
@@ -423,8 +426,8 @@ def decode_attention(
             else 64 tokens, 4 warps, 3 programs/SM). num_splits overrides the split count.
         backend: "triton" (every supported shape), "cuda" (the tensor-core register-LUT kernel of
             :mod:`turboquant.kernels.cuda_decode`: head_dim 256, G <= 8; raises where it does not
-            apply) or "auto" (cuda where it applies, else triton). The residual window and the
-            combine step run in Triton either way.
+            apply) or "auto" (cuda where it applies and B·H_kv·length >= 65536, the measured
+            crossover; else triton). The residual window and the combine step run in Triton.
     Returns:
         [B, 1, H_q, d] in the query's dtype.
     """
@@ -460,6 +463,8 @@ def decode_attention(
 
         use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes) and \
             k_codes.shape[-1] == v_codes.shape[-1] and k_norms.stride(2) == 1 and v_norms.stride(2) == 1
+        if backend == "auto" and B * Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
+            use_cuda = False  # below the measured crossover the Triton kernel is as fast or faster
         if backend == "cuda" and not use_cuda:
             raise ValueError(
                 f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
