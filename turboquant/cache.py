@@ -45,6 +45,7 @@ PASSTHROUGH_BITS = 16
 SHARED = "shared_tables"
 MODES = ("mse", "prod")
 COMPRESSED_LAYER_TYPES = ("full_attention",)
+APPEND_BACKENDS = ("auto", "torch", "triton")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,6 +67,15 @@ class TurboQuantCacheConfig:
             the QJL matrix ``S`` is one per cache (seeded from ``seed``).
         chunk_tokens: code buffers grow by this many tokens (not by doubling), so the bytes pinned
             exceed the bytes used by less than one chunk.
+        append_backend: how appended keys/values are quantized and packed. ``"auto"``: the Triton
+            ``quantize_pack`` kernel writing straight into the code buffers on CUDA wherever it
+            applies (mse mode, Hadamard rotation, head_dim 64/128/256, Triton installed), else the
+            pure-torch quantizer; ``"torch"``: always the pure-torch quantizer (the reference; e.g.
+            to measure the kernel's share of a prefill); ``"triton"``: always the kernel (raises
+            where it does not apply; on CPU it needs ``TRITON_INTERPRET=1``). Both write the same
+            layout; codes may differ for coordinates within float32 rounding of a codebook boundary
+            (the kernel rotates with butterflies, the torch path with a GEMM) and norms by one
+            float16 ulp (summation order).
     """
 
     key_bits: float = 3.5
@@ -78,6 +88,7 @@ class TurboQuantCacheConfig:
     seed: int = 0
     law: str = "beta"
     chunk_tokens: int = 256
+    append_backend: str = "auto"
 
     def __post_init__(self) -> None:
         allowed = (*SUPPORTED_BITS, PASSTHROUGH_BITS)
@@ -100,6 +111,8 @@ class TurboQuantCacheConfig:
             raise ValueError(f"`residual_length` must be an int >= 0, got {self.residual_length!r}")
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
             raise ValueError(f"`chunk_tokens` must be an int >= 1, got {self.chunk_tokens!r}")
+        if self.append_backend not in APPEND_BACKENDS:
+            raise ValueError(f"`append_backend` must be one of {APPEND_BACKENDS}, got {self.append_backend!r}")
         if self.rotation not in ("hadamard", "dense"):
             raise ValueError(f"`rotation` must be one of ('hadamard', 'dense'), got {self.rotation!r}")
         object.__setattr__(self, "protected_layers", tuple(int(i) for i in self.protected_layers))
@@ -233,42 +246,116 @@ class PackedStore:
 
     FIELDS = ("codes", "norms", "qjl", "rnorms")
 
-    def __init__(self, codec: TensorCodec, chunk_tokens: int) -> None:
+    def __init__(self, codec: TensorCodec, chunk_tokens: int, backend: str = "auto") -> None:
+        if backend not in APPEND_BACKENDS:
+            raise ValueError(f"`backend` must be one of {APPEND_BACKENDS}, got {backend!r}")
         self.codec = codec
         self.chunk_tokens = chunk_tokens
+        self.backend = backend
         self.codes: torch.Tensor | None = None
         self.norms: torch.Tensor | None = None
         self.qjl: torch.Tensor | None = None
         self.rnorms: torch.Tensor | None = None
         self.length = 0
         self.capacity = 0
+        self.kernel_appends = 0  # appends encoded by the Triton kernel (the rest: pure torch)
+        self._tables: dict = {}  # (device, dtype, dim) -> KernelTables, or None where the kernel does not apply
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         return {f: getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None}
 
+    # -- encoding backends ------------------------------------------------------------------------
+    def kernel_unsupported(self, x: torch.Tensor) -> str | None:
+        """Why the Triton ``quantize_pack`` kernel cannot encode ``x`` into this store (``None``: it can)."""
+        c = self.codec
+        if c.mode != "mse":
+            return f"mode {c.mode!r} (the kernel writes 'mse' codes only, no QJL plane)"
+        if c.rotation is None or c.rotation.kind != "hadamard":
+            return f"rotation {getattr(c.rotation, 'kind', None)!r} (the kernel rotates with the Hadamard transform only)"
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {x.dtype} (the kernel reads float32/float16/bfloat16)"
+        if x.dim() != 4:
+            return f"a {x.dim()}-dim input (the store appends [B, H, T, D])"
+        from turboquant.kernels import SUPPORTED_HEAD_DIMS, SUPPORTED_KERNEL_BITS, kernels_available
+
+        if c.d not in SUPPORTED_HEAD_DIMS:
+            return f"head_dim {c.d} (the kernel supports {SUPPORTED_HEAD_DIMS})"
+        if c.bits not in SUPPORTED_KERNEL_BITS:
+            return f"{c.bits} bits (the kernel supports {SUPPORTED_KERNEL_BITS})"
+        if not kernels_available(x.device):
+            return f"device {x.device} (the kernel needs Triton with CUDA, or the CPU under TRITON_INTERPRET=1)"
+        return None
+
+    def _kernel_tables(self, x: torch.Tensor):
+        """The kernel's tables when this append goes through the Triton kernel, else ``None``."""
+        if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
+            return None
+        key = (x.device, x.dtype, x.dim())
+        if key not in self._tables:
+            why = self.kernel_unsupported(x)
+            if why is not None and self.backend == "triton":
+                raise ValueError(
+                    f"`append_backend`='triton' cannot encode this append: {why}; use append_backend='auto' "
+                    "(kernel where it applies, pure torch elsewhere) or 'torch'"
+                )
+            if why is None:
+                from turboquant.kernels import KernelTables
+
+                self._tables[key] = KernelTables.from_quantizer(self.codec.quantizer, x.device)
+            else:
+                self._tables[key] = None
+        return self._tables[key]
+
+    def _reserve(self, need: int, specs: dict[str, tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]]) -> None:
+        """Grow the buffers named in ``specs`` (field -> (lead dims, trailing dims, dtype, device)) to hold
+        ``need`` tokens: the first allocation exact, later growth in whole chunks."""
+        if need <= self.capacity:
+            return
+        t = need - self.length
+        cap = need if self.capacity == 0 else self.length + math.ceil(t / self.chunk_tokens) * self.chunk_tokens
+        cap = max(cap, need)
+        for f, (lead, trail, dtype, device) in specs.items():
+            buf = torch.empty((*lead, cap, *trail), dtype=dtype, device=device)
+            old = getattr(self, f)
+            if old is not None and self.length:
+                buf[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, f, buf)
+        self.capacity = cap
+
     def append(self, x: torch.Tensor) -> None:
-        """Quantize and pack ``x`` [B, H, T, D] after the stored tokens."""
+        """Quantize and pack ``x`` [B, H, T, D] after the stored tokens.
+
+        On CUDA (``backend`` ``"auto"``) the Triton ``quantize_pack`` kernel writes the codes and
+        norms straight into ``codes[:, :, L:L+T]`` / ``norms[:, :, L:L+T]`` (one pass over ``x``, no
+        intermediate tensors); elsewhere the pure-torch quantizer encodes and the result is copied in.
+        """
         t = x.shape[-2]
         if t == 0:
             return
-        parts = dict(zip(self.FIELDS, self.codec.encode(x)))
         need = self.length + t
-        if need > self.capacity:
-            # first allocation exact, later growth in whole chunks
-            cap = need if self.capacity == 0 else self.length + math.ceil(t / self.chunk_tokens) * self.chunk_tokens
-            cap = max(cap, need)
-            for f, p in parts.items():
-                if p is None:
-                    continue
-                buf = torch.empty((*p.shape[:2], cap, *p.shape[3:]), dtype=p.dtype, device=p.device)
-                old = getattr(self, f)
-                if old is not None and self.length:
-                    buf[:, :, : self.length] = old[:, :, : self.length]
-                setattr(self, f, buf)
-            self.capacity = cap
+        tables = self._kernel_tables(x)
+        if tables is not None:
+            from turboquant.kernels import quantize_pack
+
+            lead = tuple(x.shape[:2])
+            self._reserve(need, {"codes": (lead, (tables.code_nbytes,), torch.uint8, x.device),
+                                 "norms": (lead, (), NORM_DTYPE, x.device)})
+            codes, norms = self.codes[:, :, self.length : need], self.norms[:, :, self.length : need]
+            quantize_pack(x, tables, out_codes=codes, out_norms=norms, check_range=False)
+            # the torch path raises on norms beyond float16 (one host sync there too); here the
+            # stored float16 norms are checked instead of re-reading x (the tokens stay uncommitted)
+            if not bool(torch.isfinite(norms).all()):
+                raise ValueError(
+                    "a vector norm exceeds the float16 norm storage range "
+                    f"({torch.finfo(NORM_DTYPE).max:.0f}) or is not finite"
+                )
+            self.kernel_appends += 1
+            self.length = need
+            return
+        parts = {f: p for f, p in zip(self.FIELDS, self.codec.encode(x)) if p is not None}
+        self._reserve(need, {f: (tuple(p.shape[:2]), tuple(p.shape[3:]), p.dtype, p.device) for f, p in parts.items()})
         for f, p in parts.items():
-            if p is not None:
-                getattr(self, f)[:, :, self.length : need] = p
+            getattr(self, f)[:, :, self.length : need] = p
         self.length = need
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -340,8 +427,9 @@ class TurboQuantLayer(CacheLayerMixin):
     # -- CacheLayerMixin API -----------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.key_store = PackedStore(self._codec("k", self.device), self.settings.chunk_tokens)
-        self.value_store = PackedStore(self._codec("v", self.device), self.settings.chunk_tokens)
+        s = self.settings
+        self.key_store = PackedStore(self._codec("k", self.device), s.chunk_tokens, s.append_backend)
+        self.value_store = PackedStore(self._codec("v", self.device), s.chunk_tokens, s.append_backend)
         self._rk = self._rv = None  # the window buffer exists only while it holds tokens
         self._r = 0
         self.is_initialized = True
@@ -372,6 +460,23 @@ class TurboQuantLayer(CacheLayerMixin):
             handoff(self, self.layer_idx, k)
             return k, (self._rv[:, :, : self._r] if self._r else value_states[:, :, :0])
         return self.dequantized()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append keys/values ``[B, H, T, D]`` through the normal compression path without preparing
+        an attention call (``update`` minus its return value), e.g. to fill a cache with synthetic
+        history; the first call initialises the layer."""
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if t.dim() != 4 or t.shape[1] != self.num_heads or t.shape[-1] != self.head_dim:
+                raise ValueError(
+                    f"`{name}` of shape {tuple(t.shape)} does not match the layer: expected "
+                    f"[batch, num_key_value_heads={self.num_heads}, seq, head_dim={self.head_dim}]"
+                )
+        if key_states.shape != value_states.shape:
+            raise ValueError(f"`key_states` {tuple(key_states.shape)} and `value_states` {tuple(value_states.shape)} differ in shape")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        self.keys, self.values = self.residual_keys(), self.residual_values()
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         R, t = self.settings.residual_length, k.shape[-2]
