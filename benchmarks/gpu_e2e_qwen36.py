@@ -337,6 +337,11 @@ def run_cache(model, cfg, case: Case, spec: CacheSpec, ids: torch.Tensor, args, 
             for _ in range(args.repeats):
                 _sync(dev)
                 times.append(decode(model, cache, first, n_tok).seconds)
+            if args.profile_steps:
+                try:
+                    row["profile"] = profile_decode(model, cache, first, args.profile_steps, dev)
+                except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the measured row
+                    row["profile_error"] = repr(e)[:300]
         budget.done()
         row.update(new_tokens=n_tok, tokens_scaled_down=n_tok < args.new_tokens, decode_runs_s=times,
                    decode_tokens_per_s=n_tok / statistics.median(times), final_length=int(cache.get_seq_length()))
@@ -355,6 +360,34 @@ def run_cache(model, cfg, case: Case, spec: CacheSpec, ids: torch.Tensor, args, 
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def profile_decode(model, cache, first: torch.Tensor, steps: int, dev: torch.device) -> dict:
+    """``steps`` decode steps under torch.profiler: wall time a step (profiler overhead included),
+    the GPU's busy time a step (sum of the device-side events: kernels, copies) and the top ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from turboquant.eval.throughput import decode
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        wall = decode(model, cache, first, steps).seconds
+    from torch.autograd import DeviceType
+
+    # device-side events only (kernels, copies): CPU ops' self device time would count them twice
+    events = [e for e in prof.key_averages() if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
+
+    def dev_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+    top = sorted(events, key=dev_us, reverse=True)[:15]
+    return {
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall / steps,
+        "gpu_busy_ms_per_step": sum(dev_us(e) for e in events) / 1e3 / steps,
+        "top_gpu_ops": [{"op": e.key[:80], "ms_per_step": dev_us(e) / 1e3 / steps, "calls_per_step": e.count / steps} for e in top],
+    }
 
 
 def append_bench(dev: torch.device, tokens: int, layers: int, heads: int, d: int, bits_list, reps: int = 5) -> list[dict]:
@@ -386,6 +419,17 @@ def append_bench(dev: torch.device, tokens: int, layers: int, heads: int, d: int
             assert (st.kernel_appends > 0) == (backend == "auto"), "kernel path not taken as expected"
             stores[backend] = st
             res[f"{'triton' if backend == 'auto' else 'torch'}_ms_per_store"] = statistics.median(times)
+        st = stores["auto"]
+        times = []
+        for _ in range(reps):  # what a chunked prefill pays per chunk: the dequantized history for sdpa
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            st.dequantize(torch.bfloat16)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        res["dequantize_ms_per_store"] = statistics.median(times)
         res["triton_ms_per_prefill"] = res["triton_ms_per_store"] * 2 * layers
         res["torch_ms_per_prefill"] = res["torch_ms_per_store"] * 2 * layers
         k, t = stores["auto"], stores["torch"]
@@ -441,6 +485,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0.0, help="lower --new-tokens so that all decode runs fit in this many seconds")
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--append-bench", action="store_true", help="CUDA: time quantize+pack alone, kernel vs torch")
+    ap.add_argument("--profile-steps", type=int, default=0, help="after the measured decode, profile this many steps")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -492,7 +537,7 @@ def main() -> None:
                 "synthetic fills: random bf16 K/V, same shapes and kernels as real ones",
     }
     print(json.dumps(meta), flush=True)
-    result = {"meta": meta, "append_bench": [], "rows": []}
+    result = {"meta": meta, "append_bench": [], "rows": [], "prefill_rounds": []}
 
     def save() -> None:
         if args.out:
@@ -555,6 +600,9 @@ def main() -> None:
                         budget.done()
                 if "prefill_s" in row:
                     prefill_times.setdefault(spec.name, []).append(row["prefill_s"])
+                    result["prefill_rounds"].append({"case": case.label, "round": r, "cache": spec.name,
+                                                     "prefill_s": row["prefill_s"], "peak_fill_GiB": row.get("peak_fill_GiB")})
+                    save()
                 if last:
                     if spec.name in prefill_times:
                         row["prefill_runs_s"] = prefill_times[spec.name]
