@@ -18,7 +18,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=float, default=3.5)
-    ap.add_argument("--few", action="store_true", help="the few-KV-heads variant (3 CTAs/SM)")
+    ap.add_argument("--few", action="store_true", help="the few-KV-heads variant (16-warp CTAs, one an SM)")
     ap.add_argument("--out-dir", default=".")
     args = ap.parse_args()
     from torch.cuda._utils import _nvrtc_compile
@@ -27,13 +27,9 @@ def main() -> None:
     from turboquant.quantizer import TurboQuantMSE
 
     t = KernelTables.from_quantizer(TurboQuantMSE(256, args.bits, seed=1), "cuda")
-    (kba, kpa, ksa), (kbb, kpb, ksb) = t.seg
-    tun = cuda_decode.TUNING
-    defs = dict(G=6, NB=t.code_nbytes, STAGES=tun["stages"], MIN_BLOCKS=cuda_decode.launch_shape(args.few)["min_blocks"],
-                CHAINS=tun["chains"], QF_SMEM=tun["qf_smem"], WARPS=cuda_decode.launch_shape(args.few)["warps"], TILE=cuda_decode.TILE, Q_KIND=2,
-                KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb, VBA=kba, VPA=kpa, VSA=ksa, VBB=kbb, VPB=kpb, VSB=ksb)
-    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" \
-        + cuda_decode._SOURCE
+    tun, shape = cuda_decode.TUNING, cuda_decode.launch_shape(args.few)
+    src = cuda_decode.kernel_source(6, t, t, 2, t.code_nbytes, tun["stages"], shape["min_blocks"], tun["chains"],
+                                    tun["qf_smem"], shape["warps"])
     cubin, _ = _nvrtc_compile(src, "tq_decode_partial", None, None, ["-std=c++17"])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

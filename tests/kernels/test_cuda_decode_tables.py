@@ -81,4 +81,5 @@ def test_cuda_partials_land_in_the_combine_kernels_position_order():
 def test_cuda_backend_is_not_picked_without_a_gpu():
     kt = KernelTables.from_quantizer(TurboQuantMSE(256, 3.5, seed=0))
     codes = torch.zeros(1, 2, 8, kt.code_nbytes, dtype=torch.uint8)
-    assert not cuda_decode.supports(256, 6, kt, kt, codes, codes)
+    norms = torch.zeros(1, 2, 8, dtype=torch.float16)
+    assert not cuda_decode.supports(256, 6, kt, kt, codes, codes, norms, norms)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from turboquant.kernels._common import KernelTables
+from turboquant.kernels._common import KernelTables, coord_perm
 
 CUDA_HEAD_DIMS = (256,)
 TILE = 16
@@ -417,6 +417,8 @@ _KERNELS: dict = {}
 # None = by load, measured on H100: few KV heads in flight (B·H_kv < 16) -> one 16-warp CTA an SM
 # (fewer, longer splits: a cheaper combine); else 4-warp CTAs, 4 an SM (128 registers a thread).
 TUNING = {"stages": 2, "min_blocks": None, "programs_per_sm": None, "warps": None, "chains": 2, "qf_smem": 1}
+DEFAULT_TUNING = dict(TUNING)
+_DST_INDEX: dict = {}
 
 
 def launch_shape(few: bool) -> dict:
@@ -426,13 +428,13 @@ def launch_shape(few: bool) -> dict:
         "min_blocks": TUNING["min_blocks"] or (1 if few else 4),
         "programs_per_sm": TUNING["programs_per_sm"] or (1 if few else 4),
     }
-DEFAULT_TUNING = dict(TUNING)
-_TABLES: dict = {}
 
 
 def supports(d: int, G: int, k_tables: KernelTables, v_tables: KernelTables, k_codes: torch.Tensor,
-             v_codes: torch.Tensor) -> bool:
-    """Whether the CUDA kernel handles this call (else the Triton kernel does)."""
+             v_codes: torch.Tensor, k_norms: torch.Tensor, v_norms: torch.Tensor) -> bool:
+    """Whether the CUDA kernel handles this call (else the Triton kernel does): head_dim 256, G <= 8,
+    segments of 1-4 bits with float16-symmetric 4-bit codebooks, K and V codes of one width in
+    16-byte aligned contiguous rows, norms contiguous along tokens, a CUDA device with NVRTC."""
     if d not in CUDA_HEAD_DIMS or not 1 <= G <= 8 or k_codes.device.type != "cuda":
         return False
     if not hasattr(torch.cuda, "_compile_kernel"):
@@ -442,6 +444,8 @@ def supports(d: int, G: int, k_tables: KernelTables, v_tables: KernelTables, k_c
             return False
         if _tables_of(t) is None:
             return False
+    if k_codes.shape[-1] != v_codes.shape[-1] or k_norms.stride(2) != 1 or v_norms.stride(2) != 1:
+        return False
     for c in (k_codes, v_codes):
         if c.stride(-1) != 1 or c.stride(2) != c.shape[-1] or c.data_ptr() % 16 or c.shape[-1] % 16 \
                 or any((s * c.element_size()) % 16 for s in c.stride()[:2]):
@@ -449,18 +453,26 @@ def supports(d: int, G: int, k_tables: KernelTables, v_tables: KernelTables, k_c
     return True
 
 
+def _cache(t: KernelTables) -> dict:
+    """Per-tables cache of what the CUDA kernel derives from them (lives and dies with ``t``)."""
+    return t.__dict__.setdefault("_cuda_decode", {})
+
+
 def _tables_of(t: KernelTables):
     """uint32 ``[2 segments][lo0, lo1, hi0, hi1]`` byte tables (CPU), or None when a 4-bit
     codebook is not symmetric in float16 (the kernel needs ``c[r] = -c[15 - r]``)."""
-    key = id(t)
-    if key in _TABLES:
-        return _TABLES[key][1]
+    cache = _cache(t)
+    if "words" not in cache:
+        cache["words"] = _byte_tables(t)
+    return cache["words"]
+
+
+def _byte_tables(t: KernelTables):
     out = []
     for s, (nb, _, _) in enumerate(t.seg):
         c = t.centroids[s, : 2**nb].detach().cpu().to(torch.float16)
         if nb == 4:
             if not torch.equal(c[:8], -c.flip(0)[:8]):
-                _TABLES[key] = (t, None)
                 return None
             ent = c[8:]
         else:
@@ -469,20 +481,26 @@ def _tables_of(t: KernelTables):
         lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
         word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24  # noqa: E731
         out.append([word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])])
-    _TABLES[key] = (t, out)  # keep t alive so id() stays unique
     return out
 
 
-def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int,
-            min_blocks: int, chains: int = 1, qf_smem: int = 0, warps: int = 4):
+def kernel_source(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int,
+                  min_blocks: int, chains: int, qf_smem: int, warps: int) -> str:
+    """The CUDA source of one kernel variant: compile-time ``#define``s + :data:`_SOURCE`."""
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
+    defs = dict(G=G, NB=nb, STAGES=stages, MIN_BLOCKS=min_blocks, CHAINS=chains, QF_SMEM=qf_smem, WARPS=warps,
+                TILE=TILE, Q_KIND=q_kind, KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
+                VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb)
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" \
+        + _SOURCE
+
+
+def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int,
+            min_blocks: int, chains: int, qf_smem: int, warps: int):
     key = (G, k_tables.seg, v_tables.seg, q_kind, nb, stages, min_blocks, chains, qf_smem, warps)
     if key not in _KERNELS:
-        defs = dict(G=G, NB=nb, STAGES=stages, MIN_BLOCKS=min_blocks, CHAINS=chains, QF_SMEM=qf_smem, WARPS=warps, TILE=TILE, Q_KIND=q_kind,
-                    KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-                    VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb)
-        src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" + _SOURCE
+        src = kernel_source(G, k_tables, v_tables, q_kind, nb, stages, min_blocks, chains, qf_smem, warps)
         kern = torch.cuda._compile_kernel(src, "tq_decode_partial", nvcc_options=["-std=c++17"])
         smem = G * 256 * 4 + 4096 * qf_smem + max(warps * stages * 2 * TILE * nb, (warps * 8 * 2 + warps * 8 * 256) * 4)
         if smem >= 48 * 1024:
@@ -492,36 +510,34 @@ def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int,
 
 
 def _dst_index(d: int, device: torch.device) -> torch.Tensor:
-    """int32 [d]: where the Triton combine kernel expects rotated coordinate j (its position order
-    holds coordinate ``nat[k]`` at position k, ``decode_attention._natural``)."""
-    key = ("dst", d, str(device))
-    if key not in _TABLES:
-        d2 = d // 2
-        k = torch.arange(d)
-        p = k % d2
-        nat = (k // d2) * d2 + 32 * (p // 32) + 8 * (2 * ((p // 2) % 2) + (p // 4) % 2) + 2 * ((p // 8) % 2) \
-            + (p // 16) % 2 + 4 * (p % 2)
-        _TABLES[key] = torch.argsort(nat).to(device=device, dtype=torch.int32)
-    return _TABLES[key]
+    """int32 [d]: where the Triton combine kernel expects rotated coordinate j (it holds coordinate
+    ``nat[k]`` at position k: :func:`coord_perm` inside each half)."""
+    key = (d, str(device))
+    if key not in _DST_INDEX:
+        half = coord_perm(d // 2)
+        nat = torch.cat([half, half + d // 2])
+        _DST_INDEX[key] = torch.argsort(nat).to(device=device, dtype=torch.int32)
+    return _DST_INDEX[key]
 
 
 def _tables_tensor(k_tables: KernelTables, v_tables: KernelTables, device: torch.device) -> torch.Tensor:
-    key = ("tabs", id(k_tables), id(v_tables), str(device))
-    if key not in _TABLES:
+    """int32 [16] on ``device``: the K tables' 8 words then the V tables' 8 (cached on ``k_tables``)."""
+    cache = _cache(k_tables)
+    key = ("tabs", id(v_tables), str(device))
+    if key not in cache:
         vals = [w for seg in _tables_of(k_tables) for w in seg] + [w for seg in _tables_of(v_tables) for w in seg]
         t = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in vals], dtype=torch.int32)
-        _TABLES[key] = (k_tables, v_tables, t.to(device))
-    return _TABLES[key][2]
+        cache[key] = (v_tables, t.to(device))  # holds v_tables so its id() stays unique
+    return cache[key][1]
 
 
 def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables, v_tables,
                    qk_scale: float, m_part, l_part, acc_part, few: bool = False) -> None:
-    """Compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``)."""
+    """Compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``); the call must
+    pass :func:`supports`."""
     B, Hq, _, d = query.shape
     Hkv = k_codes.shape[1]
     G = Hq // Hkv
-    if k_codes.shape[-1] != v_codes.shape[-1]:
-        raise ValueError("the CUDA kernel needs K and V codes of one width (use backend='triton')")
     q_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query.dtype]
     shape = launch_shape(few)
     kern, smem = _kernel(G, k_tables, v_tables, q_kind, k_codes.shape[-1], int(TUNING["stages"]),
@@ -578,4 +594,4 @@ def kernel_info() -> list[dict]:
     return out
 
 
-__all__ = ["supports", "launch_partial", "kernel_info", "CUDA_HEAD_DIMS"]
+__all__ = ["supports", "launch_partial", "kernel_info", "kernel_source", "launch_shape", "CUDA_HEAD_DIMS"]

@@ -352,13 +352,14 @@ _SM_COUNT: dict = {}
 # the crossover measured on the H100 (results/gpu_decode_attention.md: batch 1 at 16k, batch 8 at 4k)
 AUTO_CUDA_MIN_TOKEN_HEADS = 65536
 _SIDE_STREAMS: dict = {}
+LAST_LAUNCH: dict = {}  # last compiled kernel handles (register / spill reports in benchmarks)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One extra stream a device, for the residual-window splits beside the CUDA kernel."""
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
-LAST_LAUNCH: dict = {}  # last compiled kernel handles (register / spill reports in benchmarks)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -461,8 +462,7 @@ def decode_attention(
     if backend != "triton" and length > 0:
         from turboquant.kernels import cuda_decode
 
-        use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes) and \
-            k_codes.shape[-1] == v_codes.shape[-1] and k_norms.stride(2) == 1 and v_norms.stride(2) == 1
+        use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms)
         if backend == "auto" and B * Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
             use_cuda = False  # below the measured crossover the Triton kernel is as fast or faster
         if backend == "cuda" and not use_cuda:
