@@ -67,12 +67,14 @@ class TurboQuantCacheConfig:
             the QJL matrix ``S`` is one per cache (seeded from ``seed``).
         chunk_tokens: code buffers grow by this many tokens (not by doubling), so the bytes pinned
             exceed the bytes used by less than one chunk.
-        append_backend: how appended keys/values are quantized and packed. ``"auto"``: the Triton
-            ``quantize_pack`` kernel writing straight into the code buffers on CUDA wherever it
-            applies (mse mode, Hadamard rotation, head_dim 64/128/256, Triton installed), else the
-            pure-torch quantizer; ``"torch"``: always the pure-torch quantizer (the reference; e.g.
-            to measure the kernel's share of a prefill); ``"triton"``: always the kernel (raises
-            where it does not apply; on CPU it needs ``TRITON_INTERPRET=1``). Both write the same
+        append_backend: how the stores encode appended keys/values and decode them back (the
+            dequantized history a non-fused attention, e.g. sdpa during a chunked prefill, reads).
+            ``"auto"``: the Triton ``quantize_pack`` kernel writing straight into the code buffers
+            and the Triton ``dequantize`` kernel, on CUDA wherever they apply (mse mode, Hadamard
+            rotation, head_dim 64/128/256, Triton installed), else the pure-torch quantizer;
+            ``"torch"``: always the pure-torch quantizer (the reference; e.g. to measure the
+            kernels' share of a prefill); ``"triton"``: always the kernels (raises where they do
+            not apply; on CPU it needs ``TRITON_INTERPRET=1``). Both write the same
             layout; codes may differ for coordinates within float32 rounding of a codebook boundary
             (the kernel rotates with butterflies, the torch path with a GEMM) and norms by one
             float16 ulp (summation order).
@@ -259,6 +261,7 @@ class PackedStore:
         self.length = 0
         self.capacity = 0
         self.kernel_appends = 0  # appends encoded by the Triton kernel (the rest: pure torch)
+        self.kernel_dequantizes = 0  # dequantize calls served by the Triton kernel
         self._tables: dict = {}  # (device, dtype, dim) -> KernelTables, or None where the kernel does not apply
 
     def _buffers(self) -> dict[str, torch.Tensor]:
@@ -267,23 +270,28 @@ class PackedStore:
     # -- encoding backends ------------------------------------------------------------------------
     def kernel_unsupported(self, x: torch.Tensor) -> str | None:
         """Why the Triton ``quantize_pack`` kernel cannot encode ``x`` into this store (``None``: it can)."""
-        c = self.codec
-        if c.mode != "mse":
-            return f"mode {c.mode!r} (the kernel writes 'mse' codes only, no QJL plane)"
-        if c.rotation is None or c.rotation.kind != "hadamard":
-            return f"rotation {getattr(c.rotation, 'kind', None)!r} (the kernel rotates with the Hadamard transform only)"
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {x.dtype} (the kernel reads float32/float16/bfloat16)"
         if x.dim() != 4:
             return f"a {x.dim()}-dim input (the store appends [B, H, T, D])"
+        return self._codec_unsupported(x.device)
+
+    def _codec_unsupported(self, device: torch.device) -> str | None:
+        """Why the Triton kernels (``quantize_pack``, ``dequantize``) cannot serve this store's
+        codec on ``device`` (``None``: they can)."""
+        c = self.codec
+        if c.mode != "mse":
+            return f"mode {c.mode!r} (the kernels handle 'mse' codes only, no QJL plane)"
+        if c.rotation is None or c.rotation.kind != "hadamard":
+            return f"rotation {getattr(c.rotation, 'kind', None)!r} (the kernels rotate with the Hadamard transform only)"
         from turboquant.kernels import SUPPORTED_HEAD_DIMS, SUPPORTED_KERNEL_BITS, kernels_available
 
         if c.d not in SUPPORTED_HEAD_DIMS:
-            return f"head_dim {c.d} (the kernel supports {SUPPORTED_HEAD_DIMS})"
+            return f"head_dim {c.d} (the kernels support {SUPPORTED_HEAD_DIMS})"
         if c.bits not in SUPPORTED_KERNEL_BITS:
-            return f"{c.bits} bits (the kernel supports {SUPPORTED_KERNEL_BITS})"
-        if not kernels_available(x.device):
-            return f"device {x.device} (the kernel needs Triton with CUDA, or the CPU under TRITON_INTERPRET=1)"
+            return f"{c.bits} bits (the kernels support {SUPPORTED_KERNEL_BITS})"
+        if not kernels_available(device):
+            return f"device {device} (the kernels need Triton with CUDA, or the CPU under TRITON_INTERPRET=1)"
         return None
 
     def _kernel_tables(self, x: torch.Tensor):
@@ -358,18 +366,53 @@ class PackedStore:
             getattr(self, f)[:, :, self.length : need] = p
         self.length = need
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """Reconstruction ``x̃`` [B, H, length, D] (transient; for the non-fused attention path and tests)."""
+    def _dequantize_tables(self):
+        """The kernel's tables when ``dequantize`` goes through the Triton kernel, else ``None``."""
+        if self.codes is None or self.backend == "torch" or (self.backend == "auto" and not self.codes.is_cuda):
+            return None
+        key = ("dequantize", self.codes.device)
+        if key not in self._tables:
+            why = self._codec_unsupported(self.codes.device)
+            if why is not None and self.backend == "triton":
+                raise ValueError(
+                    f"`append_backend`='triton' cannot dequantize this store: {why}; use append_backend='auto' "
+                    "(kernel where it applies, pure torch elsewhere) or 'torch'"
+                )
+            if why is None:
+                from turboquant.kernels import KernelTables
+
+                self._tables[key] = KernelTables.from_quantizer(self.codec.quantizer, self.codes.device)
+            else:
+                self._tables[key] = None
+        return self._tables[key]
+
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction ``x̃`` [B, H, length, D] (transient; for the non-fused attention path and tests).
+
+        On CUDA (``backend`` ``"auto"``) the Triton ``dequantize`` kernel writes ``x̃`` in one pass;
+        elsewhere the pure-torch path (centroid gather + ``Π^T`` GEMM). ``out``: optional
+        [B, H, >= length, D] destination whose first ``length`` rows are written (no extra copy on
+        the kernel path); returns those rows.
+        """
         c, n = self.codec, self.length
-        out = None
+        tables = self._dequantize_tables()
+        if tables is not None:
+            from turboquant.kernels.dequantize import dequantize
+
+            self.kernel_dequantizes += 1
+            return dequantize(self.codes, self.norms, n, tables, dtype, out=out)
+        res = None
         if self.codes is not None:
             y = c.table.gather(self.codes[:, :, :n]) * self.norms[:, :, :n].float().unsqueeze(-1)
-            out = c.unrotate(y)
+            res = c.unrotate(y)
         if self.qjl is not None:
             z = qjl_signs(self.qjl[:, :, :n], c.d)
             o = c.qjl_scale * self.rnorms[:, :, :n].float().unsqueeze(-1) * (z @ c.S)
-            out = o if out is None else out + o
-        return out.to(dtype)
+            res = o if res is None else res + o
+        if out is None:
+            return res.to(dtype)
+        out[:, :, :n] = res
+        return out[:, :, :n]
 
     def crop(self, n_keep: int) -> None:
         self.length = min(self.length, max(0, n_keep))
@@ -503,13 +546,24 @@ class TurboQuantLayer(CacheLayerMixin):
         self._r = rest
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full keys/values ``[B, H, L, D]``: dequantized codes then the window (transient)."""
-        ks = [self.key_store.dequantize(self.dtype)] if self.key_store.length else []
-        vs = [self.value_store.dequantize(self.dtype)] if self.value_store.length else []
-        if self._r:
-            ks.append(self._rk[:, :, : self._r])
-            vs.append(self._rv[:, :, : self._r])
-        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+        """Full keys/values ``[B, H, L, D]``: dequantized codes then the window (transient).
+
+        Each is written into one buffer (codes decoded into its front, the window copied after),
+        not concatenated from pieces.
+        """
+        out = []
+        for store, window in ((self.key_store, self._rk), (self.value_store, self._rv)):
+            n = store.length
+            if n == 0:
+                out.append(window[:, :, : self._r])
+                continue
+            like = store.norms if store.norms is not None else store.rnorms
+            buf = torch.empty((*like.shape[:2], n + self._r, self.head_dim), dtype=self.dtype, device=like.device)
+            store.dequantize(self.dtype, out=buf)
+            if self._r:
+                buf[:, :, n:] = window[:, :, : self._r]
+            out.append(buf)
+        return out[0], out[1]
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:

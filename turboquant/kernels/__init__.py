@@ -1,6 +1,8 @@
 """Triton kernels over TurboQuant packed codes (GPU; CPU only under ``TRITON_INTERPRET=1``).
 
 * :func:`quantize_pack` — FWHT rotation + nearest centroid + float16 norm + bit-plane packing.
+* :func:`dequantize` — packed codes -> ``||x|| Π^T c[idx]`` in one pass (the history a chunked
+  prefill's sdpa reads).
 * :func:`decode_attention` — flash-decoding over packed K/V codes + the full-precision residual
   window, GQA, fractional bits; nothing dequantized to memory.
 * :class:`KernelTables` — a quantizer's signs / codebooks in the form the kernels read.
@@ -28,6 +30,7 @@ from turboquant.kernels.decode_attention import (
     decode_attention_reference,
     decode_attention_store,
 )
+from turboquant.kernels.dequantize import dequantize, dequantize_reference
 from turboquant.kernels.hook import compressed_attention_cuda
 from turboquant.kernels.quantize_pack import quantize_pack, quantize_pack_reference
 
@@ -60,6 +63,8 @@ __all__ = [
     # ops
     "quantize_pack",
     "quantize_pack_reference",
+    "dequantize",
+    "dequantize_reference",
     "decode_attention",
     "decode_attention_reference",
     "decode_attention_store",
