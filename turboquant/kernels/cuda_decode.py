@@ -437,7 +437,7 @@ def supports(d: int, G: int, k_tables: KernelTables, v_tables: KernelTables, k_c
     16-byte aligned contiguous rows, norms contiguous along tokens, a CUDA device with NVRTC."""
     if d not in CUDA_HEAD_DIMS or not 1 <= G <= 8 or k_codes.device.type != "cuda":
         return False
-    if not hasattr(torch.cuda, "_compile_kernel"):
+    if not hasattr(torch.cuda, "_compile_kernel") or COMPILE_FAILURES:
         return False
     for t in (k_tables, v_tables):
         if any(not 1 <= nb <= 4 for nb, _, _ in t.seg):
@@ -531,6 +531,27 @@ def _tables_tensor(k_tables: KernelTables, v_tables: KernelTables, device: torch
     return cache[key][1]
 
 
+# NVRTC compile errors seen in this process (kernel variant -> message). After one, ``supports``
+# answers False, so backend="auto" stays on the Triton kernel instead of failing every call.
+COMPILE_FAILURES: dict = {}
+
+
+def variant(query_dtype: torch.dtype, G: int, k_tables: KernelTables, v_tables: KernelTables, nb: int,
+            few: bool):
+    """The compiled kernel (and its shared-memory bytes) for one call shape, compiling it at first
+    use. Raises ``RuntimeError`` (and records it in :data:`COMPILE_FAILURES`) where NVRTC fails."""
+    q_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query_dtype]
+    shape = launch_shape(few)
+    args = (G, k_tables, v_tables, q_kind, nb, int(TUNING["stages"]), int(shape["min_blocks"]),
+            int(TUNING["chains"]), int(TUNING["qf_smem"]), int(shape["warps"]))
+    try:
+        return _kernel(*args)
+    except Exception as err:  # NVRTC missing or failing on this CUDA install
+        key = (G, k_tables.seg, v_tables.seg, q_kind, nb)
+        COMPILE_FAILURES[key] = f"{type(err).__name__}: {err}"
+        raise RuntimeError(f"the CUDA decode kernel did not compile with NVRTC ({type(err).__name__}: {err})") from err
+
+
 def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables, v_tables,
                    qk_scale: float, m_part, l_part, acc_part, few: bool = False) -> None:
     """Compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``); the call must
@@ -538,10 +559,8 @@ def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C
     B, Hq, _, d = query.shape
     Hkv = k_codes.shape[1]
     G = Hq // Hkv
-    q_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query.dtype]
     shape = launch_shape(few)
-    kern, smem = _kernel(G, k_tables, v_tables, q_kind, k_codes.shape[-1], int(TUNING["stages"]),
-                         int(shape["min_blocks"]), int(TUNING["chains"]), int(TUNING["qf_smem"]), int(shape["warps"]))
+    kern, smem = variant(query.dtype, G, k_tables, v_tables, k_codes.shape[-1], few)
     tabs = _tables_tensor(k_tables, v_tables, query.device)
     dst = _dst_index(d, query.device)
     ptrs = [t.data_ptr() for t in (query, k_tables.signs, k_codes, k_norms, v_codes, v_norms, tabs, dst, m_part,
@@ -594,4 +613,4 @@ def kernel_info() -> list[dict]:
     return out
 
 
-__all__ = ["supports", "launch_partial", "kernel_info", "kernel_source", "launch_shape", "CUDA_HEAD_DIMS"]
+__all__ = ["supports", "variant", "COMPILE_FAILURES", "launch_partial", "kernel_info", "kernel_source", "launch_shape", "CUDA_HEAD_DIMS"]

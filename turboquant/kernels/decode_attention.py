@@ -26,6 +26,7 @@ Reads top to bottom: pure-torch reference, Triton kernels, wrapper.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext as _nullcontext
 
 import torch
@@ -465,7 +466,19 @@ def decode_attention(
         use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms)
         if backend == "auto" and B * Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
             use_cuda = False  # below the measured crossover the Triton kernel is as fast or faster
-        if backend == "cuda" and not use_cuda:
+        if use_cuda:  # compile (first use) before anything is launched; auto falls back to Triton
+            try:
+                cuda_decode.variant(query.dtype, G, k_tables, v_tables, k_codes.shape[-1], B * Hkv < 16)
+            except RuntimeError as err:
+                if backend == "cuda":
+                    raise
+                warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
+                              RuntimeWarning, stacklevel=2)
+                use_cuda = False
+        elif backend == "cuda" and cuda_decode.COMPILE_FAILURES:
+            raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
+                               f"({next(iter(cuda_decode.COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
+        elif backend == "cuda":
             raise ValueError(
                 f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
                 f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={d}, G={G}, "
