@@ -11,8 +11,8 @@ from ``--fill/--batch/--context/--bits``). Per cache of a case:
 
 * ``real`` fill: a real prefill of ``CONTEXT`` random tokens (the 48 Gated DeltaNet layers need
   one), one shot or in ``--prefill-chunk`` chunks (``logits_to_keep=1``; TurboQuantCache chunks
-  after the first attend over the dequantized history with sdpa, the compressed decode attention
-  takes one query token only). ``--prefill-repeats`` rounds over the case's caches, interleaved.
+  after the first attend with sdpa over the history the Triton ``dequantize`` kernel decodes, the
+  compressed decode attention takes one query token only). ``--prefill-repeats`` rounds over the case's caches, interleaved.
 * ``synthetic`` fill: a real prefill of ``--prompt-tokens`` tokens (initialises the DeltaNet
   states and every cache layer), then every full-attention layer is extended to ``CONTEXT``
   tokens with random bf16 K/V: DynamicCache gets the longer K/V tensors; TurboQuantCache appends
@@ -26,11 +26,13 @@ steps after the warmup and lowers the number of new tokens (to a multiple of 8) 
 remaining cache fits in the budget; each row records the tokens it used.
 
 Caches: ``bf16`` (DynamicCache), ``tq<bits>`` (TurboQuantCache, K and V at ``bits``, Triton
-``quantize_pack`` appends on CUDA), ``tq<bits>-torch`` (same, pure-torch appends); a
+``quantize_pack`` appends and ``dequantize`` on CUDA), ``tq<bits>-torch`` (same, pure-torch
+appends and dequantize); a
 ``/prefill`` suffix skips the decode. Rows: prefill time and peak memory, decode tokens/s and peak
 memory, the KV bytes held (16 full-attention layers), bytes a token, and the capacity in tokens
 that the free memory holds. ``--append-bench`` (CUDA) also times quantize+pack alone at the
-32k-prefill shape, kernel vs torch, and counts the codes on which they differ.
+32k-prefill shape, kernel vs torch, counts the codes on which they differ, and times the
+dequantize of one 32k store (what each prefill chunk pays a store), kernel vs torch.
 
 Usage (``--tiny`` runs a 4-layer toy of the same layout on CPU to check the script)::
 
@@ -312,6 +314,7 @@ def run_cache(model, cfg, case: Case, spec: CacheSpec, ids: torch.Tensor, args, 
     tq_layers = [l for l in cache.layers if isinstance(l, TurboQuantLayer)]
     if tq_layers:  # appends that went through the Triton quantize_pack kernel (0 on the torch path)
         row["kernel_appends_fill"] = sum(l.key_store.kernel_appends + l.value_store.kernel_appends for l in tq_layers)
+        row["kernel_dequantizes_fill"] = sum(l.key_store.kernel_dequantizes + l.value_store.kernel_dequantizes for l in tq_layers)
     if dev.type == "cuda":
         row["peak_fill_GiB"] = _gib(torch.cuda.max_memory_allocated())
         row["peak_fill_above_base_GiB"] = _gib(torch.cuda.max_memory_allocated() - base)
@@ -419,17 +422,22 @@ def append_bench(dev: torch.device, tokens: int, layers: int, heads: int, d: int
             assert (st.kernel_appends > 0) == (backend == "auto"), "kernel path not taken as expected"
             stores[backend] = st
             res[f"{'triton' if backend == 'auto' else 'torch'}_ms_per_store"] = statistics.median(times)
-        st = stores["auto"]
-        times = []
-        for _ in range(reps):  # what a chunked prefill pays per chunk: the dequantized history for sdpa
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            st.dequantize(torch.bfloat16)
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        res["dequantize_ms_per_store"] = statistics.median(times)
+        for backend, label in (("auto", "triton"), ("torch", "torch")):
+            st = stores[backend]
+            times = []
+            for _ in range(reps):  # what a chunked prefill pays per chunk: the dequantized history for sdpa
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                a.record()
+                st.dequantize(torch.bfloat16)
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            res[f"{label}_dequantize_ms_per_store"] = statistics.median(times)
+        assert stores["auto"].kernel_dequantizes > 0 and stores["torch"].kernel_dequantizes == 0
+        res["dequantize_rel_frobenius_diff"] = float(
+            ((stores["auto"].dequantize(torch.float32) - stores["torch"].dequantize(torch.float32)).norm()
+             / stores["torch"].dequantize(torch.float32).norm()))
         res["triton_ms_per_prefill"] = res["triton_ms_per_store"] * 2 * layers
         res["torch_ms_per_prefill"] = res["torch_ms_per_store"] * 2 * layers
         k, t = stores["auto"], stores["torch"]
