@@ -27,8 +27,11 @@ remaining cache fits in the budget; each row records the tokens it used.
 
 Caches: ``bf16`` (DynamicCache), ``tq<bits>`` (TurboQuantCache, K and V at ``bits``, Triton
 ``quantize_pack`` appends and ``dequantize`` on CUDA), ``tq<bits>-torch`` (same, pure-torch
-appends and dequantize); a
-``/prefill`` suffix skips the decode. Rows: prefill time and peak memory, decode tokens/s and peak
+appends and dequantize), ``tq<bits>-synccheck`` (kernel appends with the old blocking float16
+norm-range check: one host sync an append, to measure what the deferred check saves); a
+``/prefill`` suffix skips the decode. ``--count-syncs`` counts the host-device synchronisations
+torch reports during each prefill (by source line); ``--profile-prefill`` profiles one more
+prefill a cache (slow to post-process at 32k: minutes). Rows: prefill time and peak memory, decode tokens/s and peak
 memory, the KV bytes held (16 full-attention layers), bytes a token, and the capacity in tokens
 that the free memory holds. ``--append-bench`` (CUDA) also times quantize+pack alone at the
 32k-prefill shape, kernel vs torch, counts the codes on which they differ, and times the
@@ -50,6 +53,7 @@ import json
 import re
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +61,7 @@ import torch
 
 CONFIG = Path(__file__).resolve().parents[1] / "data" / "configs" / "qwen3.6-27b.json"
 FILLS = ("real", "synthetic")
-_CACHE_RE = re.compile(r"^(bf16|tq(\d+(?:\.\d+)?)(-torch)?)(/prefill)?$")
+_CACHE_RE = re.compile(r"^(bf16|tq(\d+(?:\.\d+)?)(-torch|-synccheck)?)(/prefill)?$")
 
 
 def build_model(tiny: bool, device: torch.device):
@@ -130,10 +134,11 @@ def _compat_layer_kwargs(cfg) -> None:
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CacheSpec:
-    name: str  # bf16 | tq3.5 | tq3.5-torch
+    name: str  # bf16 | tq3.5 | tq3.5-torch | tq3.5-synccheck
     bits: float | None  # None: DynamicCache
     append_backend: str  # auto | torch (TurboQuantCache only)
     decode: bool
+    sync_norm_check: bool = False  # -synccheck: kernel appends check norms with a blocking host sync
 
 
 @dataclass(frozen=True)
@@ -151,13 +156,15 @@ class Case:
 def parse_cache(text: str) -> CacheSpec:
     m = _CACHE_RE.match(text.strip())
     if not m:
-        raise ValueError(f"cache {text!r} not understood: use bf16, tq<bits> or tq<bits>-torch, optionally + '/prefill'")
+        raise ValueError(f"cache {text!r} not understood: use bf16, tq<bits>, tq<bits>-torch or tq<bits>-synccheck, "
+                         "optionally + '/prefill'")
     from turboquant.quantizer import SUPPORTED_BITS
 
     bits = None if m.group(1) == "bf16" else float(m.group(2))
     if bits is not None and bits not in SUPPORTED_BITS:
         raise ValueError(f"cache {text!r}: bits must be one of {SUPPORTED_BITS}, got {bits}")
-    return CacheSpec(m.group(1), bits, "torch" if m.group(3) else "auto", m.group(4) is None)
+    return CacheSpec(m.group(1), bits, "torch" if m.group(3) == "-torch" else "auto", m.group(4) is None,
+                     m.group(3) == "-synccheck")
 
 
 def parse_case(text: str) -> Case:
@@ -277,6 +284,39 @@ class Budget:
         self.left -= 1
 
 
+@contextlib.contextmanager
+def _fill_mode(spec: CacheSpec, args, row: dict):
+    """During a real prefill: the blocking norm check for ``-synccheck`` caches, and with
+    ``--count-syncs`` the host-device synchronisations torch reports (``set_sync_debug_mode``),
+    counted by source line into ``row`` (counting slows the prefill: use it in a separate run)."""
+    from turboquant.cache import PackedStore
+
+    saved = PackedStore.defer_norm_check
+    PackedStore.defer_norm_check = not spec.sync_norm_check
+    caught = None
+    try:
+        if args.count_syncs and torch.cuda.is_available():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    yield
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        else:
+            yield
+    finally:
+        PackedStore.defer_norm_check = saved
+        if caught is not None:
+            where: dict = {}
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    key = f"{Path(w.filename).name}:{w.lineno}"
+                    where[key] = where.get(key, 0) + 1
+            row["host_syncs_fill"] = sum(where.values())
+            row["host_syncs_fill_by_line"] = dict(sorted(where.items(), key=lambda kv: -kv[1])[:12])
+
+
 @torch.no_grad()
 def run_cache(model, cfg, case: Case, spec: CacheSpec, ids: torch.Tensor, args, counters: dict, budget: Budget,
               do_decode: bool, gen_seed: int) -> dict:
@@ -295,10 +335,22 @@ def run_cache(model, cfg, case: Case, spec: CacheSpec, ids: torch.Tensor, args, 
     _sync(dev)
     t0 = time.perf_counter()
     if case.fill == "real":
-        logits = prefill(model, cache, ids, chunk)  # sdpa: TurboQuant chunks attend over the dequantized history
-        _sync(dev)
+        with _fill_mode(spec, args, row):
+            logits = prefill(model, cache, ids, chunk)  # sdpa: TurboQuant chunks attend over the dequantized history
+            _sync(dev)
         row["prefill_s"] = time.perf_counter() - t0
         row["prefill_chunk"] = chunk if 0 < chunk < ids.shape[1] else ids.shape[1]
+        if args.profile_prefill and do_decode and not spec.decode:  # last round: one more prefill, profiled, fresh cache
+            def _profiled() -> float:
+                c = make_cache(spec, cfg, args)
+                t = time.perf_counter()
+                prefill(model, c, ids, chunk)
+                _sync(dev)
+                return time.perf_counter() - t
+            try:
+                row["prefill_profile"] = profile_call(_profiled, 1, "prefill", dev, top_n=25)
+            except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the measured row
+                row["prefill_profile_error"] = repr(e)[:300]
     else:
         logits = prefill(model, cache, ids[:, : args.prompt_tokens], chunk)
         _sync(dev)
@@ -368,28 +420,35 @@ def run_cache(model, cfg, case: Case, spec: CacheSpec, ids: torch.Tensor, args, 
 def profile_decode(model, cache, first: torch.Tensor, steps: int, dev: torch.device) -> dict:
     """``steps`` decode steps under torch.profiler: wall time a step (profiler overhead included),
     the GPU's busy time a step (sum of the device-side events: kernels, copies) and the top ones."""
-    from torch.profiler import ProfilerActivity, profile
-
     from turboquant.eval.throughput import decode
+
+    return profile_call(lambda: decode(model, cache, first, steps).seconds, steps, "step", dev)
+
+
+def profile_call(fn, steps: int, unit: str, dev: torch.device, top_n: int = 15) -> dict:
+    """``fn()`` (returns its wall seconds) under torch.profiler, reported per ``unit`` (``steps`` of
+    them): wall ms, GPU busy ms (device-side events: kernels, copies) and the top GPU ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     _sync(dev)
     with profile(activities=acts) as prof:
-        wall = decode(model, cache, first, steps).seconds
-    from torch.autograd import DeviceType
-
+        wall = fn()
+        _sync(dev)
     # device-side events only (kernels, copies): CPU ops' self device time would count them twice
     events = [e for e in prof.key_averages() if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
 
     def dev_us(e) -> float:
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
 
-    top = sorted(events, key=dev_us, reverse=True)[:15]
+    top = sorted(events, key=dev_us, reverse=True)[:top_n]
     return {
-        "steps": steps,
-        "wall_ms_per_step": 1e3 * wall / steps,
-        "gpu_busy_ms_per_step": sum(dev_us(e) for e in events) / 1e3 / steps,
-        "top_gpu_ops": [{"op": e.key[:80], "ms_per_step": dev_us(e) / 1e3 / steps, "calls_per_step": e.count / steps} for e in top],
+        f"{unit}s": steps,
+        f"wall_ms_per_{unit}": 1e3 * wall / steps,
+        f"gpu_busy_ms_per_{unit}": sum(dev_us(e) for e in events) / 1e3 / steps,
+        "top_gpu_ops": [{"op": e.key[:80], f"ms_per_{unit}": dev_us(e) / 1e3 / steps, f"calls_per_{unit}": e.count / steps}
+                        for e in top],
     }
 
 
@@ -494,6 +553,10 @@ def main() -> None:
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--append-bench", action="store_true", help="CUDA: time quantize+pack alone, kernel vs torch")
     ap.add_argument("--profile-steps", type=int, default=0, help="after the measured decode, profile this many steps")
+    ap.add_argument("--count-syncs", action="store_true",
+                    help="real fill: count host-device synchronisations during each prefill (slows it)")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="real fill, '/prefill' caches: after each measured prefill, profile one more (fresh cache)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -239,6 +239,11 @@ def _codec_seed(seed: int, layer_idx: int, kind: str) -> int:
 # ------------------------------------------------------------------------------------------------
 # storage
 # ------------------------------------------------------------------------------------------------
+def _norm_range_message(start: int, stop: int, kept: int) -> str:
+    return (f"a vector norm appended at tokens [{start}, {stop}) exceeds the float16 norm storage range "
+            f"({torch.finfo(NORM_DTYPE).max:.0f}) or is not finite; the store keeps its first {kept} tokens")
+
+
 class PackedStore:
     """Packed codes of one (layer, K|V): tokens ``[0, length)`` of buffers of ``capacity`` tokens.
 
@@ -247,6 +252,9 @@ class PackedStore:
     """
 
     FIELDS = ("codes", "norms", "qjl", "rnorms")
+    # CUDA kernel appends check the float16 norm range without a host sync (see append / check_norms);
+    # False: a blocking check at every append (benchmarks compare the two)
+    defer_norm_check = True
 
     def __init__(self, codec: TensorCodec, chunk_tokens: int, backend: str = "auto") -> None:
         if backend not in APPEND_BACKENDS:
@@ -262,6 +270,7 @@ class PackedStore:
         self.capacity = 0
         self.kernel_appends = 0  # appends encoded by the Triton kernel (the rest: pure torch)
         self.kernel_dequantizes = 0  # dequantize calls served by the Triton kernel
+        self._pending_checks: list = []  # (event, pinned bool, start, stop) of deferred norm checks
         self._tables: dict = {}  # (device, dtype, dim) -> KernelTables, or None where the kernel does not apply
 
     def _buffers(self) -> dict[str, torch.Tensor]:
@@ -330,6 +339,21 @@ class PackedStore:
             setattr(self, f, buf)
         self.capacity = cap
 
+    def check_norms(self, wait: bool = False) -> None:
+        """Read the deferred float16 norm-range checks of CUDA kernel appends whose verdict has
+        landed (all of them with ``wait=True``, which waits for the GPU). A failed one crops the
+        store to the tokens before that append and raises ``ValueError``."""
+        while self._pending_checks:
+            done, flag, start, stop = self._pending_checks[0]
+            if not wait and not done.query():
+                return
+            done.synchronize()
+            self._pending_checks.pop(0)
+            if not bool(flag):
+                self._pending_checks.clear()
+                self.length = min(self.length, start)
+                raise ValueError(_norm_range_message(start, stop, self.length))
+
     def append(self, x: torch.Tensor) -> None:
         """Quantize and pack ``x`` [B, H, T, D] after the stored tokens.
 
@@ -337,6 +361,7 @@ class PackedStore:
         norms straight into ``codes[:, :, L:L+T]`` / ``norms[:, :, L:L+T]`` (one pass over ``x``, no
         intermediate tensors); elsewhere the pure-torch quantizer encodes and the result is copied in.
         """
+        self.check_norms()
         t = x.shape[-2]
         if t == 0:
             return
@@ -350,15 +375,23 @@ class PackedStore:
                                  "norms": (lead, (), NORM_DTYPE, x.device)})
             codes, norms = self.codes[:, :, self.length : need], self.norms[:, :, self.length : need]
             quantize_pack(x, tables, out_codes=codes, out_norms=norms, check_range=False)
-            # the torch path raises on norms beyond float16 (one host sync there too); here the
-            # stored float16 norms are checked instead of re-reading x (the tokens stay uncommitted)
-            if not bool(torch.isfinite(norms).all()):
-                raise ValueError(
-                    "a vector norm exceeds the float16 norm storage range "
-                    f"({torch.finfo(NORM_DTYPE).max:.0f}) or is not finite"
-                )
+            # a norm beyond float16 (or a non-finite input) is stored as inf/nan: the stored norms
+            # are checked instead of re-reading x. On CUDA the verdict is copied to pinned memory
+            # without stalling the host (a blocking check is a host sync at every append: it drains
+            # the launch queue 2x a full-attention layer a prefill chunk) and read by check_norms()
+            # once it has landed: at the latest at the next update/append/read of this store.
+            ok = torch.isfinite(norms).all()
+            start, self.length = self.length, need
             self.kernel_appends += 1
-            self.length = need
+            if x.is_cuda and self.defer_norm_check:
+                flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+                flag.copy_(ok, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(x.device))
+                self._pending_checks.append((done, flag, start, need))
+            elif not bool(ok):
+                self.length = start  # not committed
+                raise ValueError(_norm_range_message(start, need, start))
             return
         parts = {f: p for f, p in zip(self.FIELDS, self.codec.encode(x)) if p is not None}
         self._reserve(need, {f: (tuple(p.shape[:2]), tuple(p.shape[3:]), p.dtype, p.device) for f, p in parts.items()})
@@ -394,6 +427,7 @@ class PackedStore:
         [B, H, >= length, D] destination whose first ``length`` rows are written (no extra copy on
         the kernel path); returns those rows.
         """
+        self.check_norms()
         c, n = self.codec, self.length
         tables = self._dequantize_tables()
         if tables is not None:
@@ -416,6 +450,7 @@ class PackedStore:
 
     def crop(self, n_keep: int) -> None:
         self.length = min(self.length, max(0, n_keep))
+        self._pending_checks = [p for p in self._pending_checks if p[2] < self.length]
 
     def index_batch(self, fn) -> None:
         for f, buf in self._buffers().items():
@@ -521,7 +556,15 @@ class TurboQuantLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         self.keys, self.values = self.residual_keys(), self.residual_values()
 
+    def check_norms(self, wait: bool = False) -> None:
+        """:meth:`PackedStore.check_norms` of both stores (raises if an append stored a norm
+        beyond float16); polled without waiting at every update/append."""
+        for store in (self.key_store, self.value_store):
+            if store is not None:
+                store.check_norms(wait)
+
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.check_norms()
         R, t = self.settings.residual_length, k.shape[-2]
         total = self._r + t
         if R and total < R:  # fits in the window
@@ -715,6 +758,17 @@ class TurboQuantCache(Cache):
                 "(was the cache built from another model's config?)"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_norms(self) -> None:
+        """Wait for and read every pending float16 norm-range check of the compressed layers
+        (CUDA kernel appends check without a host sync; each update polls the landed ones).
+        Raises ``ValueError`` naming the layer if an appended vector's norm did not fit."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, TurboQuantLayer):
+                try:
+                    layer.check_norms(wait=True)
+                except ValueError as err:
+                    raise ValueError(f"layer {i}: {err}") from None
 
     def nbytes(self) -> "MemoryReport":
         return cache_nbytes(self)

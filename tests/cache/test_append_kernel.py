@@ -247,3 +247,31 @@ def test_kernel_append_model_logits_gpu(cuda):
     print(f"kernel vs torch append: max |Δlogit| {diff:.3g} (logit scale {scale:.3g})")
     # a layout error would scramble the compressed attention; boundary flips move logits by far less
     assert diff <= 1e-2 * scale, f"kernel vs torch append: max |Δlogit| {diff:.3g} (logit scale {scale:.3g})"
+
+
+@pytest.mark.gpu
+def test_kernel_append_norm_overflow_is_raised_without_a_host_sync_gpu(cuda):
+    """CUDA kernel appends read the float16 norm-range verdict asynchronously: an overflowing
+    append is reported at the latest by the layer's next update (or ``cache.check_norms()``), the
+    store cropped to the tokens before it; the check itself adds no host synchronisation."""
+    cfg = tiny_config("qwen3_5_text", head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64)
+    cache = TurboQuantCache(cfg, key_bits=3.5, value_bits=3.5, residual_length=0)
+    idx = cache.compressed_layers[0]
+    k = torch.randn(1, 2, 3, 64, device=cuda)
+    cache.update(k, k, idx)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call in the append path raises
+    try:
+        cache.update(k * 1e5, k, idx)  # enqueued; the verdict lands later
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"layer \d+: a vector norm appended at tokens \[3, 6\) exceeds the float16"):
+        cache.check_norms()
+    layer = cache.layers[idx]
+    assert layer.key_store.length == 3, "the store keeps only the tokens before the failed append"
+    # the next update reports it too, when nobody called check_norms
+    cache2 = TurboQuantCache(cfg, key_bits=3.5, value_bits=3.5, residual_length=0)
+    cache2.update(k, k, idx)
+    cache2.update(k * 1e5, k, idx)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"tokens \[3, 6\) exceeds the float16"):
+        cache2.update(k, k, idx)
