@@ -4,9 +4,10 @@ What a full-precision attention over the cache needs: a chunked prefill runs SDP
 history, so every chunk after the first reads the packed stores back as ``[B, H, L, d]`` tensors.
 The pure-torch path (``CentroidTable.gather`` + a GEMM against ``Π``) makes several passes over
 float32 intermediates; this kernel reads ``d·bits/8 + 2`` bytes a vector, unpacks both code
-segments into centroids in registers (the decode kernel's SWAR unpack and pair table), scales by
-the norm, un-rotates with an in-register FWHT (``Π^T y = s ∘ H y / sqrt(d)``) and writes ``d``
-values of the output dtype straight into the caller's buffer (e.g. the front of the tensor the
+segments into centroids in registers (the decode kernel's SWAR unpack and pair table), un-rotates
+with one tensor-core product against the ±1 matrix ``H diag(s)`` (rows in the kernel's coordinate
+order; exact in float16), scales by ``||x|| / sqrt(d)`` and writes ``d`` values of the output
+dtype straight into the caller's buffer (e.g. the front of the tensor the
 residual window is appended to).
 
 Reads top to bottom: pure-torch reference, Triton kernel, wrapper.
@@ -18,14 +19,13 @@ import math
 
 import torch
 
-from turboquant.kernels._common import HAS_TRITON, KernelTables, check_head_dim
+from turboquant.kernels._common import HAS_TRITON, KernelTables, check_head_dim, coord_perm
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from turboquant.kernels._common import fwht_tile
-    from turboquant.kernels.decode_attention import _natural, _unpack_segment
+    from turboquant.kernels.decode_attention import _unpack_segment
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,13 +50,14 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["length"])
     def _dequantize_kernel(
-        c_ptr, n_ptr, lut_ptr, sign_ptr, out_ptr,
+        c_ptr, n_ptr, lut_ptr, p_ptr, out_ptr,
         length, H,
         sc_b, sc_h, sn_b, sn_h, sn_t, so_b, so_h, so_t,
         D: tl.constexpr, INV_SQRT_D: tl.constexpr,
         BA: tl.constexpr, PA: tl.constexpr, SA: tl.constexpr,
         BB: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
-        ROW: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, USE_ASM: tl.constexpr,
+        ROW: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+        USE_ASM: tl.constexpr,
     ):
         # grid (cdiv(length, BLOCK_T), B·H): BLOCK_T rows of one (sequence, head).
         # Reads BLOCK_T · (d·bits/8 + 2) bytes, writes BLOCK_T · d output values.
@@ -70,21 +71,36 @@ if HAS_TRITON:
         rows = c_ptr + tl.multiple_of(b * sc_b + h * sc_h, ALIGN) + offs_t * ROW
         ya = _unpack_segment(rows, tmask, lut_ptr, BA, PA, SA, D2, BLOCK_T, USE_ASM)
         yb = _unpack_segment(rows, tmask, lut_ptr + 256, BB, PB, SB, D2, BLOCK_T, USE_ASM)
-        # kernel position order: [segment A | segment B], each in _perm_coords order
-        y = tl.reshape(tl.permute(tl.join(ya, yb), (0, 2, 1)), (BLOCK_T, D)).to(tl.float32)
-        nrm = tl.load(n_ptr + b * sn_b + h * sn_h + offs_t * sn_t, mask=tmask, other=0.0).to(tl.float32)
-        # Π^T y = s ∘ H y / sqrt(d); the FWHT in position order lands H y at the same permuted positions
-        x = fwht_tile(y, BLOCK_T, D)
-        nat = _natural(D)
-        sgn = tl.load(sign_ptr + nat)
-        x = x * (sgn * INV_SQRT_D)[None, :] * nrm[:, None]
+        # kernel position order: [segment A | segment B], each in _perm_coords order (float16 centroids)
+        y = tl.reshape(tl.permute(tl.join(ya, yb), (0, 2, 1)), (BLOCK_T, D))
+        scale = tl.load(n_ptr + b * sn_b + h * sn_h + offs_t * sn_t, mask=tmask, other=0.0).to(tl.float32) * INV_SQRT_D
+        # x̃ = ||x|| y Π = ||x|| / sqrt(d) · y_pos (H diag(s))[nat, :]: ±1 float16 entries, so the
+        # tensor-core product of float16 centroids is exact up to float32 accumulation
+        offs_k = tl.arange(0, D)
         out_rows = out_ptr + b * so_b + h * so_h + offs_t * so_t
-        tl.store(out_rows[:, None] + nat[None, :], x.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
+        for j0 in tl.static_range(0, D, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            pm = tl.load(p_ptr + offs_k[:, None] * D + offs_j[None, :])
+            x = tl.dot(y, pm) * scale[:, None]
+            tl.store(out_rows[:, None] + offs_j[None, :], x.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 # ------------------------------------------------------------------------------------------------
 # wrapper
 # ------------------------------------------------------------------------------------------------
+def signed_hadamard_positions(tables: KernelTables) -> torch.Tensor:
+    """float16 [d, d] ``(H diag(s))[nat, :]`` (entries ±1): row ``k`` is the row of ``H diag(s)``
+    of the coordinate the kernels hold at position ``k``; cached on ``tables``."""
+    cache = tables.__dict__.setdefault("_dequantize", {})
+    if "pm" not in cache:
+        d = tables.d
+        half = coord_perm(d // 2)
+        nat = torch.cat([half, half + d // 2])
+        pm = tables.rot.detach().cpu().double() * math.sqrt(d)  # Π·sqrt(d) = H diag(s), ±1
+        cache["pm"] = pm[nat].round().to(torch.float16).contiguous().to(tables.device)
+    return cache["pm"]
+
+
 def _word_align(c32: torch.Tensor) -> int:
     a = 4
     while a > 1 and (c32.stride(0) % a or c32.stride(1) % a or c32.storage_offset() % a):
@@ -138,17 +154,21 @@ def dequantize(
         return out[:, :, :0]
     if not HAS_TRITON:
         raise RuntimeError("dequantize needs Triton; use dequantize_reference")
-    block_t = block_t or (32 if d == 256 else 64)
+    block_t = block_t or 64
     c32 = codes.view(torch.int32)
     (ba, pa, sa), (bb, pb, sb) = tables.seg
+    pm = signed_hadamard_positions(tables)
+    if pm.device != codes.device:
+        raise ValueError(f"`tables` live on {pm.device}, the codes on {codes.device}")
     _dequantize_kernel[(triton.cdiv(length, block_t), B * H)](
-        c32, norms, tables.lut32, tables.signs, out,
+        c32, norms, tables.lut32, pm, out,
         length, H,
         c32.stride(0), c32.stride(1), norms.stride(0), norms.stride(1), norms.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         D=d, INV_SQRT_D=1.0 / math.sqrt(d),
         BA=ba, PA=pa, SA=sa, BB=bb, PB=pb, SB=sb,
-        ROW=nb // 4, ALIGN=_word_align(c32), BLOCK_T=block_t, USE_ASM=codes.device.type == "cuda",
+        ROW=nb // 4, ALIGN=_word_align(c32), BLOCK_T=block_t, BLOCK_J=min(d, 64),
+        USE_ASM=codes.device.type == "cuda",
         num_warps=4,
     )
     return out[:, :, :length]
