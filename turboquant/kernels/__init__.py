@@ -26,6 +26,7 @@ from turboquant.kernels._common import (
     KernelTables,
 )
 from turboquant.kernels.decode_attention import (
+    KeyQJL,
     decode_attention,
     decode_attention_reference,
     decode_attention_store,
@@ -68,6 +69,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_reference",
     "decode_attention_store",
+    "KeyQJL",
     # the attention hook (turboquant.attention dispatches here on CUDA)
     "compressed_attention_cuda",
 ]

@@ -1,8 +1,13 @@
 """Decode attention directly over TurboQuant packed codes (flash-decoding, GQA, residual window).
 
 For one new query token per sequence, ``out = softmax(q K^T · scaling) V`` where the first
-``length`` keys/values are TurboQuant-mse codes (``PackedStore``, bit planes, rotated domain) and
-the last ``R`` are the full-precision residual window. Nothing is dequantized to memory:
+``length`` keys/values are TurboQuant codes (``PackedStore``, bit planes, rotated domain) and
+the last ``R`` are the full-precision residual window. Values are TurboQuant-mse; keys are
+TurboQuant-mse or TurboQuant-prod (MSE at ``b-1`` bits + QJL, :class:`KeyQJL`), scored as
+
+    <q, k̃> = ||k|| (Π q)·c[idx]  +  √(π/2)/d · ||r|| · (S q)·z,   z = sign(S r) ∈ {±1}^d.
+
+Nothing is dequantized to memory:
 
 1. split-K partial kernel, grid ``(splits, B·H_kv)``: each program rotates the group's queries in
    registers (FWHT, ``Π_k q · scaling · log2 e``), streams a chunk of packed rows of one KV head,
@@ -10,15 +15,22 @@ the last ``R`` are the full-precision residual window. Nothing is dequantized to
    planes, then one table load per code pair), scores all ``G = H_q/H_kv`` query heads of the group
    with one tensor-core product (``score = (q_rot · c[idx]) · ||k||``), runs the online softmax and
    accumulates ``p · ||v|| · c[idx_v]`` in the *rotated* value domain. Extra programs take the
-   residual window (full precision, original domain) in chunks of 64 tokens;
+   residual window (full precision, original domain) in chunks of 64 tokens. Prod keys (constexpr
+   ``K_QJL``; the MSE-only kernel compiles to the same code as without it): the wrapper computes
+   ``S q`` once a call (one small torch matmul, pre-scaled to log2 units, float16); per block the
+   program expands the QJL bits (``d/32`` int32 words a row, word ``w`` bit ``j`` = coordinate
+   ``32w + j``) one word column at a time to ±1 float16, accumulates ``(S q) z^T`` with
+   tensor-core products (K = 32) and adds it times ``||r||`` to the score;
 2. combine kernel, grid ``(B·H_q,)``: merges all splits with one softmax denominator, un-rotates
    the compressed part once per head (FWHT, ``Π_v^T``) and adds the residual part.
 
 Two launches, no [d, d] matrices, no host synchronisation (CUDA-graph capturable).
 
 Memory traffic per KV head and token: ``2 · (d·bits/8 + 2)`` bytes (K and V codes + norms), i.e.
-228 B at d=256 / 3.5 bits against 1024 B for bf16 K/V (4.5x less); partials add
-``splits · G · (d + 2) · 4`` bytes a KV head, written once and read once.
+228 B at d=256 / 3.5 bits against 1024 B for bf16 K/V (4.5x less); prod keys add 2 B (``||r||``)
+at the same bit width (``d(b-1)/8`` code bytes + ``d/8`` QJL bytes); partials add
+``splits · G · (d + 2) · 4`` bytes a KV head, written once and read once. The CUDA kernel
+(:mod:`turboquant.kernels.cuda_decode`) has no QJL path: prod keys always run in Triton.
 
 Reads top to bottom: pure-torch reference, Triton kernels, wrapper.
 """
@@ -28,6 +40,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext as _nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +52,44 @@ if HAS_TRITON:
     import triton.language as tl
 
     from turboquant.kernels._common import fwht_tile
+
+
+# ------------------------------------------------------------------------------------------------
+# TurboQuant-prod keys: the QJL part
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class KeyQJL:
+    """The QJL part of TurboQuant-prod keys (the MSE part at ``b-1`` bits is ``k_codes``/``k_norms``).
+
+    ``k̃ = ||k|| Π^T c[idx] + scale · ||r|| · S^T z`` with ``z = sign(S r)``, ``r`` the MSE residual.
+
+    Attributes:
+        qjl: uint8 ``[B, H_kv, capacity, d/8]``: ``z`` as one bit plane (bit ``j`` of byte ``k`` =
+            coordinate ``8k + j``, 1 = +1, 0 = -1; ``PackedStore.qjl``).
+        rnorms: float16 ``[B, H_kv, capacity]``: ``||r||`` (``PackedStore.rnorms``).
+        S: float32 ``[d, d]`` QJL matrix on the query's device (``TurboQuantProd.S``, ``TensorCodec.S``).
+        scale: ``√(π/2)/d`` (``TurboQuantProd.qjl_scale``).
+    """
+
+    qjl: torch.Tensor
+    rnorms: torch.Tensor
+    S: torch.Tensor
+    scale: float
+
+    @classmethod
+    def from_store(cls, store) -> "KeyQJL":
+        """From a prod-mode ``PackedStore`` (``.qjl``, ``.rnorms``, ``.codec.S``, ``.codec.qjl_scale``)."""
+        codec = getattr(store, "codec", None)
+        if getattr(codec, "S", None) is None:
+            raise ValueError("the key store holds QJL codes but its `codec` has no QJL matrix `S`")
+        return cls(qjl=store.qjl, rnorms=store.rnorms, S=codec.S, scale=float(codec.qjl_scale))
+
+    def dequantize(self, length: int) -> torch.Tensor:
+        """``scale · ||r|| · S^T z`` float32 ``[B, H_kv, length, d]`` (row vectors: ``z @ S``)."""
+        d = self.S.shape[0]
+        z = unpack_bits(self.qjl[:, :, :length].contiguous(), 1, d).to(torch.float32) * 2 - 1
+        rn = self.rnorms[:, :, :length].to(torch.float32).unsqueeze(-1)
+        return self.scale * rn * (z @ self.S.to(device=z.device, dtype=torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,13 +123,17 @@ def decode_attention_reference(
     scaling: float,
     residual_k: torch.Tensor | None = None,
     residual_v: torch.Tensor | None = None,
+    k_qjl: KeyQJL | None = None,
 ) -> torch.Tensor:
     """Materialising float32 reference: dequantize ``[0, length)``, append the residual window,
-    GQA softmax attention. ``query`` [B, H_q, 1, d] -> [B, 1, H_q, d] (query dtype)."""
+    GQA softmax attention. ``query`` [B, H_q, 1, d] -> [B, 1, H_q, d] (query dtype). With
+    ``k_qjl`` (prod keys) ``k̃ = ||k|| Π^T c[idx] + √(π/2)/d · ||r|| · S^T z``."""
     B, Hq, Tq, d = query.shape
     Hkv = k_codes.shape[1]
     dev = query.device
     k = unpack_rotated_reference(k_codes[:, :, :length], k_norms[:, :, :length], k_tables) @ k_tables.rot.to(dev)
+    if k_qjl is not None:
+        k = k + k_qjl.dequantize(length).to(dev)
     v = unpack_rotated_reference(v_codes[:, :, :length], v_norms[:, :, :length], v_tables) @ v_tables.rot.to(dev)
     if residual_k is not None and residual_k.shape[2] > 0:
         k = torch.cat([k, residual_k.to(torch.float32)], dim=2)
@@ -181,6 +236,24 @@ if HAS_TRITON:
         return (k // D2) * D2 + coord
 
     @triton.jit
+    def _qjl_scores(row_ptr, nmask, sq_rows, gmask, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``(S q) · z`` float32 [G_PAD, BLOCK_N] for ``BLOCK_N`` QJL rows (``row_ptr``: int32
+        pointers to the row starts, ``d/32`` words a row; word ``w`` bit ``j`` = coordinate
+        ``32w + j``). One word column at a time: bits -> ±1 float16 [BLOCK_N, 32], one tensor-core
+        product with the matching 32 coordinates of ``S q`` (float16 rows ``sq_rows``, L1-resident),
+        so only a [32, BLOCK_N] tile is expanded at once. (Offline ptxas, sm_90, d=256, 64 tokens,
+        4 warps: one [BLOCK_N, d] tile and one product took 255 registers + stack; this form 188,
+        against 134 for the mse-only kernel.)"""
+        offs_j = tl.arange(0, 32)
+        acc = tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32)
+        for w in tl.static_range(D // 32):
+            word = tl.load(row_ptr + w, mask=nmask, other=0)
+            zt = (((word[None, :] >> offs_j[:, None]) & 1) * 2 - 1).to(tl.float16)  # [32, BLOCK_N]
+            sq = tl.load(sq_rows[:, None] + (32 * w + offs_j)[None, :], mask=gmask[:, None], other=0.0)
+            acc = tl.dot(sq.to(tl.float16), zt, acc)
+        return acc
+
+    @triton.jit
     def _residual_part(q_rows, gmask, part, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr, b, h, pid_s, S_C, R, chunk_r,
                        qk_scale, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
                        G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, RES_IEEE: tl.constexpr):
@@ -223,12 +296,13 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r", "S_BASE"])
     def _decode_partial_kernel(
         q_ptr, ksign_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, klut_ptr, vlut_ptr, rk_ptr, rv_ptr,
-        m_ptr, l_ptr, acc_ptr,
+        m_ptr, l_ptr, acc_ptr, sqj_ptr, kq_ptr, kr_ptr,
         length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, S_BASE,
         sq_b, sq_h,
         skc_b, skc_h, skc_n, skn_b, skn_h, skn_n,
         svc_b, svc_h, svc_n, svn_b, svn_h, svn_n,
         srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
+        ssj_b, ssj_h, skq_b, skq_h, skq_n, skr_b, skr_h, skr_n,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, INV_SQRT_D: tl.constexpr,
         KBA: tl.constexpr, KPA: tl.constexpr, KSA: tl.constexpr,
         KBB: tl.constexpr, KPB: tl.constexpr, KSB: tl.constexpr,
@@ -236,10 +310,12 @@ if HAS_TRITON:
         VBB: tl.constexpr, VPB: tl.constexpr, VSB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, RES_IEEE: tl.constexpr,
         K_ROW: tl.constexpr, V_ROW: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+        K_QJL: tl.constexpr,
     ):
         # Programs [0, S_C): `chunk` packed tokens of one KV head, all G query heads of the group.
         #   Reads chunk · 2 · (d·bits/8 + 2) bytes; writes G · (d + 2) float32 partials (rotated
-        #   domain, kernel position order).
+        #   domain, kernel position order). K_QJL (prod keys): also chunk · (d/8 + 2) bytes of QJL
+        #   bits + ||r||, scored against S q (sqj_ptr: [B, H_q, d] float16, natural order, log2 units).
         # Programs [S_C, S): `chunk_r` residual-window tokens, full precision, natural order.
         #   Reads chunk_r · 2 · d values; writes G · (d + 2) float32.
         # The grid may start at split S_BASE (the CUDA kernel took the compressed splits).
@@ -263,6 +339,7 @@ if HAS_TRITON:
             sgn = tl.load(ksign_ptr + nat)
             qr = fwht_tile(q * sgn[None, :], G_PAD, D) * (qk_scale * INV_SQRT_D)
             qa, qb = tl.split(tl.permute(tl.reshape(qr.to(tl.float16), (G_PAD, 2, D2)), (0, 2, 1)))
+            sqj_rows = sqj_ptr + b * ssj_b + (h * G + g) * ssj_h  # prod keys: S q rows of the group
 
             m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((G_PAD,), dtype=tl.float32)
@@ -275,11 +352,20 @@ if HAS_TRITON:
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < end
                 krow = kc_base + offs_n * K_ROW
+                if K_QJL:  # √(π/2)/d · ||r|| · (S q)·z (constant folded into sqj); before the MSE
+                    # unpack, so its temporaries are dead by then (fewer registers than after it)
+                    qjl_rows = kq_ptr + b * skq_b + h * skq_h + offs_n * skq_n
+                    sj = _qjl_scores(qjl_rows, nmask, sqj_rows, gmask, G_PAD, D, BLOCK_N)
+                    kr = tl.load(kr_ptr + b * skr_b + h * skr_h + offs_n * skr_n, mask=nmask, other=0.0).to(tl.float32)
+                    sj = sj * kr[None, :]
                 ka = _unpack_segment(krow, nmask, klut_ptr, KBA, KPA, KSA, D2, BLOCK_N, USE_ASM)
                 kb = _unpack_segment(krow, nmask, klut_ptr + 256, KBB, KPB, KSB, D2, BLOCK_N, USE_ASM)
                 sc = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))  # [G_PAD, BLOCK_N], log2 units
                 kn = tl.load(kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n, mask=nmask, other=0.0).to(tl.float32)
-                sc = tl.where(nmask[None, :], sc * kn[None, :], float("-inf"))
+                sc = sc * kn[None, :]
+                if K_QJL:
+                    sc += sj
+                sc = tl.where(nmask[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(sc - m_new[:, None])
@@ -394,6 +480,38 @@ def _check_store(name: str, codes: torch.Tensor, norms: torch.Tensor, tables: Ke
         raise ValueError(f"length {length} exceeds the {name} store capacity {codes.shape[2]}")
 
 
+def _check_qjl(k_qjl: KeyQJL, k_codes: torch.Tensor, d: int, device: torch.device) -> None:
+    """Validate the QJL part of prod keys against the key store (shapes, dtypes, layout, device)."""
+    if not isinstance(k_qjl, KeyQJL):
+        raise TypeError(f"`k_qjl` must be a KeyQJL (or None), got {type(k_qjl).__name__}")
+    want = (*k_codes.shape[:3], d // 8)
+    qjl, rn, S = k_qjl.qjl, k_qjl.rnorms, k_qjl.S
+    if not isinstance(qjl, torch.Tensor) or qjl.dtype != torch.uint8 or tuple(qjl.shape) != want:
+        got = f"{qjl.dtype} {tuple(qjl.shape)}" if isinstance(qjl, torch.Tensor) else type(qjl).__name__
+        raise ValueError(f"`k_qjl.qjl` must be uint8 [B, H_kv, capacity, d/8] = {want} (the key store's "
+                         f"[B, H_kv, capacity] and d={d}), got {got}")
+    if qjl.stride(-1) != 1 or any(st % 4 for st in qjl.stride()[:-1]) or qjl.storage_offset() % 4:
+        raise ValueError("`k_qjl.qjl` rows must be contiguous and 4-byte aligned: the kernel reads 32-bit words")
+    if not isinstance(rn, torch.Tensor) or rn.dtype != torch.float16 or tuple(rn.shape) != want[:3]:
+        got = f"{rn.dtype} {tuple(rn.shape)}" if isinstance(rn, torch.Tensor) else type(rn).__name__
+        raise ValueError(f"`k_qjl.rnorms` must be float16 [B, H_kv, capacity] = {want[:3]}, got {got}")
+    if not isinstance(S, torch.Tensor) or not S.is_floating_point() or tuple(S.shape) != (d, d):
+        got = f"{S.dtype} {tuple(S.shape)}" if isinstance(S, torch.Tensor) else type(S).__name__
+        raise ValueError(f"`k_qjl.S` must be a float [d, d] = ({d}, {d}) QJL matrix, got {got}")
+    for name, t in (("qjl", qjl), ("rnorms", rn), ("S", S)):
+        if t.device != device:
+            raise ValueError(f"`k_qjl.{name}` is on {t.device}, the query on {device}: move it once, not every call")
+    if not (isinstance(k_qjl.scale, (int, float)) and math.isfinite(k_qjl.scale) and k_qjl.scale > 0):
+        raise ValueError(f"`k_qjl.scale` must be a positive finite float (√(π/2)/d), got {k_qjl.scale!r}")
+
+
+def _qjl_query(query: torch.Tensor, k_qjl: KeyQJL, qk_scale: float) -> torch.Tensor:
+    """``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, d]: the query side of the QJL score in
+    the kernel's log2 units (one small matmul a call)."""
+    sq = torch.matmul(query[:, :, 0].to(torch.float32), k_qjl.S.to(torch.float32).T)
+    return (sq * (qk_scale * float(k_qjl.scale))).to(torch.float16)
+
+
 def decode_attention(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -412,8 +530,11 @@ def decode_attention(
     num_stages: int = 1,
     programs_per_sm: int | None = None,
     backend: str = "auto",
+    k_qjl: KeyQJL | None = None,
 ) -> torch.Tensor:
-    """Decode attention of one query token over a packed TurboQuant-mse KV store + residual window.
+    """Decode attention of one query token over a packed TurboQuant KV store + residual window
+    (mse keys and values; or prod keys: ``k_codes``/``k_norms``/``k_tables`` the MSE part at
+    ``b-1`` bits plus ``k_qjl``).
 
     Args:
         query: [B, H_q, 1, d] float (bf16/fp16/fp32); H_q a multiple of H_kv.
@@ -430,6 +551,10 @@ def decode_attention(
             :mod:`turboquant.kernels.cuda_decode`: head_dim 256, G <= 8; raises where it does not
             apply) or "auto" (cuda where it applies and B·H_kv·length >= 65536, the measured
             crossover; else triton). The residual window and the combine step run in Triton.
+            Prod keys (``k_qjl``) always run in Triton; backend="cuda" raises for them.
+        k_qjl: the QJL part of TurboQuant-prod keys (:class:`KeyQJL`: bit plane uint8
+            [B, H_kv, capacity, d/8], ``||r||`` float16 [B, H_kv, capacity], ``S`` [d, d] and
+            ``√(π/2)/d``), or None for mse keys.
     Returns:
         [B, 1, H_q, d] in the query's dtype.
     """
@@ -443,6 +568,8 @@ def decode_attention(
         raise ValueError(f"tables built for d={k_tables.d}/{v_tables.d}, query has d={d}")
     _check_store("k", k_codes, k_norms, k_tables, B, length)
     _check_store("v", v_codes, v_norms, v_tables, B, length)
+    if k_qjl is not None:
+        _check_qjl(k_qjl, k_codes, d, query.device)
     Hkv = k_codes.shape[1]
     if Hq % Hkv:
         raise ValueError(f"H_q={Hq} must be a multiple of H_kv={Hkv}")
@@ -460,7 +587,10 @@ def decode_attention(
     if backend not in ("auto", "triton", "cuda"):
         raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
     use_cuda = False
-    if backend != "triton" and length > 0:
+    if backend == "cuda" and k_qjl is not None:
+        raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
+                         "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")
+    if backend != "triton" and length > 0 and k_qjl is None:
         from turboquant.kernels import cuda_decode
 
         use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms)
@@ -515,6 +645,10 @@ def decode_attention(
     vc32 = v_codes.view(torch.int32)
     rk = residual_k if R else query  # dummy pointers when there is no residual window
     rv = residual_v if R else query
+    # prod keys: S q in log2 units, QJL words, ||r||; dummies (never read) for mse keys
+    sqj = _qjl_query(query, k_qjl, qk_scale) if k_qjl is not None else query[:, :, 0]
+    kq32 = k_qjl.qjl.view(torch.int32) if k_qjl is not None else kc32
+    krn = k_qjl.rnorms if k_qjl is not None else k_norms
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
     side = None
@@ -527,19 +661,21 @@ def decode_attention(
         with torch.cuda.stream(side) if side is not None else _nullcontext():
             LAST_LAUNCH["partial"] = _decode_partial_kernel[(S - s_base, B * Hkv)](
                 query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
-                m_part, l_part, acc_part,
+                m_part, l_part, acc_part, sqj, kq32, krn,
                 length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, s_base,
                 query.stride(0), query.stride(1),
                 kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
                 vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
                 rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+                sqj.stride(0), sqj.stride(1), kq32.stride(0), kq32.stride(1), kq32.stride(2),
+                krn.stride(0), krn.stride(1), krn.stride(2),
                 G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
                 KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
                 VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
                 BLOCK_N=64 if use_cuda else block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
                 RES_IEEE=bool(R) and rk.dtype == torch.float32,
                 K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
-                K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
+                K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32), K_QJL=k_qjl is not None,
                 num_warps=num_warps, num_stages=num_stages,
             )
     if use_cuda:
@@ -566,11 +702,19 @@ def decode_attention_store(
     residual_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`decode_attention` over two ``PackedStore``-like objects (``.codes``, ``.norms``,
-    ``.length``; MSE mode: ``.qjl`` must be None)."""
-    for name, st in (("k", k_store), ("v", v_store)):
-        if getattr(st, "qjl", None) is not None:
-            raise NotImplementedError(f"{name} store holds QJL (prod) codes: the kernels support mode='mse' only")
+    ``.length``). Keys: mse, or prod (``.qjl``, ``.rnorms``, ``.codec.S``, ``.codec.qjl_scale``;
+    ``k_tables`` then describe the MSE part, ``KernelTables.from_quantizer(codec.mse)``), prod at
+    ``b >= 2`` bits only. Values: mse only (``.qjl`` must be None)."""
+    if getattr(v_store, "qjl", None) is not None:
+        raise NotImplementedError("the value store holds QJL (prod) codes: the kernels take TurboQuant-prod keys "
+                                  "but mse values only (value_mode='mse'); use the torch reference for prod values")
+    k_qjl = None
+    if getattr(k_store, "qjl", None) is not None:
+        if k_store.codes is None:
+            raise ValueError("prod keys at 1 bit have no MSE part (no codes): the kernels need TurboQuant-prod "
+                             "keys of 2, 2.5, 3, 3.5 or 4 bits")
+        k_qjl = KeyQJL.from_store(k_store)
     return decode_attention(
         query, k_store.codes, k_store.norms, v_store.codes, v_store.norms, int(k_store.length),
-        k_tables, v_tables, scaling, residual_k, residual_v,
+        k_tables, v_tables, scaling, residual_k, residual_v, k_qjl=k_qjl,
     )

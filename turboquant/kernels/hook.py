@@ -3,34 +3,57 @@
 ``compressed_attention(query, layer, scaling, mask)`` calls :func:`compressed_attention_cuda`
 first; it returns ``None`` (and the pure-torch reference runs) wherever the kernels do not apply:
 more than one query token (prefill / chunked prefill), an explicit attention mask (padding), QJL
-(prod) codes, a dense rotation, or a head dim outside ``SUPPORTED_HEAD_DIMS``.
+(prod) *values*, prod keys at 1 bit (no MSE part), a dense rotation, or a head dim outside
+``SUPPORTED_HEAD_DIMS``. Prod keys of 2 ... 4 bits run in the Triton kernel: the MSE part (``b-1``
+bits) from ``codec.mse``'s tables, the QJL term ``√(π/2)/d · ||r|| · (S q)·z`` from ``codec.S``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from turboquant.kernels._common import HAS_TRITON, SUPPORTED_HEAD_DIMS, KernelTables
 
+if TYPE_CHECKING:  # pragma: no cover
+    from turboquant.quantizer import TurboQuantMSE
+
+
+def _mse_part(codec) -> "TurboQuantMSE":
+    """The TurboQuant-mse quantizer of a codec: itself in mse mode, the ``b-1``-bit part in prod mode."""
+    mse = getattr(codec, "mse", None)
+    return mse if mse is not None else getattr(codec.quantizer, "mse", codec.quantizer)
+
 
 def compressed_attention_cuda(query: torch.Tensor, layer, scaling: float, attention_mask) -> torch.Tensor | None:
     """Decode attention of ``query`` [B, H_q, 1, D] over a ``TurboQuantLayer`` (packed K/V stores +
     residual window) with the Triton kernel; ``[B, 1, H_q, D]`` or ``None`` when not applicable."""
-    if not HAS_TRITON or not query.is_cuda or query.shape[2] != 1 or attention_mask is not None:
+    if not query.is_cuda:
+        return None
+    return fused_decode(query, layer, scaling, attention_mask)
+
+
+def fused_decode(query: torch.Tensor, layer, scaling: float, attention_mask) -> torch.Tensor | None:
+    """:func:`compressed_attention_cuda` without the CUDA check (on CPU tensors it needs
+    ``TRITON_INTERPRET=1``: the tests run the whole decode path through it there)."""
+    if not HAS_TRITON or query.shape[2] != 1 or attention_mask is not None:
         return None
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return None
     ks, vs = getattr(layer, "key_store", None), getattr(layer, "value_store", None)
     if ks is None or vs is None or ks.codes is None or vs.codes is None:
-        return None
-    if getattr(ks, "qjl", None) is not None or getattr(vs, "qjl", None) is not None:
-        return None
-    kq, vq = ks.codec.quantizer, vs.codec.quantizer
+        return None  # nothing stored yet, or prod at 1 bit (QJL only)
+    if getattr(vs, "qjl", None) is not None:
+        return None  # prod values: the kernels accumulate mse values only
+    kq, vq = _mse_part(ks.codec), _mse_part(vs.codec)
     if getattr(kq.rotation, "kind", None) != "hadamard" or getattr(vq.rotation, "kind", None) != "hadamard":
         return None
-    from turboquant.kernels.decode_attention import decode_attention
+    from turboquant.kernels.decode_attention import KeyQJL, decode_attention
 
     kt = KernelTables.from_quantizer(kq, query.device)
     vt = KernelTables.from_quantizer(vq, query.device)
+    k_qjl = KeyQJL.from_store(ks) if getattr(ks, "qjl", None) is not None else None
     rk, rv = layer.residual_keys(), layer.residual_values()
-    return decode_attention(query, ks.codes, ks.norms, vs.codes, vs.norms, int(ks.length), kt, vt, scaling, rk, rv)
+    return decode_attention(query, ks.codes, ks.norms, vs.codes, vs.norms, int(ks.length), kt, vt, scaling, rk, rv,
+                            k_qjl=k_qjl)
