@@ -345,9 +345,10 @@ class PackedStore:
         store to the tokens before that append and raises ``ValueError``."""
         while self._pending_checks:
             done, flag, start, stop = self._pending_checks[0]
-            if not wait and not done.query():
-                return
-            done.synchronize()
+            if not done.query():
+                if not wait:
+                    return
+                done.synchronize()
             self._pending_checks.pop(0)
             if not bool(flag):
                 self._pending_checks.clear()
