@@ -44,7 +44,7 @@ def kdev() -> torch.device:
     return dev
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cuda() -> torch.device:
     """A CUDA device with compiled (not interpreted) Triton; skips otherwise."""
     if not torch.cuda.is_available():

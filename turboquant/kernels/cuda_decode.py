@@ -446,6 +446,8 @@ def supports(d: int, G: int, k_tables: KernelTables, v_tables: KernelTables, k_c
             return False
     if k_codes.shape[-1] != v_codes.shape[-1] or k_norms.stride(2) != 1 or v_norms.stride(2) != 1:
         return False
+    if any(st >= 2**31 for t in (k_codes, v_codes, k_norms, v_norms) for st in t.stride()):
+        return False  # the kernel takes 32-bit strides (64-bit slab offsets); Triton handles larger
     for c in (k_codes, v_codes):
         if c.stride(-1) != 1 or c.stride(2) != c.shape[-1] or c.data_ptr() % 16 or c.shape[-1] % 16 \
                 or any((s * c.element_size()) % 16 for s in c.stride()[:2]):

@@ -322,8 +322,8 @@ if HAS_TRITON:
         D2: tl.constexpr = D // 2
         pid_s = tl.program_id(0) + S_BASE
         pid_bh = tl.program_id(1)
-        b = pid_bh // Hkv
-        h = pid_bh % Hkv
+        b = (pid_bh // Hkv).to(tl.int64)  # 64-bit slab offsets: a store may exceed 2 GiB
+        h = (pid_bh % Hkv).to(tl.int64)
         g = tl.arange(0, G_PAD)
         gmask = g < G
         q_rows = q_ptr + b * sq_b + (h * G + g) * sq_h
@@ -397,7 +397,7 @@ if HAS_TRITON:
         # outputs. Compressed splits hold rotated values in kernel position order; residual splits
         # natural-order values, read here at the permuted offsets so both sums share one order.
         pid = tl.program_id(0)
-        b = pid // Hq
+        b = (pid // Hq).to(tl.int64)
         hq = pid % Hq
         Hkv = Hq // G
         bh = b * Hkv + hq // G
@@ -478,6 +478,9 @@ def _check_store(name: str, codes: torch.Tensor, norms: torch.Tensor, tables: Ke
         raise ValueError(f"`{name}_norms` must be float16 {tuple(codes.shape[:3])}, got {norms.dtype} {tuple(norms.shape)}")
     if length > codes.shape[2]:
         raise ValueError(f"length {length} exceeds the {name} store capacity {codes.shape[2]}")
+    if codes.shape[2] * codes.shape[3] // 4 >= 2**31:
+        raise ValueError(f"`{name}_codes` hold {codes.shape[2]} tokens a head: the kernels index one head's rows "
+                         f"with 32-bit word offsets (at most {(2**31 - 1) * 4 // codes.shape[3]} tokens a head)")
 
 
 def _check_qjl(k_qjl: KeyQJL, k_codes: torch.Tensor, d: int, device: torch.device) -> None:

@@ -64,9 +64,9 @@ if HAS_TRITON:
         D2: tl.constexpr = D // 2
         pid_t = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: stores and outputs may exceed 2 GiB
+        h = (pid_bh % H).to(tl.int64)
+        offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = offs_t < length
         rows = c_ptr + tl.multiple_of(b * sc_b + h * sc_h, ALIGN) + offs_t * ROW
         ya = _unpack_segment(rows, tmask, lut_ptr, BA, PA, SA, D2, BLOCK_T, USE_ASM)

@@ -82,7 +82,7 @@ if HAS_TRITON:
         # Memory traffic per row: read d input values (2 or 4 B each), write d·bits/8 code bytes
         # and one 2-byte norm. The rotation, search and packing stay in registers.
         pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit offsets: buffers may exceed 2 GiB
         rmask = rows < n_rows
         t = rows % T
         bh = rows // T
