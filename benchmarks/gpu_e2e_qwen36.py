@@ -210,7 +210,7 @@ def make_cache(spec: CacheSpec, cfg, args):
     if spec.bits is None:
         return DynamicCache(config=cfg)
     return TurboQuantCache(cfg, key_bits=spec.bits, value_bits=spec.bits, residual_length=args.residual,
-                           append_backend=spec.append_backend)
+                           append_backend=spec.append_backend, reserve_tokens=args.reserve_tokens)
 
 
 @torch.no_grad()
@@ -551,6 +551,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=0.0, help="lower --new-tokens so that all decode runs fit in this many seconds")
     ap.add_argument("--residual", type=int, default=128)
+    ap.add_argument("--reserve-tokens", type=int, default=0,
+                    help="TurboQuantCache(reserve_tokens=...): allocate the code buffers for this many tokens at once "
+                         "(no growth copies during a large fill)")
     ap.add_argument("--append-bench", action="store_true", help="CUDA: time quantize+pack alone, kernel vs torch")
     ap.add_argument("--profile-steps", type=int, default=0, help="after the measured decode, profile this many steps")
     ap.add_argument("--count-syncs", action="store_true",
@@ -564,6 +567,8 @@ def main() -> None:
     for name in ("new_tokens", "warmup", "repeats", "prompt_tokens", "fill_chunk_mib", "prefill_repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.reserve_tokens < 0:
+        raise SystemExit(f"--reserve-tokens must be >= 0, got {args.reserve_tokens}")
     if args.prefill_chunk < 0:
         raise SystemExit(f"--prefill-chunk must be >= 0 (0: one shot), got {args.prefill_chunk}")
     try:
@@ -602,6 +607,7 @@ def main() -> None:
         "params": n_params, "weights_GiB": _gib(weights), "build_s": build_s,
         "cases": [c.label + ":" + ",".join(s.name + ("" if s.decode else "/prefill") for s in c.caches) for c in cases],
         "new_tokens": args.new_tokens, "warmup_tokens": args.warmup, "repeats": args.repeats, "residual": args.residual,
+        "reserve_tokens": args.reserve_tokens,
         "prefill_chunk": args.prefill_chunk, "prefill_repeats": args.prefill_repeats, "prompt_tokens": args.prompt_tokens,
         "budget_s": args.budget_s, "tiny": args.tiny,
         "note": "random-init weights of the exact Qwen3.6-27B text shape: same speed and memory as real weights; "

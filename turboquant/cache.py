@@ -65,6 +65,10 @@ class TurboQuantCacheConfig:
         rotation: ``"hadamard"`` (head_dim a power of two) or ``"dense"``.
         seed: the quantizer of layer ``l``, tensor ``k|v`` is seeded from ``(seed, l, k|v)``;
             the QJL matrix ``S`` is one per cache (seeded from ``seed``).
+        reserve_tokens: the first allocation of every code buffer holds at least this many tokens
+            (0: exactly the first append). Growing a buffer allocates the larger one and copies the
+            old one in, so at large batch x context the transient copy of one store can be what
+            runs out of memory; reserving the expected length up front avoids every growth copy.
         chunk_tokens: code buffers grow by this many tokens (not by doubling), so the bytes pinned
             exceed the bytes used by less than one chunk.
         append_backend: how the stores encode appended keys/values and decode them back (the
@@ -90,6 +94,7 @@ class TurboQuantCacheConfig:
     seed: int = 0
     law: str = "beta"
     chunk_tokens: int = 256
+    reserve_tokens: int = 0
     append_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -113,6 +118,8 @@ class TurboQuantCacheConfig:
             raise ValueError(f"`residual_length` must be an int >= 0, got {self.residual_length!r}")
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
             raise ValueError(f"`chunk_tokens` must be an int >= 1, got {self.chunk_tokens!r}")
+        if isinstance(self.reserve_tokens, bool) or not isinstance(self.reserve_tokens, int) or self.reserve_tokens < 0:
+            raise ValueError(f"`reserve_tokens` must be an int >= 0, got {self.reserve_tokens!r}")
         if self.append_backend not in APPEND_BACKENDS:
             raise ValueError(f"`append_backend` must be one of {APPEND_BACKENDS}, got {self.append_backend!r}")
         if self.rotation not in ("hadamard", "dense"):
@@ -256,11 +263,12 @@ class PackedStore:
     # False: a blocking check at every append (benchmarks compare the two)
     defer_norm_check = True
 
-    def __init__(self, codec: TensorCodec, chunk_tokens: int, backend: str = "auto") -> None:
+    def __init__(self, codec: TensorCodec, chunk_tokens: int, backend: str = "auto", reserve_tokens: int = 0) -> None:
         if backend not in APPEND_BACKENDS:
             raise ValueError(f"`backend` must be one of {APPEND_BACKENDS}, got {backend!r}")
         self.codec = codec
         self.chunk_tokens = chunk_tokens
+        self.reserve_tokens = reserve_tokens
         self.backend = backend
         self.codes: torch.Tensor | None = None
         self.norms: torch.Tensor | None = None
@@ -325,11 +333,13 @@ class PackedStore:
 
     def _reserve(self, need: int, specs: dict[str, tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]]) -> None:
         """Grow the buffers named in ``specs`` (field -> (lead dims, trailing dims, dtype, device)) to hold
-        ``need`` tokens: the first allocation exact, later growth in whole chunks."""
+        ``need`` tokens: the first allocation exact (at least ``reserve_tokens``), later growth in whole
+        chunks (a new buffer, the old tokens copied in)."""
         if need <= self.capacity:
             return
         t = need - self.length
-        cap = need if self.capacity == 0 else self.length + math.ceil(t / self.chunk_tokens) * self.chunk_tokens
+        cap = max(need, self.reserve_tokens) if self.capacity == 0 else \
+            self.length + math.ceil(t / self.chunk_tokens) * self.chunk_tokens
         cap = max(cap, need)
         for f, (lead, trail, dtype, device) in specs.items():
             buf = torch.empty((*lead, cap, *trail), dtype=dtype, device=device)
@@ -507,8 +517,8 @@ class TurboQuantLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         s = self.settings
-        self.key_store = PackedStore(self._codec("k", self.device), s.chunk_tokens, s.append_backend)
-        self.value_store = PackedStore(self._codec("v", self.device), s.chunk_tokens, s.append_backend)
+        self.key_store = PackedStore(self._codec("k", self.device), s.chunk_tokens, s.append_backend, s.reserve_tokens)
+        self.value_store = PackedStore(self._codec("v", self.device), s.chunk_tokens, s.append_backend, s.reserve_tokens)
         self._rk = self._rv = None  # the window buffer exists only while it holds tokens
         self._r = 0
         self.is_initialized = True

@@ -252,3 +252,29 @@ def test_protected_layers_stay_exact(models):
     assert isinstance(cache.layers[0], TurboQuantLayer) and isinstance(cache.layers[1], ExactLayer)
     with pytest.raises(ValueError, match="protected_layers"):
         TurboQuantCache(m.config, protected_layers=(5,))
+
+
+def test_reserve_tokens_allocates_once_and_keeps_the_codes():
+    """``reserve_tokens``: the first allocation holds the reserved length, later appends within it
+    write in place (no growth copy), and the stored codes equal those of an unreserved cache."""
+    cfg = tiny_config("qwen3_5_text", **SHAPES["qwen3_5_text"])
+    gen = torch.Generator().manual_seed(4)
+    kv = [(torch.randn(2, 2, t, 64, generator=gen), torch.randn(2, 2, t, 64, generator=gen)) for t in (40, 1, 300, 7)]
+    layers = {}
+    for reserve in (0, 1000):
+        cache = TurboQuantCache(cfg, key_bits=3.5, value_bits=3.5, residual_length=0, reserve_tokens=reserve)
+        layer = cache.layers[cache.compressed_layers[0]]
+        buffers = []
+        for k, v in kv:
+            layer.append(k, v)
+            buffers.append(layer.key_store.codes.data_ptr())
+        layers[reserve] = (layer, buffers)
+    grown, reserved = layers[0][0], layers[1000][0]
+    assert reserved.key_store.capacity == 1000 and len(set(layers[1000][1])) == 1, "reserved buffer was reallocated"
+    assert grown.key_store.capacity < 1000 and len(set(layers[0][1])) > 1
+    n = grown.key_store.length
+    assert n == reserved.key_store.length == 348
+    assert torch.equal(grown.key_store.codes[:, :, :n], reserved.key_store.codes[:, :, :n])
+    assert torch.equal(grown.value_store.norms[:, :, :n], reserved.value_store.norms[:, :, :n])
+    with pytest.raises(ValueError, match=r"`reserve_tokens` must be an int >= 0"):
+        TurboQuantCache(cfg, reserve_tokens=-1)
