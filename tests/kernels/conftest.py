@@ -2,7 +2,10 @@
 
 Without CUDA this conftest turns the Triton interpreter on *before* the kernel modules are
 imported (and re-imports them if something imported them compiled), so the tiny CPU cases check
-the same kernel code that runs on the GPU.
+the same kernel code that runs on the GPU. Triton's interpreter computes ``tl.dot`` on bfloat16
+operands wrongly (a standalone 16x16 load + dot returns garbage), so CPU cases use float32/float16
+tensors; bfloat16 is covered by the ``gpu`` tests (``decode_attention`` refuses a bfloat16 window
+on CPU).
 """
 
 from __future__ import annotations

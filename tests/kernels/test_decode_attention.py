@@ -184,3 +184,16 @@ def test_hook_matches_cache_reference(cuda, bits):
     ref = compressed_attention_reference(q, layer, 1 / 16, None)
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=2e-2)
     assert compressed_attention_cuda(torch.cat([q, q], 2), layer, 1 / 16, None) is None  # prefill: reference
+
+
+@pytest.mark.synthetic
+def test_bf16_window_is_refused_under_the_interpreter(kdev):
+    """Triton's interpreter gets tl.dot on bfloat16 operands wrong, so the CPU path refuses a
+    bfloat16 residual window instead of returning garbage (CUDA runs it: the gpu tests)."""
+    if kdev.type != "cpu":
+        pytest.skip("the interpreter runs on CPU only")
+    from turboquant.kernels import decode_attention
+
+    q, kc, kn, vc, vn, kt, vt, _, _, rk, rv = _case(kdev, 64, 3.5, 3.5, 4, 2, 20, 5, 1)
+    with pytest.raises(ValueError, match="bfloat16 residual window cannot run under Triton's interpreter"):
+        decode_attention(q, kc, kn, vc, vn, 20, kt, vt, 0.125, rk.bfloat16(), rv.bfloat16())

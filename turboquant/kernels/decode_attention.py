@@ -583,6 +583,11 @@ def decode_attention(
         raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
     if query.stride(-1) != 1:
         query = query.contiguous()
+    if R and residual_k.dtype == torch.bfloat16 and residual_k.device.type == "cpu":
+        # Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a standalone 16x16
+        # load + dot returns garbage): refuse instead of returning a silently wrong result
+        raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
+                         "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
     if length == 0 and R == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     dev = query.device
