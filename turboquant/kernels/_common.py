@@ -188,6 +188,14 @@ def coord_perm(d2: int) -> torch.Tensor:
     return 32 * w + 8 * (2 * v + u) + 2 * t + l + 4 * h
 
 
+def position_coords(d: int) -> torch.Tensor:
+    """int64 [d]: the natural coordinate the kernels hold at each position of a whole row — segment
+    A (coordinates ``[0, d/2)``) then segment B, each in :func:`coord_perm` order (the Triton
+    kernels' ``_natural``)."""
+    half = coord_perm(d // 2)
+    return torch.cat([half, half + d // 2])
+
+
 if HAS_TRITON:
 
     @triton.jit

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from turboquant.kernels._common import KernelTables, coord_perm
+from turboquant.kernels._common import KernelTables, position_coords
 
 CUDA_HEAD_DIMS = (256,)
 TILE = 16
@@ -513,12 +513,10 @@ def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int,
 
 def _dst_index(d: int, device: torch.device) -> torch.Tensor:
     """int32 [d]: where the Triton combine kernel expects rotated coordinate j (it holds coordinate
-    ``nat[k]`` at position k: :func:`coord_perm` inside each half)."""
+    ``nat[k]`` at position k: :func:`position_coords`)."""
     key = (d, str(device))
     if key not in _DST_INDEX:
-        half = coord_perm(d // 2)
-        nat = torch.cat([half, half + d // 2])
-        _DST_INDEX[key] = torch.argsort(nat).to(device=device, dtype=torch.int32)
+        _DST_INDEX[key] = torch.argsort(position_coords(d)).to(device=device, dtype=torch.int32)
     return _DST_INDEX[key]
 
 

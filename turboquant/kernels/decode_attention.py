@@ -595,6 +595,7 @@ def decode_attention(
     if backend not in ("auto", "triton", "cuda"):
         raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
     use_cuda = False
+    few = B * Hkv < 16  # few KV heads in flight: longer programs (launch shapes below)
     if backend == "cuda" and k_qjl is not None:
         raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
                          "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")
@@ -606,7 +607,7 @@ def decode_attention(
             use_cuda = False  # below the measured crossover the Triton kernel is as fast or faster
         if use_cuda:  # compile (first use) before anything is launched; auto falls back to Triton
             try:
-                cuda_decode.variant(query.dtype, G, k_tables, v_tables, k_codes.shape[-1], B * Hkv < 16)
+                cuda_decode.variant(query.dtype, G, k_tables, v_tables, k_codes.shape[-1], few)
             except RuntimeError as err:
                 if backend == "cuda":
                     raise
@@ -621,7 +622,6 @@ def decode_attention(
                 f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
                 f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={d}, G={G}, "
                 f"bits={k_tables.bits}/{v_tables.bits}, device={dev}: use backend='triton' or 'auto'")
-    few = B * Hkv < 16
     if use_cuda:  # a CTA step = warps x 16-token tiles
         shape = cuda_decode.launch_shape(few)
         block_n = 16 * shape["warps"]

@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from turboquant.kernels._common import HAS_TRITON, KernelTables, check_head_dim, coord_perm
+from turboquant.kernels._common import HAS_TRITON, KernelTables, check_head_dim, position_coords
+from turboquant.kernels.decode_attention import _slab_align
 
 if HAS_TRITON:
     import triton
@@ -94,18 +95,9 @@ def signed_hadamard_positions(tables: KernelTables) -> torch.Tensor:
     cache = tables.__dict__.setdefault("_dequantize", {})
     if "pm" not in cache:
         d = tables.d
-        half = coord_perm(d // 2)
-        nat = torch.cat([half, half + d // 2])
         pm = tables.rot.detach().cpu().double() * math.sqrt(d)  # Π·sqrt(d) = H diag(s), ±1
-        cache["pm"] = pm[nat].round().to(torch.float16).contiguous().to(tables.device)
+        cache["pm"] = pm[position_coords(d)].round().to(torch.float16).contiguous().to(tables.device)
     return cache["pm"]
-
-
-def _word_align(c32: torch.Tensor) -> int:
-    a = 4
-    while a > 1 and (c32.stride(0) % a or c32.stride(1) % a or c32.storage_offset() % a):
-        a //= 2
-    return a
 
 
 def dequantize(
@@ -167,7 +159,7 @@ def dequantize(
         out.stride(0), out.stride(1), out.stride(2),
         D=d, INV_SQRT_D=1.0 / math.sqrt(d),
         BA=ba, PA=pa, SA=sa, BB=bb, PB=pb, SB=sb,
-        ROW=nb // 4, ALIGN=_word_align(c32), BLOCK_T=block_t, BLOCK_J=min(d, 64),
+        ROW=nb // 4, ALIGN=_slab_align(c32), BLOCK_T=block_t, BLOCK_J=min(d, 64),
         USE_ASM=codes.device.type == "cuda",
         num_warps=4,
     )

@@ -10,20 +10,9 @@ bits) from ``codec.mse``'s tables, the QJL term ``√(π/2)/d · ||r|| · (S q)�
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from turboquant.kernels._common import HAS_TRITON, SUPPORTED_HEAD_DIMS, KernelTables
-
-if TYPE_CHECKING:  # pragma: no cover
-    from turboquant.quantizer import TurboQuantMSE
-
-
-def _mse_part(codec) -> "TurboQuantMSE":
-    """The TurboQuant-mse quantizer of a codec: itself in mse mode, the ``b-1``-bit part in prod mode."""
-    mse = getattr(codec, "mse", None)
-    return mse if mse is not None else getattr(codec.quantizer, "mse", codec.quantizer)
 
 
 def compressed_attention_cuda(query: torch.Tensor, layer, scaling: float, attention_mask) -> torch.Tensor | None:
@@ -46,7 +35,7 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, attention_mask) -> 
         return None  # nothing stored yet, or prod at 1 bit (QJL only)
     if getattr(vs, "qjl", None) is not None:
         return None  # prod values: the kernels accumulate mse values only
-    kq, vq = _mse_part(ks.codec), _mse_part(vs.codec)
+    kq, vq = ks.codec.mse, vs.codec.mse  # TurboQuant-mse part: the quantizer itself, or prod's b-1 bits
     if getattr(kq.rotation, "kind", None) != "hadamard" or getattr(vq.rotation, "kind", None) != "hadamard":
         return None
     from turboquant.kernels.decode_attention import KeyQJL, decode_attention
