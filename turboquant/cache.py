@@ -315,18 +315,23 @@ class PackedStore:
         """The kernel's tables when this append goes through the Triton kernel, else ``None``."""
         if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
             return None
-        key = (x.device, x.dtype, x.dim())
+        return self._tables_for((x.device, x.dtype, x.dim()), x.device, lambda: self.kernel_unsupported(x),
+                                "encode this append")
+
+    def _tables_for(self, key, device: torch.device, unsupported, action: str):
+        """Cached per ``key``: the quantizer's ``KernelTables`` on ``device`` when ``unsupported()``
+        finds no reason against the kernel, else ``None`` (``backend='triton'`` raises instead)."""
         if key not in self._tables:
-            why = self.kernel_unsupported(x)
+            why = unsupported()
             if why is not None and self.backend == "triton":
                 raise ValueError(
-                    f"`append_backend`='triton' cannot encode this append: {why}; use append_backend='auto' "
+                    f"`append_backend`='triton' cannot {action}: {why}; use append_backend='auto' "
                     "(kernel where it applies, pure torch elsewhere) or 'torch'"
                 )
             if why is None:
                 from turboquant.kernels import KernelTables
 
-                self._tables[key] = KernelTables.from_quantizer(self.codec.quantizer, x.device)
+                self._tables[key] = KernelTables.from_quantizer(self.codec.quantizer, device)
             else:
                 self._tables[key] = None
         return self._tables[key]
@@ -414,21 +419,8 @@ class PackedStore:
         """The kernel's tables when ``dequantize`` goes through the Triton kernel, else ``None``."""
         if self.codes is None or self.backend == "torch" or (self.backend == "auto" and not self.codes.is_cuda):
             return None
-        key = ("dequantize", self.codes.device)
-        if key not in self._tables:
-            why = self._codec_unsupported(self.codes.device)
-            if why is not None and self.backend == "triton":
-                raise ValueError(
-                    f"`append_backend`='triton' cannot dequantize this store: {why}; use append_backend='auto' "
-                    "(kernel where it applies, pure torch elsewhere) or 'torch'"
-                )
-            if why is None:
-                from turboquant.kernels import KernelTables
-
-                self._tables[key] = KernelTables.from_quantizer(self.codec.quantizer, self.codes.device)
-            else:
-                self._tables[key] = None
-        return self._tables[key]
+        dev = self.codes.device
+        return self._tables_for(("dequantize", dev), dev, lambda: self._codec_unsupported(dev), "dequantize this store")
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction ``x̃`` [B, H, length, D] (transient; for the non-fused attention path and tests).
