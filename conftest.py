@@ -165,6 +165,25 @@ class _Recorder:
     def note(self, reason: str) -> None:
         self.record.reasons.append(reason)
 
+    def decide(self, name: str, scores, full_scores, margin: float, kind: str = "continuous",
+               score_range: float = 1.0, primary: bool = True, **extra):
+        """Apply the decision rule (:func:`turboquant.verdicts.decide`) to one recipe's paired scores;
+        record its fields under ``measured.recipes.<name>`` (plus ``extra``, e.g. measured bits). The
+        primary comparison also sets ``measured.verdict`` and turns the claim WARN when inconclusive;
+        the caller asserts ``verdict.status != "FAIL"``. Returns the :class:`Verdict`."""
+        from turboquant.verdicts import decide
+
+        verdict = decide(scores, full_scores, margin, kind=kind, score_range=score_range)
+        entry = {**verdict.to_dict(), **extra}
+        self.record.measured.setdefault("recipes", {})[name] = entry
+        if primary:
+            self.record.measured["verdict"] = {"recipe": name, **entry}
+            if verdict.status == "WARN":
+                self.warn(f"{name}: {verdict.reason}")
+            else:
+                self.note(f"{name}: {verdict.reason}")
+        return verdict
+
 
 @pytest.fixture
 def claim(request: pytest.FixtureRequest):
