@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from turboquant.eval.longbench import LongBenchData, LongBenchExample
 

@@ -1,0 +1,182 @@
+"""Named KV-cache recipes and baselines, one table, so that one loop covers all of them.
+
+Every entry builds a fresh transformers ``Cache`` for a model (usable as ``past_key_values`` in
+``generate`` / ``forward``); measured bits a coordinate come from the bytes it holds
+(:func:`turboquant.baselines.kv_bits`). TurboQuant recipes (DESIGN.md, "Recipes"):
+
+* ``halves-3.5`` / ``halves-2.5``: ``key_bits = value_bits = b + 0.5``, the first d/2 *rotated*
+  coordinates at ``b + 1`` bits (data-oblivious split, not the paper's)
+* ``K4/V3``: keys 4 bits, values 3 bits (3.5 on average)
+* ``paper-3.5`` / ``paper-2.5``: the paper's outlier split in raw channel space (d/4 channels at
+  ``b + 1`` bits, the rest at ``b``), enabled when ``TurboQuantCacheConfig`` has ``key_layout``
+
+Baselines (DESIGN.md, "Baselines"): ``fp8-e4m3``, ``rot-int-3.5`` / ``rot-int-2.5`` (rotation + plain
+int at TurboQuant's bytes), ``quanto-int4`` / ``quanto-int2`` (transformers' ``QuantizedCache``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+FULL = "full"
+RESIDUAL_LENGTH = 16  # TurboQuantCache's default window, used by our baselines too
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named cache: ``family`` is ``full`` / ``turboquant`` / ``baseline``; ``nominal_bits`` the
+    intended bits a coordinate (measured bits are reported beside it)."""
+
+    name: str
+    family: str
+    nominal_bits: float
+    description: str
+    build: Callable[[Any], Any]
+    requirement: Callable[[Any], str | None] = lambda config: None
+
+    def unavailable(self, config: Any) -> str | None:
+        """Why this recipe cannot run for ``config`` (None when it can)."""
+        return self.requirement(config)
+
+
+def _turboquant(**kw: Any) -> Callable[[Any], Any]:
+    def build(config: Any) -> Any:
+        from turboquant.cache import TurboQuantCache
+
+        return TurboQuantCache(config, **kw)
+
+    return build
+
+
+def _needs_layouts(config: Any) -> str | None:
+    from turboquant.cache import TurboQuantCacheConfig
+
+    if "key_layout" not in {f.name for f in dataclasses.fields(TurboQuantCacheConfig)}:
+        return ("TurboQuantCache has no `key_layout` option yet (the paper's outlier-split layouts "
+                "paper-3.5/paper-2.5 land with the layout refactor)")
+    return None
+
+
+def _dense_only(config: Any) -> str | None:
+    text = config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds - {"full_attention"}:
+        return f"needs a model with only full-attention layers; this one has {sorted(kinds)}"
+    return None
+
+
+def _needs_quanto(config: Any) -> str | None:
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+        return "transformers' QuantizedCache quanto backend needs `pip install optimum-quanto`"
+    return _dense_only(config)
+
+
+def _full(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _codec_cache(kind: str, bits: float | None = None) -> Callable[[Any], Any]:
+    def build(config: Any) -> Any:
+        from turboquant.baselines import CodecCache, Fp8Codec, RotatedIntCodec
+
+        if kind == "fp8":
+            def make(d: int, layer: int, kv: str) -> Any:
+                return Fp8Codec(d)
+        else:
+            def make(d: int, layer: int, kv: str) -> Any:
+                return RotatedIntCodec(d, bits, seed=2 * layer + (kv == "v"))
+        return CodecCache(config, make, residual_length=RESIDUAL_LENGTH, name=kind)
+
+    return build
+
+
+def _quanto(nbits: int) -> Callable[[Any], Any]:
+    def build(config: Any) -> Any:
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="quanto", config=config, nbits=nbits)
+
+    return build
+
+
+def _table() -> dict[str, Recipe]:
+    rows = [
+        Recipe(FULL, "full", 16.0, "DynamicCache, full precision", _full),
+        Recipe("paper-3.5", "turboquant", 3.5, "paper outlier split: d/4 channels at 4 bits + rest at 3",
+               _turboquant(key_layout="paper-3.5", value_layout="paper-3.5"), _needs_layouts),
+        Recipe("paper-2.5", "turboquant", 2.5, "paper outlier split: d/4 channels at 3 bits + rest at 2",
+               _turboquant(key_layout="paper-2.5", value_layout="paper-2.5"), _needs_layouts),
+        Recipe("halves-3.5", "turboquant", 3.5, "TurboQuant-mse, rotated halves at 4 + 3 bits",
+               _turboquant(key_bits=3.5, value_bits=3.5)),
+        Recipe("halves-2.5", "turboquant", 2.5, "TurboQuant-mse, rotated halves at 3 + 2 bits",
+               _turboquant(key_bits=2.5, value_bits=2.5)),
+        Recipe("K4/V3", "turboquant", 3.5, "TurboQuant-mse, keys 4 bits, values 3 bits",
+               _turboquant(key_bits=4, value_bits=3)),
+        Recipe("fp8-e4m3", "baseline", 8.0, "fp8 e4m3 K/V, one float16 scale a token and head", _codec_cache("fp8"),
+               _dense_only),
+        Recipe("rot-int-3.5", "baseline", 3.5, "signed Hadamard + per-vector absmax int, halves at 4 + 3 bits",
+               _codec_cache("int", 3.5), _dense_only),
+        Recipe("rot-int-2.5", "baseline", 2.5, "signed Hadamard + per-vector absmax int, halves at 3 + 2 bits",
+               _codec_cache("int", 2.5), _dense_only),
+        Recipe("quanto-int4", "baseline", 4.0, "transformers QuantizedCache, quanto int4 (group 64, residual 128)",
+               _quanto(4), _needs_quanto),
+        Recipe("quanto-int2", "baseline", 2.0, "transformers QuantizedCache, quanto int2 (group 64, residual 128)",
+               _quanto(2), _needs_quanto),
+    ]
+    return {r.name: r for r in rows}
+
+
+RECIPES: dict[str, Recipe] = _table()
+# The recipe a claim's verdict is taken on, in order of preference (the paper's when it runs).
+VERDICT_PREFERENCE: dict[str, tuple[str, ...]] = {"3.5": ("paper-3.5", "halves-3.5"), "2.5": ("paper-2.5", "halves-2.5")}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe or baseline called ``name``; unknown names raise listing the valid ones."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"unknown recipe/baseline {name!r}; valid: {list(RECIPES)}") from None
+
+
+def verdict_recipe(bits: str, config: Any) -> tuple[str, str | None]:
+    """``(name, note)``: the recipe a claim at ``bits`` ("3.5" / "2.5") is judged on, and a note
+    when the paper's recipe is not available."""
+    if bits not in VERDICT_PREFERENCE:
+        raise ValueError(f"verdict bits must be one of {list(VERDICT_PREFERENCE)}, got {bits!r}")
+    first, *rest = VERDICT_PREFERENCE[bits]
+    reason = get_recipe(first).unavailable(config)
+    if reason is None:
+        return first, None
+    return rest[0], f"verdict on {rest[0]} instead of {first}: {reason}"
+
+
+def available(names: list[str] | tuple[str, ...], config: Any) -> tuple[list[str], dict[str, str]]:
+    """Split ``names`` into those that run for ``config`` and ``{name: reason}`` for the others."""
+    runs, skipped = [], {}
+    for n in names:
+        reason = get_recipe(n).unavailable(config)
+        if reason is None:
+            runs.append(n)
+        else:
+            skipped[n] = reason
+    return runs, skipped
+
+
+def recipe_cache_factory(model: Any) -> Callable[[str], Any]:
+    """``name -> fresh cache`` for :mod:`turboquant.eval.runner` (settings are recipe names)."""
+
+    def factory(name: str) -> Any:
+        recipe = get_recipe(name)
+        reason = recipe.unavailable(model.config)
+        if reason is not None:
+            raise ValueError(f"recipe {name!r} cannot run on this model: {reason}")
+        return recipe.build(model.config)
+
+    return factory
