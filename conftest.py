@@ -115,12 +115,6 @@ KNOWN_FAILURES: dict[str, tuple[str, bool, str]] = {
     "tests/ann/test_claims_ann.py::test_c12_tq_beats_scalar_lm_embeddings": (
         "embedded", True,
         "C12 on the seed's raw LM-embedding recipe: scalar beats TurboQuant at 3-4 bits (shared mean direction)"),
-    "tests/longctx/test_longbench.py::test_longbench_e_claim": (
-        "embedded", True,
-        "C10 on the 6-example shipped fixture: the 3.5-bit drop exceeds 1 point"),
-    "tests/longctx/test_needle.py::test_needle_grid_gpu": (
-        "always", False,
-        "C09 GPU grid (1k-8k x 5 depths x 4 trials, H100): 3.5-bit 0.93 < full 0.96 - 0.02"),
 }
 
 

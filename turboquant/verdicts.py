@@ -8,6 +8,9 @@ Per case ``i`` the paired difference ``D_i = s_i(compressed) - s_i(full)``; the 
 * WARN "inconclusive" otherwise, with ``n_to_resolve``: the number of cases that would resolve it
   at the observed rates / variance.
 
+``m = 0`` is the superiority test (C12: TurboQuant recall > scalar): PASS when the interval lies
+wholly above 0.
+
 Intervals:
 
 * ``binary`` outcomes (needle found or not): with ``b`` = #(compressed right, full wrong) and
@@ -86,8 +89,8 @@ class Verdict:
 def _check(scores: Sequence[float], full: Sequence[float], margin: float, kind: str) -> tuple[np.ndarray, np.ndarray]:
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
-    if not (isinstance(margin, (int, float)) and margin > 0 and math.isfinite(margin)):
-        raise ValueError(f"`margin` must be a positive finite number, got {margin!r}")
+    if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and margin >= 0 and math.isfinite(margin)):
+        raise ValueError(f"`margin` must be a finite number >= 0 (0: superiority), got {margin!r}")
     x, y = np.asarray(scores, dtype=float), np.asarray(full, dtype=float)
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"`scores` and `full_scores` must be 1-d and paired (same length), got {x.shape} and {y.shape}")

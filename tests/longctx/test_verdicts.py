@@ -74,8 +74,8 @@ def test_continuous_guards_against_tiny_and_degenerate_samples() -> None:
 def test_bad_input_names_the_parameter() -> None:
     with pytest.raises(ValueError, match="`kind` must be one of"):
         decide([1], [1], 0.02, kind="exact")
-    with pytest.raises(ValueError, match="`margin` must be a positive"):
-        decide([1], [1], 0.0)
+    with pytest.raises(ValueError, match="`margin` must be a finite number >= 0"):
+        decide([1], [1], -0.1)
     with pytest.raises(ValueError, match="paired"):
         decide([1, 0], [1], 0.02)
     with pytest.raises(ValueError, match="kind='binary' needs scores in"):

@@ -61,13 +61,21 @@ def paired_scores(records: Sequence[dict], name: str, score_key: str = "score") 
     return [comp[k] for k in keys], [full[k] for k in keys]
 
 
-def shuffled_control(records: Sequence[dict], score: Callable[[str, Any], float], targets_key: str,
+def shuffled_control(records: Sequence[dict], score: Callable[[str, Any, dict], float], targets_key: str,
                      setting: str = FULL) -> float:
-    """Mean score of each output of ``setting`` against the references of the next case (cyclic)."""
+    """Mean ``score(output, references, row)`` of each output of ``setting`` against the references
+    of the next case of the same task / dataset (cyclic)."""
     rows = [r for r in records if r["setting"] == setting]
-    if len(rows) < 2:
-        raise ValueError("the shuffled control needs at least 2 cases")
-    vals = [score(rows[i]["output"], rows[(i + 1) % len(rows)][targets_key]) for i in range(len(rows))]
+    groups: dict[Any, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("dataset", r.get("task")), []).append(r)
+    vals = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        vals += [score(group[i]["output"], group[(i + 1) % len(group)][targets_key], group[i]) for i in range(len(group))]
+    if not vals:
+        raise ValueError("the shuffled control needs at least 2 cases of one task")
     return sum(vals) / len(vals)
 
 
@@ -133,3 +141,21 @@ def teacher_forced_kl(model: Any, prompts: Sequence[Sequence[int]], names: Seque
             "n_positions": len(prompts) * n_tokens,
         }
     return result
+
+
+@torch.inference_mode()
+def measured_bits(model: Any, prompt: Sequence[int], names: Sequence[str]) -> dict[str, float | None]:
+    """Bits a coordinate each named cache holds after receiving ``prompt``'s exact prefill (the same
+    ``cache.update`` calls as a prefill), from :func:`turboquant.baselines.kv_bits`."""
+    from transformers import DynamicCache
+
+    from turboquant.baselines import kv_bits
+    from turboquant.eval.runner import _kv_layers, cache_argument, transplant
+
+    device = next(model.parameters()).device
+    base = DynamicCache(config=model.config)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    model(input_ids=ids, **{cache_argument(model): base}, use_cache=True, logits_to_keep=1)
+    prefilled = _kv_layers(base)
+    factory = recipe_cache_factory(model)
+    return {n: kv_bits(transplant(prefilled, factory(n)))["bits_per_coordinate"] for n in names}
