@@ -38,7 +38,7 @@ from turboquant.eval.runner import needle_settings, run_task_grid
 CPU_GRID = {"lengths": (1024, 2048, 4096), "depths": (0.1, 0.5, 0.9), "trials": 1}
 # GPU: >= 500 needles (5 lengths x 5 depths x 20 trials = 500), the whole recipe table.
 GPU_GRID = {"lengths": (1024, 2048, 4096, 6144, 8000), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "trials": 20}
-CPU_RECIPES = ("halves-2.5", "K4/V3", "rot-int-3.5", "fp8-e4m3")
+CPU_RECIPES = ("halves-2.5", "K4/V3", "paper-2.5")  # baselines: GPU tier and benchmarks/quality.py
 GPU_RECIPES = tuple(n for n in RECIPES if n != "full")
 SEED = 0
 # DESIGN.md C09: non-inferiority at margin 0.02 (turboquant.verdicts, exact interval: PASS needs

@@ -2,8 +2,8 @@
 
 :class:`CodecLayer` follows TurboQuant's window rule so that only the storage differs: tokens
 enter a full-precision window of ``residual_length``; whenever it fills, whole multiples of
-``residual_length`` are encoded and appended to the stored codes (per-vector codecs append, no
-re-quantization). The first call (prefill) returns its exact inputs, later calls the decoded history
+``residual_length`` are encoded and appended to the stored codes (one tensor per stored part, token
+axis -2; per-vector codecs append, no re-quantization). The first call (prefill) returns its exact inputs, later calls the decoded history
 followed by the window ``[batch, num_kv_heads, seq, head_dim]``, for any attention implementation.
 """
 
@@ -16,14 +16,15 @@ from transformers.cache_utils import BaseQuantizedLayer, Cache
 
 
 class CodecLayer(BaseQuantizedLayer):
-    """Stored codes of keys and values (lists of encoded chunks) + an exact residual window."""
+    """Stored codes of keys and values (the codec's tensors, concatenated over tokens) + an exact
+    residual window."""
 
     def __init__(self, key_codec: Any, value_codec: Any, residual_length: int = 16) -> None:
         super().__init__()
         if residual_length < 0:
             raise ValueError(f"`residual_length` must be >= 0, got {residual_length}")
         self.key_codec, self.value_codec, self.residual_length = key_codec, value_codec, residual_length
-        self._codes: dict[str, list[tuple[torch.Tensor, ...]]] = {"k": [], "v": []}
+        self._codes: dict[str, tuple[torch.Tensor, ...] | None] = {"k": None, "v": None}
         self.compressed_tokens = 0
 
     def _quantize(self, tensor):  # the chunked store below replaces the one-tensor base API
@@ -43,8 +44,10 @@ class CodecLayer(BaseQuantizedLayer):
         R = self.residual_length
         n_flush = k.shape[-2] if R == 0 else (k.shape[-2] // R) * R
         if n_flush:
-            self._codes["k"].append(self.key_codec.encode(k[:, :, :n_flush]))
-            self._codes["v"].append(self.value_codec.encode(v[:, :, :n_flush]))
+            for kind, codec, x in (("k", self.key_codec, k), ("v", self.value_codec, v)):
+                new = codec.encode(x[:, :, :n_flush])
+                old = self._codes[kind]
+                self._codes[kind] = new if old is None else tuple(torch.cat(p, dim=-2) for p in zip(old, new))
             self.compressed_tokens += n_flush
         self.keys, self.values = k[:, :, n_flush:].clone(), v[:, :, n_flush:].clone()
         if first:
@@ -53,17 +56,17 @@ class CodecLayer(BaseQuantizedLayer):
 
     def _history(self, kind: str, window: torch.Tensor) -> torch.Tensor:
         codec = self.key_codec if kind == "k" else self.value_codec
-        parts = [codec.decode(c, window.dtype) for c in self._codes[kind]]
-        return torch.cat([*parts, window], dim=-2)
+        if self._codes[kind] is None:
+            return window
+        return torch.cat([codec.decode(self._codes[kind], window.dtype), window], dim=-2)
 
     def code_nbytes(self) -> int:
-        return sum(self.key_codec.nbytes(c) for c in self._codes["k"]) + sum(
-            self.value_codec.nbytes(c) for c in self._codes["v"]
-        )
+        return sum(codec.nbytes(self._codes[kind]) for kind, codec in (("k", self.key_codec), ("v", self.value_codec))
+                   if self._codes[kind] is not None)
 
     def reset(self) -> None:
         super().reset()
-        self._codes = {"k": [], "v": []}
+        self._codes = {"k": None, "v": None}
         self.compressed_tokens = 0
 
 
