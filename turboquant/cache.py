@@ -37,7 +37,15 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from turboquant.attention import ATTENTION_NAME, HANDOFF_ATTENTIONS, CentroidTable, handoff, qjl_signs, register_attention
+from turboquant.attention import (
+    ATTENTION_NAME,
+    HANDOFF_ATTENTIONS,
+    CentroidTable,
+    handoff,
+    qjl_signs,
+    register_attention,
+    run_eagerly,
+)
 from turboquant.rotation import fwht
 from turboquant.quantizer import NORM_DTYPE, SUPPORTED_BITS, TurboQuantMSE, TurboQuantProd
 
@@ -522,6 +530,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self._rk = like.new_empty(shape)
             self._rv = like.new_empty(shape)
 
+    @run_eagerly
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[B, H, T, D]`` keys/values; return what the attention function should receive.
 
@@ -529,6 +538,7 @@ class TurboQuantLayer(CacheLayerMixin):
         residual window (placeholders; the attention reads the codes via the hand-off); under any
         other attention: the full dequantized history + window (transient).
         """
+        handoff(None)  # a record left by an earlier call that never reached its attention
         first = not self.is_initialized
         if first:
             self.lazy_initialization(key_states, value_states)
