@@ -860,6 +860,9 @@ class MemoryReport:
 
     used: dict[str, int] = field(default_factory=dict)
     pinned: dict[str, int] = field(default_factory=dict)
+    # pinned bytes per device (``"cuda:0"``, ``"cpu"``, ...; shared tables excluded): where a model
+    # is spread over devices (``device_map``), each layer's stores live on its layer's device
+    by_device: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_used(self) -> int:
@@ -874,7 +877,8 @@ class MemoryReport:
         return self.total_pinned - self.pinned.get("linear_state", 0)
 
     def as_dict(self) -> dict:
-        return {"used": dict(self.used), "pinned": dict(self.pinned), "total_used": self.total_used, "total_pinned": self.total_pinned}
+        return {"used": dict(self.used), "pinned": dict(self.pinned), "by_device": dict(self.by_device),
+                "total_used": self.total_used, "total_pinned": self.total_pinned}
 
 
 class _Tally:
@@ -894,6 +898,9 @@ class _Tally:
             self._seen.add(ptr)
         self.report.used[cat] = self.report.used.get(cat, 0) + (t.numel() * t.element_size() if used is None else used)
         self.report.pinned[cat] = self.report.pinned.get(cat, 0) + storage.nbytes()
+        if cat != SHARED:
+            dev = str(t.device)
+            self.report.by_device[dev] = self.report.by_device.get(dev, 0) + storage.nbytes()
 
 
 def _held_tensors(root: Any) -> Iterator[torch.Tensor]:
