@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -767,6 +767,8 @@ class TurboQuantCache(Cache):
     Args:
         config: the model's ``PreTrainedConfig`` (layer types, KV heads, head dim are read from it).
         settings: a :class:`TurboQuantCacheConfig`; keyword overrides (``key_bits=...``) also work.
+        tp_size: under transformers tensor parallelism (``tp_plan="auto"``), the model's
+            ``tp_size``: each rank compresses its own ``num_key_value_heads / tp_size`` KV heads.
 
     Example::
 
@@ -775,14 +777,22 @@ class TurboQuantCache(Cache):
             out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
     """
 
-    def __init__(self, config: Any, settings: TurboQuantCacheConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: Any, settings: TurboQuantCacheConfig | None = None, *, tp_size: int | None = None,
+                 **overrides: Any) -> None:
         if config is None or not hasattr(config, "get_text_config"):
             raise ValueError("`config` must be the model's PreTrainedConfig (TurboQuantCache reads its layer types)")
         settings = settings or TurboQuantCacheConfig()
         if overrides:
             settings = TurboQuantCacheConfig(**{**asdict(settings), **overrides})
         self.settings = settings
-        self.shape = shape = attention_shape(config)
+        shape = attention_shape(config)
+        if tp_size is not None:  # tensor parallel: this rank holds num_kv_heads / tp_size heads
+            if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or shape.num_kv_heads % tp_size:
+                raise ValueError(f"`tp_size`={tp_size!r} must be an int >= 1 that divides num_key_value_heads="
+                                 f"{shape.num_kv_heads} (pass the model's `tp_size`)")
+            shape = replace(shape, num_kv_heads=shape.num_kv_heads // tp_size)
+        self.tp_size = tp_size or 1
+        self.shape = shape
         decoder_config = config.get_text_config(decoder=True)
         _, per_layer_kwargs = get_layer_types_and_kwargs(decoder_config)
         if isinstance(per_layer_kwargs, dict):  # transformers 5.17: one dict shared by every layer
@@ -825,7 +835,8 @@ class TurboQuantCache(Cache):
             raise ValueError(
                 f"key_states of shape {tuple(key_states.shape)} do not match the cache's config: expected "
                 f"[batch, num_key_value_heads={self.shape.num_kv_heads}, seq, head_dim={self.shape.head_dim}] "
-                "(was the cache built from another model's config?)"
+                "(was the cache built from another model's config? Under tensor parallelism pass "
+                "`tp_size=model.tp_size`: each rank holds num_key_value_heads / tp_size heads)"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
