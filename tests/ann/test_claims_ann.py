@@ -36,14 +36,9 @@ SEED_SPEEDUP = {1: 121.8, 2: 149.5, 3: 357.4, 4: 460.3}
 
 
 def required_bits(tq_options) -> list[int]:
-    raw = str(tq_options.ann_required_scalar_bits)
-    try:
-        bits = [int(float(b)) for b in raw.split(",") if b.strip()]
-    except ValueError:
-        raise pytest.UsageError(f"--ann-required-scalar-bits must be a comma list of ints in 1..4, got {raw!r}")
-    if not bits or any(b not in BITS for b in bits):
-        raise pytest.UsageError(f"--ann-required-scalar-bits must be a comma list of ints in 1..4, got {raw!r}")
-    return bits
+    """``--ann-required-scalar-bits``: parsed and checked against 1..4 at configure time
+    (turboquant/options.py), so a bad value never reaches the ANN grid."""
+    return list(tq_options.ann_required_scalar_bits)
 
 
 def _cell(grid: list[MethodResult], method: str, bits: int) -> MethodResult | None:
