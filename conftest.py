@@ -12,6 +12,9 @@ as ``python -m turboquant verify``: a bad value is a ``pytest.UsageError`` namin
 any test runs, never a claim FAIL; ``tq_options`` hands the parsed values (lists of floats / ints,
 paths) to the tests.
 
+On a machine without CUDA, ``TRITON_INTERPRET=1`` is set here (unless already set) so that the
+Triton kernel tests run on CPU in CI.
+
 Known failures (``KNOWN_FAILURES``): tests of claims that really fail with the default setting are
 marked ``xfail(strict=...)``. Each entry records ``bounds``: a measured value (a key path into the
 claim's ``measured`` dict), its recorded figure, which direction is worse, and a tolerance. After
@@ -30,6 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from turboquant.options import SUITE_OPTIONS, OptionError, parse_out_dir, parse_suite_options
 from turboquant.report import (
@@ -41,6 +45,13 @@ from turboquant.report import (
 )
 
 pytest_plugins = ["pytester"]
+
+# CPU-only machines (CI): Triton's interpreter on before anything imports Triton, so the kernel
+# tests' tiny CPU cases (tests/kernels, tests/cache/test_append_kernel.py) run instead of skipping
+# whatever the collection order. The CPU cache and attention paths never take the kernels on their
+# own (append_backend "auto" uses them on CUDA tensors only), so nothing else changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -168,8 +179,8 @@ class Bound:
         higher = self.worse == "higher"
         limit = self.recorded + self.tolerance if higher else self.recorded - self.tolerance
         if (value > limit) if higher else (value < limit):
-            return (f"{name} = {value:.4g} is worse than the recorded {self.recorded:g} by more than "
-                    f"{self.tolerance:g} ({self.worse} is worse; limit {limit:g})")
+            return (f"{name} = {value:.4g} is worse than the recorded {self.recorded:g} by more "
+                    f"than {self.tolerance:g} ({self.worse} is worse; limit {limit:g})")
         return None
 
 
@@ -184,8 +195,8 @@ class KnownFailure:
     bounds: tuple[Bound, ...]
 
 
-# Claims that really fail with the embedded defaults (SmolLM2 GGUF, shipped LongBench-E fixture) or on
-# the lent H100. They are measured and recorded as FAIL every run; xfail keeps the suite's exit code
+# Claims that really fail with the embedded defaults (SmolLM2 GGUF, shipped LongBench-E fixture) or
+# on the lent H100. They are measured and recorded as FAIL every run; xfail keeps the suite's exit code
 # for regressions. strict=True: if one starts passing, the run fails until this table is updated;
 # a measurement worse than its recorded bound fails the run too. Each entry is explained in the
 # README, section "Known failures"; the recorded figures are the README's.
@@ -193,8 +204,8 @@ KNOWN_FAILURES: dict[str, KnownFailure] = {
     # node id without parameters -> entry
     "tests/ann/test_claims_ann.py::test_c12_tq_beats_scalar_lm_embeddings": KnownFailure(
         "embedded", True,
-        "C12 on the seed's raw LM-embedding recipe: scalar beats TurboQuant at 3-4 bits (shared mean "
-        "direction)",
+        "C12 on the seed's raw LM-embedding recipe: scalar beats TurboQuant at 3-4 bits (shared "
+        "mean direction)",
         # TQ - scalar recall@10 on the raw recipe: 0.634-0.531, 0.718-0.747, 0.796-0.861
         tuple(Bound(("lm", "tq_minus_scalar", str(b)), gap, "lower", 0.03)
               for b, gap in ((2, 0.103), (3, -0.029), (4, -0.065)))),

@@ -1,9 +1,12 @@
 """``python -m turboquant verify``: run the claim suite (pytest) and write the report.
 
-Accepts the seed review's launch flags in their own spelling (``--model_id``, ``--needle_context_tokens``,
-``--out_dir``, ...; dashed spellings work too), so the seed's full command runs verbatim with
-``python -m turboquant verify`` in place of ``python3 turboquant.py``. Writes under ``--out_dir``:
-``report.json`` (pytest-json-report), ``claims.json`` (flushed per claim), ``claims.md`` and PNG plots.
+Accepts the seed review's launch flags in their own spelling (``--model_id``,
+``--needle_context_tokens``, ``--out_dir``, ...; dashed spellings work too), so the seed's full
+command runs verbatim with ``python -m turboquant verify`` in place of ``python3 turboquant.py``.
+Every value is checked by argparse with the parsers of ``turboquant/options.py`` before any work:
+a bad one exits with status 2 and a message naming the flag and the allowed values. Writes under
+``--out_dir``: ``report.json`` (pytest-json-report), ``claims.json`` (flushed per claim),
+``claims.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ SUITES = {
     "all": "synthetic or model or gpu",
 }
 
-# Value options are forwarded to the pytest options of the same name (dashes); booleans are switches.
+# Value options are forwarded to the pytest options of the same name (dashes); booleans are
+# switches.
 VALUE_FLAGS = [o for o in SUITE_OPTIONS if not o.is_switch]
 # Seed switches: accepted for compatibility. The suites they enabled always run here.
 SEED_SWITCHES: list[tuple[str, str]] = [
@@ -63,12 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="run the claim suite and write the report",
-                       description="Run the TurboQuant claim suite (pytest) and write report.json, claims.json, claims.md and plots.")
+                       description="Run the TurboQuant claim suite (pytest) and write report.json, "
+                                   "claims.json, claims.md and plots.")
     v.add_argument("--suite", default="all", type=checked(suite_expression),
-                   help="which tests: synthetic | model | gpu | all, or a comma list (default all; gpu tests skip without CUDA)")
-    v.add_argument("--out_dir", "--out-dir", dest="out_dir", default=None, type=checked(parse_out_dir),
-                   help="report directory, created if missing; must be writable (default runs/<timestamp>)")
-    v.add_argument("--local_files_only", "--local-files-only", dest="local_files_only", action="store_true", default=True,
+                   help="which tests: synthetic | model | gpu | all, or a comma list "
+                        "(default all; gpu tests skip without CUDA)")
+    v.add_argument("--out_dir", "--out-dir", dest="out_dir", default=None,
+                   type=checked(parse_out_dir),
+                   help="report directory, created if missing; must be writable "
+                        "(default runs/<timestamp>)")
+    v.add_argument("--local_files_only", "--local-files-only", dest="local_files_only",
+                   action="store_true", default=True,
                    help="never download (default; hub access is not needed)")
     v.add_argument("--allow_downloads", dest="local_files_only", action="store_false",
                    help="let transformers download --model_id from the hub")
@@ -78,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument(f"--{opt.name}", opt.pytest_flag, dest=opt.name, default=opt.default,
                        type=checked(opt.parse), help=_help(opt))
     for name, help_text in SEED_SWITCHES:
-        v.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, action="store_true", help=help_text)
+        v.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, action="store_true",
+                       help=help_text)
     v.add_argument("-n", "--workers", default=None, type=checked(_workers),
                    help="pytest-xdist workers (a count, or auto); default: one process")
     v.add_argument("pytest_args", nargs=argparse.REMAINDER,
@@ -98,11 +108,12 @@ def _workers(text: str) -> str:
 
 
 def suite_expression(suite: str) -> str:
-    """``--suite`` (a name of :data:`SUITES` or a comma list of them) -> a pytest ``-m`` expression."""
+    """``--suite`` (a name of :data:`SUITES` or a comma list of them) -> a ``-m`` expression."""
     parts = [p.strip() for p in suite.split(",") if p.strip()]
     unknown = [p for p in parts if p not in SUITES]
     if unknown or not parts:
-        raise OptionError(f"must be one of {', '.join(SUITES)} or a comma list of them, got {suite!r}")
+        raise OptionError(
+            f"must be one of {', '.join(SUITES)} or a comma list of them, got {suite!r}")
     return " or ".join(f"({SUITES[p]})" for p in parts)
 
 
@@ -116,7 +127,8 @@ def pytest_argv(args: argparse.Namespace, tests_dir: Path) -> list[str]:
     root = tests_dir.parent
     argv = [str(tests_dir), f"--rootdir={root}", "-c", str(root / "pytest.ini"),
             "-m", suite_expression(args.suite), f"--out-dir={out_dir}",
-            "--json-report", f"--json-report-file={out_dir / 'report.json'}", "--json-report-indent=1",
+            "--json-report", f"--json-report-file={out_dir / 'report.json'}",
+            "--json-report-indent=1",
             f"--local-files-only={str(args.local_files_only).lower()}",
             f"--ann-use-qwen-embeddings={str(args.ann_use_qwen_embeddings).lower()}"]
     for opt in VALUE_FLAGS:
@@ -136,8 +148,8 @@ def find_tests_dir() -> Path:
     tests = root / "tests"
     if not (tests.is_dir() and (root / "conftest.py").is_file()):
         raise SystemExit(
-            f"the claim suite's tests were not found next to the package ({tests}); run from a checkout of "
-            "turboquant-verify installed with `pip install -e .`"
+            f"the claim suite's tests were not found next to the package ({tests}); run from a "
+            "checkout of turboquant-verify installed with `pip install -e .`"
         )
     return tests
 
@@ -155,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             parse_out_dir(args.out_dir)
         except OptionError as exc:
-            print(f"python -m turboquant verify: error: argument --out_dir/--out-dir: {exc}", file=sys.stderr)
+            print(f"python -m turboquant verify: error: argument --out_dir/--out-dir: {exc}",
+                  file=sys.stderr)
             return 2
         for name in ("longbench_local_dir", "model_id"):
             value = getattr(args, name)

@@ -86,7 +86,8 @@ def parse_token_counts(text: str) -> list[int]:
         low = part.lower()
         digits, mult = (low[:-1], 1024) if low.endswith("k") else (low, 1)
         if not _INT.match(digits) or int(digits) < 1:
-            raise OptionError(f"must be a comma list of token counts >= 1 (e.g. 1024,2k,4k), got {text!r}")
+            raise OptionError(
+                f"must be a comma list of token counts >= 1 (e.g. 1024,2k,4k), got {text!r}")
         out.append(int(digits) * mult)
     return out
 
@@ -100,7 +101,8 @@ def parse_unit_floats(text: str) -> list[float]:
         except ValueError:
             raise OptionError(f"must be a comma list of numbers in [0, 1], got {text!r}") from None
         if not 0.0 <= value <= 1.0:  # NaN fails too
-            raise OptionError(f"must be a comma list of numbers in [0, 1], got {text!r} ({part} is outside)")
+            raise OptionError(
+                f"must be a comma list of numbers in [0, 1], got {text!r} ({part} is outside)")
         out.append(value)
     return out
 
@@ -112,7 +114,8 @@ def parse_bit_width(text: str) -> float:
     except ValueError:
         value = math.nan
     if value not in SUPPORTED_BITS:
-        raise OptionError(f"must be one of {', '.join(f'{b:g}' for b in SUPPORTED_BITS)}, got {text!r}")
+        widths = ", ".join(f"{b:g}" for b in SUPPORTED_BITS)
+        raise OptionError(f"must be one of {widths}, got {text!r}")
     return value
 
 
@@ -156,7 +159,8 @@ def parse_out_dir(text: str) -> Path:
     in its nearest existing parent when it does not exist yet; nothing is left behind)."""
     path = Path(str(text)).expanduser()
     if path.exists() and not path.is_dir():
-        raise OptionError(f"must be a directory that can be created and written, got {str(text)!r} (a file)")
+        raise OptionError(
+            f"must be a directory that can be created and written, got {str(text)!r} (a file)")
     probe_dir = path.absolute()
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
@@ -213,7 +217,8 @@ SUITE_OPTIONS: list[SuiteOption] = [
                 "(default: CPU grid 1k,2k,4k)", parse_token_counts),
     SuiteOption("needle_required_bits", "3.5", "bit width whose needle accuracy must match full "
                 "precision (C09)", parse_bit_width),
-    SuiteOption("needle_trials", None, "needle trials per (length, depth) cell", parse_positive_int),
+    SuiteOption("needle_trials", None, "needle trials per (length, depth) cell",
+                parse_positive_int),
     SuiteOption("needle_positions", None, "needle depths in [0, 1], comma list", parse_unit_floats),
     SuiteOption("longbench_local_dir", None, "directory of LongBench-E jsonl files "
                 "(default: the shipped fixture in data/)", parse_existing_dir),
@@ -225,7 +230,8 @@ SUITE_OPTIONS: list[SuiteOption] = [
     SuiteOption("throughput_new_tokens", "128", "new tokens per decode-throughput repeat (C11)",
                 parse_positive_int),
     SuiteOption("throughput_warmup", "1", "decode-throughput warmup runs", parse_non_negative_int),
-    SuiteOption("throughput_repeats", "3", "decode-throughput measured repeats", parse_positive_int),
+    SuiteOption("throughput_repeats", "3", "decode-throughput measured repeats",
+                parse_positive_int),
     SuiteOption("ann_use_qwen_embeddings", False, "ANN data = mean-pooled hidden states of the "
                 "selected model (C12/C13)", parse_bool),
     SuiteOption("ann_required_scalar_bits", "2,3,4", "bits at which TurboQuant must beat scalar "
@@ -236,9 +242,10 @@ SUITE_OPTIONS: list[SuiteOption] = [
 OPTIONS_BY_NAME: dict[str, SuiteOption] = {o.name: o for o in SUITE_OPTIONS}
 
 
-def parse_suite_options(raw: Mapping[str, Any], flag: Callable[[SuiteOption], str]) -> dict[str, Any]:
-    """Parse every suite option of ``raw`` (name -> typed text or None); the first bad value raises
-    :class:`OptionError` whose message starts with ``flag(option)`` (the spelling the user typed)."""
+def parse_suite_options(raw: Mapping[str, Any],
+                        flag: Callable[[SuiteOption], str]) -> dict[str, Any]:
+    """Parse every suite option of ``raw`` (name -> typed text or None); the first bad value
+    raises :class:`OptionError` whose message starts with ``flag(option)`` (the user's spelling)."""
     values = {}
     for opt in SUITE_OPTIONS:
         try:

@@ -43,7 +43,7 @@ def device_description() -> str:
         if torch.cuda.is_available():
             return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
         threads = torch.get_num_threads()
-    except Exception:  # torch missing: still report the CPU
+    except (ImportError, RuntimeError):  # no torch or no usable CUDA: still report the CPU
         threads = os.cpu_count()
     return f"cpu {platform.processor() or platform.machine()} ({threads} threads)"
 
@@ -185,22 +185,25 @@ def render_markdown(claims: list[dict], meta: dict | None = None, run: dict | No
     c = counts(claims)
     lines = ["# TurboQuant claims report", ""]
     if run is not None and not run.get("complete"):
-        lines += ["**INCOMPLETE run**: the session has not finished (still running, killed or crashed); "
-                  "the claims below are those recorded so far.", ""]
+        lines += [("**INCOMPLETE run**: the session has not finished (still running, killed or "
+                   "crashed); the claims below are those recorded so far."), ""]
     lines += ["## At a Glance", ""]
     lines += [f"{s} = {c[s]}  " for s in STATUSES] + [""]
     if run is not None:
-        state = f"complete, exit status {run.get('exit_status')}" if run.get("complete") else "INCOMPLETE"
+        done = run.get("complete")
+        state = f"complete, exit status {run.get('exit_status')}" if done else "INCOMPLETE"
         lines.append(f"- run: {state}")
         sel = run.get("selection") or {}
-        lines.append("- selection: " + (short({k: v for k, v in sel.items() if v not in (None, [], "")}, 300)
-                                        or "everything collected"))
+        chosen = {k: v for k, v in sel.items() if v not in (None, [], "")}
+        lines.append("- selection: " + (short(chosen, 300) or "everything collected"))
     if meta:
         lines += [f"- {k}: {short(v, 300)}" for k, v in meta.items()]
-    lines += ["", "| id | verdict | claim | measured | thresholds | reason |", "|---|---|---|---|---|---|"]
+    lines += ["", "| id | verdict | claim | measured | thresholds | reason |",
+              "|---|---|---|---|---|---|"]
     for rec in sorted(claims, key=lambda r: r["id"]):
-        cells = [rec["id"], f"**{rec['status']}**", rec["title"], short(rec.get("measured", {}), 240),
-                 short(rec.get("thresholds", {}), 160), short(rec.get("reason") or "", 200)]
+        cells = [rec["id"], f"**{rec['status']}**", rec["title"],
+                 short(rec.get("measured", {}), 240), short(rec.get("thresholds", {}), 160),
+                 short(rec.get("reason") or "", 200)]
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -212,7 +215,8 @@ class ClaimStore:
     the session), the ``exit_status`` then, and the ``selection`` that ran, so a killed run is
     recognisable as partial."""
 
-    def __init__(self, out_dir: Path, meta: dict | None = None, selection: dict | None = None) -> None:
+    def __init__(self, out_dir: Path, meta: dict | None = None,
+                 selection: dict | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.meta = meta or {}
         self.run = {"complete": False, "exit_status": None, "selection": selection or {}}
@@ -248,7 +252,7 @@ class ClaimStore:
             for fn in fns:
                 try:
                     written += [Path(p) for p in fn(record, self.out_dir)]
-                except Exception as exc:  # report, do not crash the run
+                except Exception as exc:  # noqa: BLE001  (report it, never crash the run)
                     record.setdefault("plot_errors", []).append(f"{fn.__name__}: {exc!r}")
         self.flush()
         return written

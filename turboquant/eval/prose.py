@@ -54,11 +54,12 @@ def prose_token_ids(encode: Callable[[str], Sequence[int]], n_tokens: int,
     docs = [d for d in (stdlib_docs() if docs is None else docs) if d]
     if not docs:
         raise ValueError("docs must hold at least one non-empty text")
-    n_chars = n_tokens * CHARS_PER_TOKEN_GUESS
-    for _ in range(32):
+    n_chars, previous = n_tokens * CHARS_PER_TOKEN_GUESS, -1
+    while True:
         ids = list(encode(_cycled_text(docs, n_chars)))
         if len(ids) > n_tokens:
             return ids[:n_tokens]
-        n_chars *= 2
-    raise ValueError(f"encode gave only {len(ids)} tokens for {n_chars // 2} characters of text: "
-                     f"it does not grow with its input, cannot reach n_tokens={n_tokens}")
+        if len(ids) <= previous:
+            raise ValueError(f"encode gave {len(ids)} tokens for {n_chars} characters of text, no "
+                             f"more than for half of it: it cannot reach n_tokens={n_tokens}")
+        previous, n_chars = len(ids), n_chars * 2
