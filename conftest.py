@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def run_selection(config: pytest.Config) -> dict:
         "keywords": config.getoption("keyword", None) or None,
         "args": [str(a) for a in config.args],
         "workers": getattr(config.option, "numprocesses", None),
-        "invocation": [str(a) for a in config.invocation_params.args],
+        "invocation": shlex.join(str(a) for a in config.invocation_params.args),
     }
 
 

@@ -193,11 +193,14 @@ def render_markdown(claims: list[dict], meta: dict | None = None, run: dict | No
         done = run.get("complete")
         state = f"complete, exit status {run.get('exit_status')}" if done else "INCOMPLETE"
         lines.append(f"- run: {state}")
-        sel = run.get("selection") or {}
-        chosen = {k: v for k, v in sel.items() if v not in (None, [], "")}
+        sel = {k: " ".join(map(str, v)) if isinstance(v, list) else v
+               for k, v in (run.get("selection") or {}).items()}
+        chosen = {k: v for k, v in sel.items() if v not in (None, "")}
         lines.append("- selection: " + (short(chosen, 300) or "everything collected"))
-    if meta:
-        lines += [f"- {k}: {short(v, 300)}" for k, v in meta.items()]
+    for key, value in (meta or {}).items():
+        if isinstance(value, dict):  # e.g. the suite options: only those that are set
+            value = {k: v for k, v in value.items() if v is not None}
+        lines.append(f"- {key}: {short(value, 300)}")
     lines += ["", "| id | verdict | claim | measured | thresholds | reason |",
               "|---|---|---|---|---|---|"]
     for rec in sorted(claims, key=lambda r: r["id"]):
