@@ -12,8 +12,8 @@ as ``python -m turboquant verify``: a bad value is a ``pytest.UsageError`` namin
 any test runs, never a claim FAIL; ``tq_options`` hands the parsed values (lists of floats / ints,
 paths) to the tests.
 
-On a machine without CUDA, ``TRITON_INTERPRET=1`` is set here (unless already set) so that the
-Triton kernel tests run on CPU in CI.
+On a machine without CUDA, ``TRITON_INTERPRET=1`` is set at configure time (unless already set)
+so that the Triton kernel tests run on CPU in CI.
 
 Known failures (``KNOWN_FAILURES``): tests of claims that really fail with the default setting are
 marked ``xfail(strict=...)``. Each entry records ``bounds``: a measured value (a key path into the
@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from turboquant.gpu_workers import controller_gpus, worker_gpu
 from turboquant.options import SUITE_OPTIONS, OptionError, parse_out_dir, parse_suite_options
 from turboquant.report import (
     ClaimRecord,
@@ -46,13 +47,6 @@ from turboquant.report import (
 )
 
 pytest_plugins = ["pytester"]
-
-# CPU-only machines (CI): Triton's interpreter on before anything imports Triton, so the kernel
-# tests' tiny CPU cases (tests/kernels, tests/cache/test_append_kernel.py) run instead of skipping
-# whatever the collection order. The CPU cache and attention paths never take the kernels on their
-# own (append_backend "auto" uses them on CUDA tensors only), so nothing else changes.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -124,6 +118,15 @@ def run_selection(config: pytest.Config) -> dict:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if _is_xdist_worker(config) and config.workerinput.get("tq_cuda_device"):  # type: ignore[attr-defined]
+        # one worker a GPU (turboquant.gpu_workers): before anything in this process touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.workerinput["tq_cuda_device"]  # type: ignore[attr-defined]
+    if not torch.cuda.is_available():
+        # CPU-only machines (CI): Triton's interpreter on before any test module imports Triton,
+        # so the kernel tests' tiny CPU cases (tests/kernels, tests/cache/test_append_kernel.py)
+        # run instead of skipping. The CPU cache and attention paths never take the kernels on
+        # their own (append_backend "auto" uses them on CUDA tensors only).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     config._tq_values = _parse_options(config)  # type: ignore[attr-defined]
     out = config.getoption("out_dir") or os.environ.get("TURBOQUANT_OUT_DIR")
     if not out:
@@ -150,8 +153,10 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.json_report_file = str(Path(out) / "report.json")
 
 
-def pytest_configure_node(node) -> None:  # xdist hook: share the controller's out dir
+def pytest_configure_node(node) -> None:  # xdist hook: share the controller's out dir, pin a GPU
     node.workerinput["tq_out_dir"] = node.config._tq_out_dir
+    gpus = node.config.__dict__.setdefault("_tq_gpus", controller_gpus())
+    node.workerinput["tq_cuda_device"] = worker_gpu(node.workerinput["workerid"], gpus)
 
 
 @dataclass(frozen=True)
