@@ -16,13 +16,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 import torch
 
 from turboquant.eval import squad_qa
 from turboquant.eval.longbench import build_prompt_ids, evaluate, load_longbench_e
 from turboquant.eval.metrics import score_example
-from turboquant.eval.quality import measured_bits, paired_scores, qa_run, shuffled_control, teacher_forced_kl
+from turboquant.eval.quality import (
+    measured_bits,
+    paired_scores,
+    qa_run,
+    shuffled_control,
+    teacher_forced_kl,
+)
 from turboquant.eval.recipes import RECIPES, available, get_recipe, verdict_recipe
 from turboquant.eval.runner import default_cache_factory
 
