@@ -10,7 +10,9 @@ CPU (small grid, minutes)::
 
     python benchmarks/quality.py --n-needles 9 --n-qa 20 --kl-prompts 4
 
-GPU tier (the full grid)::
+GPU tier (the full grid; ``--recipes`` splits it over processes that share the GPU, and
+``benchmarks/quality_merge.py`` joins their files: the full-precision run is repeated in each, the
+same deterministic numbers)::
 
     python benchmarks/quality.py --device cuda --n-needles 500 --n-qa 200 --kl-prompts 64 \\
         --out results/quality_gpu.json
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None, lm=None) -> dict:
                            "qa": f"paired bootstrap, margin {QA_MARGIN_POINTS} point (0-100)"},
                  "verdict_recipe": primary, "verdict_note": note, "seconds": round(time.perf_counter() - t0, 1)},
         "n_needles": needles["n_trials"], "n_qa": len(data), "recipes": rows, "skipped": skipped,
+        "needle_cells": needles["cells"],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
