@@ -197,6 +197,8 @@ def parse_layout(spec: object, name: str = "layout") -> str | float | tuple[int,
     if isinstance(spec, (tuple, list)):
         if len(spec) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
             raise ValueError(f"`{name}` as a tuple must be (n_out, b_hi, b_lo) of ints, got {spec!r}")
+        if spec[0] % GROUP_MULTIPLE or spec[0] <= 0:
+            raise ValueError(f"`n_out`={spec[0]} of `{name}` must be a positive multiple of {GROUP_MULTIPLE} below d")
         for label, b in (("b_hi", spec[1]), ("b_lo", spec[2])):
             if b not in INTEGER_BITS:
                 raise ValueError(f"`{name}` {label}={b} must be one of {INTEGER_BITS}")
