@@ -462,6 +462,24 @@ def compressed_attention(
 # ------------------------------------------------------------------------------------------------
 # cache -> attention hand-off and the transformers attention function
 # ------------------------------------------------------------------------------------------------
+HANDOFF_EAGER_REASON = (
+    "TurboQuantCache hands its compressed layer to the 'turboquant' attention outside the traced "
+    "graph: torch.compile runs `update` and the attention eagerly (a graph break each); "
+    "fullgraph=True cannot do that, compile with fullgraph=False"
+)
+
+
+def run_eagerly(fn: Any) -> Any:
+    """Keep ``fn`` out of torch.compile graphs (a graph break around it, the call runs in Python).
+
+    The cache -> attention hand-off is a Python-side record: traced, it would be baked into the
+    graph and lost at replay (the attention would read only the window placeholders)."""
+    try:
+        return torch.compiler.disable(fn, reason=HANDOFF_EAGER_REASON)
+    except TypeError:  # torch without the `reason` keyword
+        return torch.compiler.disable(fn)
+
+
 class _Handoff(threading.local):
     record: tuple[Any, int, torch.Tensor] | None = None
 
@@ -469,10 +487,12 @@ class _Handoff(threading.local):
 _HANDOFF = _Handoff()
 
 
-def handoff(layer: "TurboQuantLayer", layer_idx: int, key: torch.Tensor) -> None:
+def handoff(layer: "TurboQuantLayer | None", layer_idx: int = -1, key: torch.Tensor | None = None) -> None:
     """Called by the cache's ``update``: the next attention call for ``layer_idx`` whose ``key``
-    argument *is* ``key`` reads ``layer``'s compressed storage."""
-    _HANDOFF.record = (layer, layer_idx, key)
+    argument *is* ``key`` reads ``layer``'s compressed storage. ``handoff(None)`` drops a record
+    that no attention call took (e.g. a forward that raised in between), so it cannot be taken
+    by a later call."""
+    _HANDOFF.record = None if layer is None else (layer, layer_idx, key)
 
 
 def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> "TurboQuantLayer | None":
@@ -497,6 +517,7 @@ def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> "TurboQuantLayer
     return layer
 
 
+@run_eagerly
 def turboquant_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -543,6 +564,7 @@ __all__ = [
     "handoff",
     "qjl_signs",
     "register_attention",
+    "run_eagerly",
     "HANDOFF_ATTENTIONS",
     "take_handoff",
     "turboquant_attention_forward",

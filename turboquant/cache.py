@@ -38,7 +38,15 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from turboquant.attention import ATTENTION_NAME, HANDOFF_ATTENTIONS, CentroidTable, handoff, qjl_signs, register_attention
+from turboquant.attention import (
+    ATTENTION_NAME,
+    HANDOFF_ATTENTIONS,
+    CentroidTable,
+    handoff,
+    qjl_signs,
+    register_attention,
+    run_eagerly,
+)
 from turboquant.layout import CodeLayout, build_layout, layout_name, parse_layout, select_outliers
 from turboquant.layout_quantizer import TurboQuantLayout
 from turboquant.rotation import fwht
@@ -650,6 +658,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self._rk = like.new_empty(shape)
             self._rv = like.new_empty(shape)
 
+    @run_eagerly
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[B, H, T, D]`` keys/values; return what the attention function should receive.
 
@@ -657,6 +666,7 @@ class TurboQuantLayer(CacheLayerMixin):
         residual window (placeholders; the attention reads the codes via the hand-off); under any
         other attention: the full dequantized history + window (transient).
         """
+        handoff(None)  # a record left by an earlier call that never reached its attention
         first = not self.is_initialized
         if first:
             self.lazy_initialization(key_states, value_states)
