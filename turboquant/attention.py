@@ -288,8 +288,13 @@ def _c_call(fn, table: "CentroidTable", codes: torch.Tensor, norms: torch.Tensor
        len(table.segments), table.c_seg.data_ptr(), table.c_spread.data_ptr(), table.c_pairs.data_ptr())
 
 
+def _use_c_groups(x: torch.Tensor, codec) -> bool:
+    """Outlier layouts: the C kernel runs each channel group as a layout of its own."""
+    return x.device.type == "cpu" and _cpu_kernel_lib() is not None
+
+
 def _use_c(x: torch.Tensor, codec) -> bool:
-    """The C kernel scores one-group layouts (one norm a vector); outlier layouts run torch."""
+    """The C kernel scores one-group layouts (one norm a vector) here; outlier layouts per group."""
     table = codec.table
     return (x.device.type == "cpu" and not codec.grouped and table.d <= C_MAX_HEAD_DIM
             and _cpu_kernel_lib() is not None)
@@ -324,6 +329,13 @@ def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: "PackedStore"
         if _use_c(qr, codec):
             s = torch.empty((*qr.shape[:-1], stop - start), dtype=torch.float32)
             _c_call(_cpu_kernel_lib().tq_scores, codec.table, codes, norms, qr, s)
+        elif codec.grouped and _use_c_groups(qr, codec):  # the C kernel one group at a time
+            s = 0
+            for a, b, g, b0, b1, table in codec.group_tables:
+                part = torch.empty((*qr.shape[:-1], stop - start), dtype=torch.float32)
+                _c_call(_cpu_kernel_lib().tq_scores, table, codes[..., b0:b1], norms[..., g].contiguous(),
+                        qr[..., a:b].contiguous(), part)
+                s = s + part
         elif codec.grouped:  # Σ_g ||k_g|| <(Π q)_g, c_g[idx_g]>, one partial score a group
             cents = codec.table.gather(codes)  # [B, H, n, D] code space
             s = sum(torch.matmul(qr[..., a:b], cents[..., a:b].transpose(-1, -2)) * norms[..., g].unsqueeze(-2)
@@ -349,6 +361,13 @@ def _store_values(p: torch.Tensor, store: "PackedStore", start: int, stop: int) 
         if _use_c(p, codec):
             acc = torch.empty((*p.shape[:-1], codec.d), dtype=torch.float32)
             _c_call(_cpu_kernel_lib().tq_values, codec.table, codes, norms, p.contiguous(), acc)
+        elif codec.grouped and _use_c_groups(p, codec):
+            parts, pc = [], p.contiguous()
+            for a, b, g, b0, b1, table in codec.group_tables:
+                part = torch.empty((*p.shape[:-1], b - a), dtype=torch.float32)
+                _c_call(_cpu_kernel_lib().tq_values, table, codes[..., b0:b1], norms[..., g].contiguous(), pc, part)
+                parts.append(part)
+            acc = torch.cat(parts, dim=-1)
         elif codec.grouped:  # per group Σ_j p_j ||v_j,g|| c_g[idx_j,g], un-rotated per group below
             cents = codec.table.gather(codes)
             acc = torch.cat([torch.matmul(p * norms[..., g].unsqueeze(-2), cents[..., a:b])

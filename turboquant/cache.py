@@ -47,7 +47,7 @@ from turboquant.attention import (
     register_attention,
     run_eagerly,
 )
-from turboquant.layout import CodeLayout, build_layout, layout_name, parse_layout, select_outliers
+from turboquant.layout import CodeLayout, build_layout, group_layout, layout_name, parse_layout, select_outliers
 from turboquant.layout_quantizer import TurboQuantLayout
 from turboquant.rotation import fwht
 from turboquant.quantizer import NORM_DTYPE, SUPPORTED_BITS, TurboQuantMSE, TurboQuantProd
@@ -243,6 +243,13 @@ class TensorCodec:
             self.S, self.qjl_scale = None, 0.0
             segs = [(sg.start, sg.stop, sg.bits, sg.codebook) for sg in self.layout.segments]
             self.table = CentroidTable.shared(d, segs, device)
+            # per group: code-space coords [a, b), norm slot, code bytes [b0, b1), a table at the
+            # group's own dimension (what the CPU C kernel scores one group at a time with)
+            self.group_tables = []
+            for i, g in enumerate(self.layout.groups):
+                local = [(sg.start, sg.stop, sg.bits, sg.codebook) for sg in group_layout(self.layout, i).segments]
+                self.group_tables.append((g.start, g.start + g.size, g.norm_slot, g.byte_start,
+                                          g.byte_start + g.code_nbytes, CentroidTable.shared(g.size, local, device)))
             self.rotation = None
             self.code_nbytes = self.layout.code_nbytes
             self._signs = self._h = self._pi = self._pi_t = None
@@ -338,6 +345,8 @@ class TensorCodec:
     def shared_tensors(self) -> list[torch.Tensor]:
         """Process-wide tables shared by every layer/cache of the same width: lookup tables, QJL ``S``."""
         out = self.table.tensors() if self.table is not None else []
+        for *_, table in getattr(self, "group_tables", []):
+            out += table.tensors()
         return out + [t for t in (self.S, self._h) if t is not None]
 
 

@@ -163,3 +163,32 @@ def test_auto_backend_falls_back_to_torch_with_one_warning_for_an_outlier_layout
     store = cache.layers[cache.compressed_layers[0]].key_store
     assert store.kernel_appends == 0 and store.length == 8
 
+
+
+@pytest.mark.parametrize("kl, vl", [("paper-3.5", "paper-2.5"), ("paper-2.5", "halves-3.5")], ids=str)
+def test_outlier_layout_attention_with_and_without_the_cpu_kernel(models, monkeypatch, kl, vl):
+    """The C kernel scores an outlier layout one channel group at a time; it matches the torch
+    path and sdpa over the dequantized cache."""
+    import turboquant.attention as att
+    from turboquant.attention import compressed_attention_reference, cpu_backend
+
+    if cpu_backend() != "c":
+        pytest.skip("no C compiler: the CPU kernel is not built (TURBOQUANT_CPU_KERNEL=0 or no cc)")
+    m = models["llama"]
+    cache = TurboQuantCache(m.config, key_layout=kl, value_layout=vl, residual_length=8)
+    with torch.no_grad():
+        m(input_ids=_ids(77), past_key_values=cache)
+    layer = cache.layers[0]
+    query = torch.randn(1, 4, 1, 64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = att._c_call
+    monkeypatch.setattr(att, "_c_call", lambda *a: calls.append(1) or real(*a))
+    a = compressed_attention_reference(query, layer, 0.125, None)
+    expected = sum(2 if name.startswith("paper") else 1 for name in (kl, vl))  # one C call a group
+    assert len(calls) == expected, f"expected {expected} C calls (one a channel group), got {len(calls)}"
+    monkeypatch.setattr(att, "_use_c_groups", lambda x, c: False)
+    b = compressed_attention_reference(query, layer, 0.125, None)
+    k, v = layer.dequantized()
+    ref = torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=0.125, enable_gqa=True).transpose(1, 2)
+    assert (a - b).abs().max() < 1e-5 and (b - ref).abs().max() < 1e-5, (
+        f"|C - torch| {(a - b).abs().max():.3g}, |torch - sdpa(dequantized)| {(b - ref).abs().max():.3g}")

@@ -1,0 +1,105 @@
+"""KV recipes on CPU: measured bits, KV proxies and next-token agreement (``turboquant.eval.recipes``).
+
+Models: the embedded SmolLM2-135M-Instruct (head_dim 64, 30 layers, 3 KV heads; real weights,
+real prose prompts) and a random-init model of the ``qwen3_5_text`` shape (head_dim 256, hybrid:
+3 Gated DeltaNet + 1 full attention per 4 layers; random token prompts). Per model and prompt:
+an exact prefill of ``T - TAIL`` tokens, the ``TAIL`` remaining tokens teacher-forced one at a
+time (full precision vs each recipe under the ``"turboquant"`` attention); rows are means over
+the prompts. ``T = 2048``, ``TAIL = 32``, 4 prompts.
+
+    python benchmarks/recipes_cpu.py                   # writes results/recipes_cpu.json
+    python benchmarks/recipes_cpu.py --prompts 1 --tokens 512 --out /tmp/r.json   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from turboquant.eval.recipes import RECIPES, evaluate, reference_tail, unit_queries
+from turboquant.eval.throughput import run_prefill
+from turboquant.models import EMBEDDED_NAME, load_model, tiny_model
+from turboquant.report import device_description
+
+SEED = 0
+QUERIES = 64
+QWEN_SHAPE = dict(head_dim=256, num_layers=8, num_kv_heads=4, num_heads=16, hidden_size=256, vocab_size=4096)
+
+
+def _prose_prompts(tokenizer, n: int, tokens: int) -> list[torch.Tensor]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "cache"))
+    from conftest import prose  # the C08 prompt text: standard-library documentation
+
+    ids = tokenizer(prose(n_chars=6 * n * tokens), return_tensors="pt").input_ids
+    if ids.shape[1] < n * tokens:
+        raise SystemExit(f"only {ids.shape[1]} prose tokens for {n} prompts of {tokens}")
+    return [ids[:, i * tokens : (i + 1) * tokens] for i in range(n)]
+
+
+def _random_prompts(vocab: int, n: int, tokens: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(SEED)
+    return [torch.randint(0, vocab, (1, tokens), generator=g) for _ in range(n)]
+
+
+def run_model(name: str, model, prompts: list[torch.Tensor], tail: int) -> dict:
+    d = model.config.get_text_config(decoder=True).head_dim
+    queries = unit_queries(QUERIES, d, SEED)
+    per: dict[str, list[dict]] = {r.name: [] for r in RECIPES}
+    for p, ids in enumerate(prompts):
+        start = time.perf_counter()
+        prefill = run_prefill(model, ids[:, :-tail])
+        ref = reference_tail(model, prefill, ids)
+        for r in RECIPES:
+            per[r.name].append(evaluate(model, prefill, ids, r, ref, queries, seed=SEED))
+        print(f"{name} prompt {p}: {time.perf_counter() - start:.0f} s", flush=True)
+    rows = []
+    for r in RECIPES:
+        vals = per[r.name]
+        mean = {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+        rows.append({"recipe": r.name, "key_layout": r.key_layout, "value_layout": r.value_layout, "note": r.note,
+                     **{k: round(v, 6) for k, v in mean.items()},
+                     "kl_per_prompt": [round(v["kl"], 6) for v in vals],
+                     "top1_per_prompt": [round(v["top1_agreement"], 4) for v in vals]})
+    return {"model": name, "head_dim": d, "prompt_tokens": int(prompts[0].shape[1]), "tail_positions": tail,
+            "prompts": len(prompts), "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--tail", type=int, default=32)
+    ap.add_argument("--models", default="smollm2,qwen3_5_text")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "recipes_cpu.json"))
+    args = ap.parse_args()
+    torch.manual_seed(SEED)
+    results = []
+    if "smollm2" in args.models:
+        lm = load_model()
+        results.append(run_model(EMBEDDED_NAME, lm.model, _prose_prompts(lm.tokenizer, args.prompts, args.tokens),
+                                 args.tail))
+    if "qwen3_5_text" in args.models:
+        m = tiny_model("qwen3_5_text", seed=SEED, **QWEN_SHAPE)
+        results.append(run_model("random-init qwen3_5_text " + json.dumps(QWEN_SHAPE), m,
+                                 _random_prompts(QWEN_SHAPE["vocab_size"], args.prompts, args.tokens), args.tail))
+    meta = {"device": device_description(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "seed": SEED, "queries": QUERIES, "cache": {"residual_length": 16, "rotation": "hadamard", "law": "beta"},
+            "bits_measured": "8 * (codes + float16 norms + outlier indices held) / (tokens * kv_heads * head_dim), "
+                             "compressed layers only; residual window excluded (the prompt is a multiple of 16)",
+            "kl": "KL(full || compressed) of the next-token distribution, mean over tail positions, then prompts"}
+    Path(args.out).write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
