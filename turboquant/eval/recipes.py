@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from turboquant.cache import TurboQuantCache, TurboQuantLayer, turboquant_attention
-from turboquant.eval.throughput import Prefill, fill_from_prefill
+from turboquant.eval.throughput import Prefill
 
 
 @dataclass(frozen=True)
@@ -102,15 +102,22 @@ def reference_tail(model, prefill: Prefill, ids: torch.Tensor) -> torch.Tensor:
     return tail_logits(model, copy.deepcopy(prefill.cache), ids, start)
 
 
+def fill_exact_prefill(cache: TurboQuantCache, prefill: Prefill) -> TurboQuantCache:
+    """The cache after the prompt, from the exact prefill (no second forward): attention layers
+    take its K/V through ``update`` (what a prefill through the cache stores: the prompt attends
+    exactly), linear-attention layers a copy of its conv/recurrent state."""
+    for idx, layer in enumerate(prefill.cache.layers):
+        if getattr(layer, "keys", None) is not None:
+            cache.update(layer.keys, layer.values, idx)
+        else:
+            cache.layers[idx] = copy.deepcopy(layer)
+    return cache
+
+
 def evaluate(model, prefill: Prefill, ids: torch.Tensor, recipe: Recipe, ref_tail: torch.Tensor,
              queries: torch.Tensor, **cache_kw) -> dict:
     """One recipe on one prompt: bytes, proxies after the prefill, then the teacher-forced tail."""
-    cache = make_cache(model.config, recipe, **cache_kw)
-    if all(getattr(layer, "keys", None) is not None for layer in prefill.cache.layers):
-        fill_from_prefill(cache, prefill)  # the exact prefill's K/V, no second forward
-    else:  # hybrid (linear-attention layers): a real prefill through the cache (exact attention)
-        with torch.no_grad():
-            model(input_ids=prefill.input_ids, past_key_values=cache)
+    cache = fill_exact_prefill(make_cache(model.config, recipe, **cache_kw), prefill)
     bits = measured_bits(cache)
     row = {"key_bits_measured": bits["key"], "value_bits_measured": bits["value"],
            **kv_errors(prefill, cache, queries)}
@@ -123,5 +130,5 @@ def unit_queries(n: int, d: int, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-__all__ = ["Recipe", "RECIPES", "make_cache", "measured_bits", "kv_errors", "tail_logits", "next_token_agreement",
+__all__ = ["Recipe", "RECIPES", "make_cache", "fill_exact_prefill", "measured_bits", "kv_errors", "tail_logits", "next_token_agreement",
            "reference_tail", "evaluate", "unit_queries"]
