@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from turboquant.gpu_workers import controller_gpus, worker_gpu
 from turboquant.options import SUITE_OPTIONS
 from turboquant.report import ClaimRecord, ClaimStore, device_description, load_plot_modules
 
@@ -85,6 +86,9 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if _is_xdist_worker(config) and config.workerinput.get("tq_cuda_device"):  # type: ignore[attr-defined]
+        # one worker a GPU (turboquant.gpu_workers): before anything in this process touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.workerinput["tq_cuda_device"]  # type: ignore[attr-defined]
     out = config.getoption("out_dir") or os.environ.get("TURBOQUANT_OUT_DIR")
     if not out:
         out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -102,8 +106,10 @@ def pytest_configure(config: pytest.Config) -> None:
                 config.option.json_report_file = str(Path(out) / "report.json")
 
 
-def pytest_configure_node(node) -> None:  # xdist hook: share the controller's out dir
+def pytest_configure_node(node) -> None:  # xdist hook: share the controller's out dir, pin a GPU
     node.workerinput["tq_out_dir"] = node.config._tq_out_dir
+    gpus = node.config.__dict__.setdefault("_tq_gpus", controller_gpus())
+    node.workerinput["tq_cuda_device"] = worker_gpu(node.workerinput["workerid"], gpus)
 
 
 # Claims that really fail with the embedded defaults (SmolLM2 GGUF, shipped LongBench-E fixture) or on

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -47,10 +48,12 @@ from turboquant.attention import (
     register_attention,
     run_eagerly,
 )
+from turboquant.codebook import LAWS
 from turboquant.layout import CodeLayout, build_layout, group_layout, layout_name, parse_layout, select_outliers
 from turboquant.layout_quantizer import TurboQuantLayout
 from turboquant.rotation import fwht
 from turboquant.quantizer import NORM_DTYPE, SUPPORTED_BITS, TurboQuantMSE, TurboQuantProd
+from turboquant.validation import check_choice, check_seed
 
 PASSTHROUGH_BITS = 16
 SHARED = "shared_tables"
@@ -145,7 +148,9 @@ class TurboQuantCacheConfig:
             raise ValueError(f"`append_backend` must be one of {APPEND_BACKENDS}, got {self.append_backend!r}")
         if self.rotation not in ("hadamard", "dense"):
             raise ValueError(f"`rotation` must be one of ('hadamard', 'dense'), got {self.rotation!r}")
-        object.__setattr__(self, "protected_layers", tuple(int(i) for i in self.protected_layers))
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        check_choice(self.law, "law", LAWS)
+        object.__setattr__(self, "protected_layers", _layer_indices(self.protected_layers))
 
     def _set_layouts(self) -> None:
         """Canonical layout names; one-group layouts and presets fix ``*_bits``."""
@@ -181,6 +186,19 @@ class TurboQuantCacheConfig:
     @property
     def passthrough(self) -> bool:
         return float(self.key_bits) == PASSTHROUGH_BITS
+
+
+def _layer_indices(value: object) -> tuple[int, ...]:
+    """``protected_layers``: one int or an iterable of ints (``1.7`` or ``True`` are not layer indices)."""
+    items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"`protected_layers` must be an int or a tuple of ints, got {value!r}") from None
+    for i in items:
+        if isinstance(i, bool) or not hasattr(type(i), "__index__"):
+            raise TypeError(f"`protected_layers` entries must be ints (layer indices), got {i!r} in {value!r}")
+    return tuple(operator.index(i) for i in items)
 
 
 def check_head_dim(head_dim: int, rotation: str) -> int:
@@ -330,24 +348,6 @@ class TensorCodec:
             return packed.codes, packed.norms, None, None
         mse = packed.mse
         return (mse.codes if mse else None), (mse.norms if mse else None), packed.qjl, packed.rnorms
-
-    def metadata_tensors(self) -> list[torch.Tensor]:
-        """Per-layer quantizer state held by the cache: Hadamard signs ``s`` (d floats), or the
-        dense ``Π`` and ``Π^T`` for ``rotation='dense'``."""
-        if self.grouped:
-            return list(self._group_rot)
-        if self.rotation is None:
-            return []
-        if self._signs is not None:
-            return [self._signs]
-        return [self._pi, self._pi_t]
-
-    def shared_tensors(self) -> list[torch.Tensor]:
-        """Process-wide tables shared by every layer/cache of the same width: lookup tables, QJL ``S``."""
-        out = self.table.tensors() if self.table is not None else []
-        for *_, table in getattr(self, "group_tables", []):
-            out += table.tensors()
-        return out + [t for t in (self.S, self._h) if t is not None]
 
 
 def _per_head(outliers: torch.Tensor | None) -> torch.Tensor | None:
@@ -595,6 +595,17 @@ class PackedStore:
         out[:, :, :n] = res
         return out[:, :, :n]
 
+    def snapshot(self) -> tuple:
+        """The store's state before a write (buffers by reference, length, capacity, pending checks):
+        :meth:`restore` puts it back exactly, bytes included (a grown buffer is dropped)."""
+        return self.length, self.capacity, self._buffers(), list(self._pending_checks), self.outliers
+
+    def restore(self, state: tuple) -> None:
+        self.length, self.capacity, buffers, pending, self.outliers = state
+        for f in self.FIELDS:
+            setattr(self, f, buffers.get(f))
+        self._pending_checks = pending
+
     def crop(self, n_keep: int) -> None:
         self.length = min(self.length, max(0, n_keep))
         self._pending_checks = [p for p in self._pending_checks if p[2] < self.length]
@@ -676,10 +687,10 @@ class TurboQuantLayer(CacheLayerMixin):
         other attention: the full dequantized history + window (transient).
         """
         handoff(None)  # a record left by an earlier call that never reached its attention
+        self._check_pair(key_states, value_states)
         first = not self.is_initialized
         if first:
             self.lazy_initialization(key_states, value_states)
-            self._select_outliers(key_states, value_states)
         self._append(key_states, value_states)
         self.keys, self.values = self.residual_keys(), self.residual_values()
         if first:
@@ -694,7 +705,19 @@ class TurboQuantLayer(CacheLayerMixin):
         """Append keys/values ``[B, H, T, D]`` through the normal compression path without preparing
         an attention call (``update`` minus its return value), e.g. to fill a cache with synthetic
         history; the first call initialises the layer."""
+        self._check_pair(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        self.keys, self.values = self.residual_keys(), self.residual_values()
+
+    def _check_pair(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Keys and values are checked together before anything is written (no host sync: values
+        are checked by the encoder, and a failed write is rolled back, see ``_append``)."""
         for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                raise TypeError(f"`{name}` must be a floating torch.Tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
             if t.dim() != 4 or t.shape[1] != self.num_heads or t.shape[-1] != self.head_dim:
                 raise ValueError(
                     f"`{name}` of shape {tuple(t.shape)} does not match the layer: expected "
@@ -702,26 +725,53 @@ class TurboQuantLayer(CacheLayerMixin):
                 )
         if key_states.shape != value_states.shape:
             raise ValueError(f"`key_states` {tuple(key_states.shape)} and `value_states` {tuple(value_states.shape)} differ in shape")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self._select_outliers(key_states, value_states)
-        self._append(key_states, value_states)
-        self.keys, self.values = self.residual_keys(), self.residual_values()
+        if self.is_initialized and self.get_seq_length() and key_states.shape[0] != self._batch():
+            raise ValueError(f"`key_states` has batch {key_states.shape[0]}, but the layer holds a batch of "
+                             f"{self._batch()} (use reorder_cache / batch_select_indices to change it)")
+
+    def _batch(self) -> int:
+        held = [t for t in (self.key_store.norms, self.key_store.rnorms, self._rk) if t is not None]
+        return held[0].shape[0] if held else -1
 
     def _select_outliers(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Outlier layouts: each store fixes its heads' outlier channels from the first update."""
+        """Outlier layouts: each store fixes its heads' outlier channels from the first update
+        (undone with the rest of a failed write: see ``snapshot``)."""
         self.key_store.set_outliers(k)
         self.value_store.set_outliers(v)
 
     def check_norms(self, wait: bool = False) -> None:
         """:meth:`PackedStore.check_norms` of both stores (raises if an append stored a norm
-        beyond float16); polled without waiting at every update/append."""
+        beyond float16); polled without waiting at every update/append. A failed check leaves keys
+        and values aligned: both stores keep the tokens before the failed append, the window
+        (later tokens) is dropped."""
         for store in (self.key_store, self.value_store):
-            if store is not None:
+            if store is None:
+                continue
+            try:
                 store.check_norms(wait)
+            except ValueError as err:
+                keep = min(self.key_store.length, self.value_store.length)
+                for st in (self.key_store, self.value_store):
+                    st.crop(keep)
+                    st._pending_checks.clear()
+                self._r, self._rk, self._rv = 0, None, None
+                raise ValueError(f"{err}; the layer keeps its first {keep} keys and values") from None
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append to the window / stores as one transaction: a failure (non-finite or out-of-range
+        values in ``k`` or ``v``) leaves the layer exactly as it was, lengths and bytes included."""
         self.check_norms()
+        state = (self.key_store.snapshot(), self.value_store.snapshot(), self._rk, self._rv, self._r)
+        try:
+            self._write(k, v)
+        except BaseException:
+            ks, vs, self._rk, self._rv, self._r = state
+            self.key_store.restore(ks)
+            self.value_store.restore(vs)
+            raise
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._select_outliers(k, v)  # outlier layouts: from the first update only (then fixed)
         R, t = self.settings.residual_length, k.shape[-2]
         total = self._r + t
         if R and total < R:  # fits in the window
@@ -734,8 +784,11 @@ class TurboQuantLayer(CacheLayerMixin):
         if self._r:
             k = torch.cat([self._rk[:, :, : self._r], k], dim=-2)
             v = torch.cat([self._rv[:, :, : self._r], v], dim=-2)
-        self.key_store.append(k[:, :, :n_flush])
-        self.value_store.append(v[:, :, :n_flush])
+        for store, x, name in ((self.key_store, k, "key_states"), (self.value_store, v, "value_states")):
+            try:
+                store.append(x[:, :, :n_flush])
+            except ValueError as err:
+                raise ValueError(f"`{name}` of layer {self.layer_idx}: {err}") from None
         rest = total - n_flush
         if rest:
             self._window(k)
@@ -854,6 +907,8 @@ class TurboQuantCache(Cache):
     Args:
         config: the model's ``PreTrainedConfig`` (layer types, KV heads, head dim are read from it).
         settings: a :class:`TurboQuantCacheConfig`; keyword overrides (``key_bits=...``) also work.
+        tp_size: under transformers tensor parallelism (``tp_plan="auto"``), the model's
+            ``tp_size``: each rank compresses its own ``num_key_value_heads / tp_size`` KV heads.
 
     Example::
 
@@ -862,14 +917,22 @@ class TurboQuantCache(Cache):
             out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
     """
 
-    def __init__(self, config: Any, settings: TurboQuantCacheConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: Any, settings: TurboQuantCacheConfig | None = None, *, tp_size: int | None = None,
+                 **overrides: Any) -> None:
         if config is None or not hasattr(config, "get_text_config"):
             raise ValueError("`config` must be the model's PreTrainedConfig (TurboQuantCache reads its layer types)")
         settings = settings or TurboQuantCacheConfig()
         if overrides:
             settings = TurboQuantCacheConfig(**{**asdict(settings), **overrides})
         self.settings = settings
-        self.shape = shape = attention_shape(config)
+        shape = attention_shape(config)
+        if tp_size is not None:  # tensor parallel: this rank holds num_kv_heads / tp_size heads
+            if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or shape.num_kv_heads % tp_size:
+                raise ValueError(f"`tp_size`={tp_size!r} must be an int >= 1 that divides num_key_value_heads="
+                                 f"{shape.num_kv_heads} (pass the model's `tp_size`)")
+            shape = replace(shape, num_kv_heads=shape.num_kv_heads // tp_size)
+        self.tp_size = tp_size or 1
+        self.shape = shape
         decoder_config = config.get_text_config(decoder=True)
         _, per_layer_kwargs = get_layer_types_and_kwargs(decoder_config)
         if isinstance(per_layer_kwargs, dict):  # transformers 5.17: one dict shared by every layer
@@ -914,7 +977,8 @@ class TurboQuantCache(Cache):
             raise ValueError(
                 f"key_states of shape {tuple(key_states.shape)} do not match the cache's config: expected "
                 f"[batch, num_key_value_heads={self.shape.num_kv_heads}, seq, head_dim={self.shape.head_dim}] "
-                "(was the cache built from another model's config?)"
+                "(was the cache built from another model's config? Under tensor parallelism pass "
+                "`tp_size=model.tp_size`: each rank holds num_key_value_heads / tp_size heads)"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -941,13 +1005,17 @@ class MemoryReport:
     """Bytes a cache holds. ``pinned``: storage really kept alive (whole buffers, deduplicated);
     ``used``: the valid part. Categories: ``codes`` (incl. QJL planes), ``norms`` (incl. residual
     norms), ``residual`` (full-precision window), ``exact_kv`` (uncompressed attention layers),
-    ``linear_state`` (conv / recurrent states of linear-attention layers), ``metadata`` (per-layer
-    rotation signs). ``shared_tables`` (centroid lookup tables, the QJL matrix ``S``) are held once
+    ``linear_state`` (conv / recurrent states of linear-attention layers), ``metadata`` (every other
+    per-layer tensor the stores keep alive: rotation signs or the dense ``Π`` with its cached copies,
+    codebook tensors, kernel tables). ``shared_tables`` (centroid lookup tables, the QJL matrix ``S``) are held once
     per process for every cache of the same widths, whatever the number of tokens: reported, but
     not part of ``total_*``."""
 
     used: dict[str, int] = field(default_factory=dict)
     pinned: dict[str, int] = field(default_factory=dict)
+    # pinned bytes per device (``"cuda:0"``, ``"cpu"``, ...; shared tables excluded): where a model
+    # is spread over devices (``device_map``), each layer's stores live on its layer's device
+    by_device: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_used(self) -> int:
@@ -962,7 +1030,8 @@ class MemoryReport:
         return self.total_pinned - self.pinned.get("linear_state", 0)
 
     def as_dict(self) -> dict:
-        return {"used": dict(self.used), "pinned": dict(self.pinned), "total_used": self.total_used, "total_pinned": self.total_pinned}
+        return {"used": dict(self.used), "pinned": dict(self.pinned), "by_device": dict(self.by_device),
+                "total_used": self.total_used, "total_pinned": self.total_pinned}
 
 
 class _Tally:
@@ -982,6 +1051,38 @@ class _Tally:
             self._seen.add(ptr)
         self.report.used[cat] = self.report.used.get(cat, 0) + (t.numel() * t.element_size() if used is None else used)
         self.report.pinned[cat] = self.report.pinned.get(cat, 0) + storage.nbytes()
+        if cat != SHARED:
+            dev = str(t.device)
+            self.report.by_device[dev] = self.report.by_device.get(dev, 0) + storage.nbytes()
+
+
+def _held_tensors(root: Any) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``root`` through this package's objects, dataclasses, dicts,
+    lists and tuples (what a codec or a store keeps alive besides its code buffers)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif type(obj).__module__.startswith("turboquant") and hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+
+
+def _shared_storages() -> set[int]:
+    """Storages of the process-wide tables every layer/cache of the same width shares (QJL ``S``,
+    Sylvester ``H``, centroid lookup tables): reported as ``shared_tables``."""
+    from turboquant.attention import _TABLES
+
+    tables = [*_SHARED_S.values(), *_SHARED_H.values(), *_TABLES.values()]
+    return {t.untyped_storage().data_ptr() for t in _held_tensors(tables)}
 
 
 def cache_nbytes(cache: Cache) -> MemoryReport:
@@ -991,6 +1092,7 @@ def cache_nbytes(cache: Cache) -> MemoryReport:
         if isinstance(layer, TurboQuantLayer):
             if not layer.is_initialized:
                 continue
+            shared = _shared_storages()
             for store in (layer.key_store, layer.value_store):
                 used = store.used_nbytes()
                 tally.add("codes", store.codes, used.get("codes", 0))
@@ -998,10 +1100,10 @@ def cache_nbytes(cache: Cache) -> MemoryReport:
                 tally.add("norms", store.norms, used.get("norms", 0))
                 tally.add("norms", store.rnorms, used.get("rnorms", 0))
                 tally.add("outlier_index", store.outliers)
-                for t in store.codec.metadata_tensors():
-                    tally.add("metadata", t)
-                for t in store.codec.shared_tensors():
-                    tally.add(SHARED, t)
+                # everything else the store keeps alive: rotation signs or dense Π (and the copies
+                # its rotation caches per device), codebook tensors, kernel tables (Π, Π^T, LUTs)
+                for t in _held_tensors((store.codec, store._tables)):
+                    tally.add(SHARED if t.untyped_storage().data_ptr() in shared else "metadata", t)
             if layer._rk is not None:
                 per_tok = layer._rk[:, :, :1].numel() * layer._rk.element_size()
                 tally.add("residual", layer._rk, per_tok * layer._r)

@@ -21,7 +21,8 @@ import torch
 from turboquant.codebook import Codebook
 from turboquant.layout import CodeLayout, build_layout
 from turboquant.packing import pack_bits, packed_nbytes, unpack_bits
-from turboquant.validation import check_float_tensor
+from turboquant.codebook import LAWS
+from turboquant.validation import check_choice, check_float_dtype, check_float_tensor, check_packed, check_seed
 
 SUPPORTED_BITS = (1, 1.5, 2, 2.5, 3, 3.5, 4)
 NORM_DTYPE = torch.float16
@@ -37,10 +38,25 @@ def parse_bits(bits: float, name: str = "bits", allowed: tuple = SUPPORTED_BITS)
     return float(bits)
 
 
-def _round_norms(norms: torch.Tensor, name: str) -> torch.Tensor:
-    """Norms are stored as float16: round now so quantize->dequantize equals pack->unpack->dequantize."""
+_NORM_TINY = torch.finfo(NORM_DTYPE).tiny  # smallest normal float16, 6.1e-5
+
+
+def _round_norms(norms: torch.Tensor, name: str, refuse_tiny: bool = True) -> torch.Tensor:
+    """Norms are stored as float16: round now so quantize->dequantize equals pack->unpack->dequantize.
+
+    A norm above the float16 range is refused; so is a nonzero vector norm below float16's normal
+    range (``refuse_tiny``): stored, it would lose relative precision (subnormal) or decode to an
+    exact zero vector (below ~6e-8). Exact zero vectors are stored exactly."""
     if norms.numel() and float(norms.max()) > _NORM_MAX:
         raise ValueError(f"{name} {float(norms.max()):.4g} exceeds the float16 norm storage range ({_NORM_MAX:.0f})")
+    if refuse_tiny and norms.numel():
+        tiny = (norms > 0) & (norms < _NORM_TINY)
+        if bool(tiny.any()):
+            raise ValueError(
+                f"{int(tiny.sum())} nonzero {name}(s) (smallest {float(norms[tiny].min()):.3g}) lie below the "
+                f"float16 norm storage range [{_NORM_TINY:.3g}, {_NORM_MAX:.0f}] (or exactly 0): they would be "
+                "stored imprecisely or as exact zeros; scale the input"
+            )
     return norms.to(NORM_DTYPE).to(torch.float32)
 
 
@@ -107,8 +123,8 @@ class TurboQuantMSE:
         if self.bits == whole and d % 8:
             raise ValueError(f"`d` must be a multiple of 8 so codes pack into bytes, got d={d}")
         self.d = d
-        self.seed = seed
-        self.law = law
+        self.seed = check_seed(seed)
+        self.law = check_choice(law, "law", LAWS)
         self._init_from_group(build_layout(self.bits, d, rotation=rotation, seed=seed, law=law))
 
     def _init_from_group(self, layout: CodeLayout) -> None:
@@ -183,6 +199,7 @@ class TurboQuantMSE:
 
     def dequantize(self, q: MSEQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``x̃ = ||x|| Π^T c[idx]``."""
+        check_float_dtype(dtype)
         return self.rotation.invert(self.dequantize_rotated(q)).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,8 +212,10 @@ class TurboQuantMSE:
         return PackedMSE(codes=codes, norms=q.norms.to(NORM_DTYPE))
 
     def unpack(self, p: PackedMSE) -> MSEQuantized:
-        if p.codes.shape[-1] != self.code_nbytes:
-            raise ValueError(f"packed codes have {p.codes.shape[-1]} bytes a vector, expected {self.code_nbytes}")
+        if not isinstance(p, PackedMSE):
+            raise TypeError(f"`p` must be a PackedMSE (from `pack`/`encode`), got {type(p).__name__}")
+        check_packed(p.codes, "codes", torch.uint8, last=self.code_nbytes)
+        check_packed(p.norms, "norms", NORM_DTYPE, lead=p.codes.shape[:-1])
         parts = [
             unpack_bits(p.codes[..., s.byte_start : s.byte_start + s.nbytes], s.bits, s.size)
             for s in self.layout.segments
@@ -231,10 +250,15 @@ class TurboQuantProd:
             raise ValueError(f"`bits` for TurboQuantProd must be one of (1, 2, 2.5, 3, 3.5, 4), got {bits!r}")
         if not isinstance(d, int) or isinstance(d, bool) or d < 8 or d % 8:
             raise ValueError(f"`d` must be a multiple of 8 (>= 8), got {d!r}")
+        if self.bits % 1 and d % 16:
+            raise ValueError(
+                f"fractional `bits`={bits} for TurboQuantProd (its MSE stage takes {self.bits - 1} bits) needs d "
+                f"to be a multiple of 16, got d={d}"
+            )
         self.d = d
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.mse = TurboQuantMSE(d, self.bits - 1, rotation, seed, law) if self.bits > 1 else None
-        self.qjl_seed = seed + 1_000_003 if qjl_seed is None else qjl_seed
+        self.qjl_seed = seed + 1_000_003 if qjl_seed is None else check_seed(qjl_seed, "qjl_seed")
         gen = torch.Generator().manual_seed(self.qjl_seed)
         self.S = torch.randn(d, d, generator=gen, dtype=torch.float32)
         self._s_cache: dict = {}
@@ -263,7 +287,11 @@ class TurboQuantProd:
         else:
             q_mse, r = None, xf
         signs = (r @ self._S_on(r.device).T) >= 0
-        rnorms = _round_norms(torch.linalg.vector_norm(r, dim=-1), "residual norm")
+        if q_mse is None:  # 1 bit: the residual is the vector itself
+            _round_norms(torch.linalg.vector_norm(xf, dim=-1), "vector norm")
+        # the residual of a well-quantized vector may be tiny: its float16 rounding only scales the
+        # QJL correction, so it is not refused
+        rnorms = _round_norms(torch.linalg.vector_norm(r, dim=-1), "residual norm", refuse_tiny=False)
         return ProdQuantized(mse=q_mse, signs=signs, rnorms=rnorms)
 
     def qjl_dequantize(self, q: ProdQuantized) -> torch.Tensor:
@@ -272,6 +300,10 @@ class TurboQuantProd:
         return self.qjl_scale * q.rnorms.unsqueeze(-1) * (z @ self._S_on(z.device))
 
     def dequantize(self, q: ProdQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        check_float_dtype(dtype)
+        if (q.mse is None) != (self.mse is None):
+            raise ValueError(f"`q.mse` is {'missing' if q.mse is None else 'present'}, but a {self.bits:g}-bit "
+                             f"TurboQuantProd {'has' if self.mse is not None else 'has no'} MSE stage")
         out = self.qjl_dequantize(q)
         if q.mse is not None:
             out = out + self.mse.dequantize(q.mse)
@@ -293,6 +325,17 @@ class TurboQuantProd:
         )
 
     def unpack(self, p: PackedProd) -> ProdQuantized:
+        if not isinstance(p, PackedProd):
+            raise TypeError(f"`p` must be a PackedProd (from `pack`/`encode`), got {type(p).__name__}")
+        if (p.mse is None) != (self.mse is None):
+            raise ValueError(f"`p.mse` is {'missing' if p.mse is None else 'present'}, but a {self.bits:g}-bit "
+                             f"TurboQuantProd {'stores' if self.mse is not None else 'stores no'} MSE codes "
+                             "(decoding only the QJL part would be silently wrong)")
+        check_packed(p.qjl, "qjl", torch.uint8, last=self.d // 8)
+        check_packed(p.rnorms, "rnorms", NORM_DTYPE, lead=p.qjl.shape[:-1])
+        if p.mse is not None and tuple(p.mse.codes.shape[:-1]) != tuple(p.qjl.shape[:-1]):
+            raise ValueError(f"`p.mse.codes` cover vectors of shape {tuple(p.mse.codes.shape[:-1])}, "
+                             f"but `p.qjl` covers {tuple(p.qjl.shape[:-1])}")
         return ProdQuantized(
             mse=self.mse.unpack(p.mse) if p.mse is not None else None,
             signs=unpack_bits(p.qjl, 1, self.d).bool(),
@@ -346,6 +389,7 @@ class ScalarQuantizer:
         return ScalarQuantized(idx=idx, lo=lo, scale=scale)
 
     def dequantize(self, q: ScalarQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        check_float_dtype(dtype)
         return (q.lo.unsqueeze(-1) + q.idx.to(torch.float32) * q.scale.unsqueeze(-1)).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
