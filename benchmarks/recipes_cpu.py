@@ -30,7 +30,9 @@ from turboquant.report import device_description
 
 SEED = 0
 QUERIES = 64
-QWEN_SHAPE = dict(head_dim=256, num_layers=8, num_kv_heads=4, num_heads=16, hidden_size=256, vocab_size=4096)
+QWEN_SHAPE = {
+    "head_dim": 256, "num_layers": 8, "num_kv_heads": 4, "num_heads": 16, "hidden_size": 256, "vocab_size": 4096
+}
 
 
 def _prose_prompts(tokenizer, n: int, tokens: int) -> list[torch.Tensor]:
@@ -50,7 +52,24 @@ def _random_prompts(vocab: int, n: int, tokens: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (1, tokens), generator=g) for _ in range(n)]
 
 
-def run_model(name: str, model, prompts: list[torch.Tensor], tail: int) -> dict:
+def _summary(name: str, d: int, prompts: list[torch.Tensor], tail: int, per: dict[str, list[dict]]) -> dict:
+    rows = []
+    for r in RECIPES:
+        vals = per[r.name]
+        mean = {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+        rows.append({
+            "recipe": r.name, "key_layout": r.key_layout, "value_layout": r.value_layout, "note": r.note,
+            **{k: round(v, 6) for k, v in mean.items()},
+            "kl_per_prompt": [round(v["kl"], 6) for v in vals],
+            "top1_per_prompt": [round(v["top1_agreement"], 4) for v in vals],
+        })
+    done = len(per[RECIPES[0].name])
+    return {"model": name, "head_dim": d, "prompt_tokens": int(prompts[0].shape[1]), "tail_positions": tail,
+            "prompts": done, "prompts_planned": len(prompts), "rows": rows}
+
+
+def run_model(name: str, model, prompts: list[torch.Tensor], tail: int, save) -> dict:
+    """Every recipe on every prompt; ``save(summary)`` after each prompt (a partial run keeps its rows)."""
     d = model.config.get_text_config(decoder=True).head_dim
     queries = unit_queries(QUERIES, d, SEED)
     per: dict[str, list[dict]] = {r.name: [] for r in RECIPES}
@@ -58,19 +77,12 @@ def run_model(name: str, model, prompts: list[torch.Tensor], tail: int) -> dict:
         start = time.perf_counter()
         prefill = run_prefill(model, ids[:, :-tail])
         ref = reference_tail(model, prefill, ids)
-        for r in RECIPES:
-            per[r.name].append(evaluate(model, prefill, ids, r, ref, queries, seed=SEED))
+        rows = {r.name: evaluate(model, prefill, ids, r, ref, queries, seed=SEED) for r in RECIPES}
+        for k, v in rows.items():
+            per[k].append(v)
+        save(_summary(name, d, prompts, tail, per))
         print(f"{name} prompt {p}: {time.perf_counter() - start:.0f} s", flush=True)
-    rows = []
-    for r in RECIPES:
-        vals = per[r.name]
-        mean = {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
-        rows.append({"recipe": r.name, "key_layout": r.key_layout, "value_layout": r.value_layout, "note": r.note,
-                     **{k: round(v, 6) for k, v in mean.items()},
-                     "kl_per_prompt": [round(v["kl"], 6) for v in vals],
-                     "top1_per_prompt": [round(v["top1_agreement"], 4) for v in vals]})
-    return {"model": name, "head_dim": d, "prompt_tokens": int(prompts[0].shape[1]), "tail_positions": tail,
-            "prompts": len(prompts), "rows": rows}
+    return _summary(name, d, prompts, tail, per)
 
 
 def main() -> None:
@@ -79,26 +91,44 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--tail", type=int, default=32)
     ap.add_argument("--models", default="smollm2,qwen3_5_text")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "recipes_cpu.json"))
+    ap.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "results" / "recipes_cpu.json")
+    )
     args = ap.parse_args()
     torch.manual_seed(SEED)
-    results = []
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {"models": []}
+
+    def save(summary: dict) -> None:  # replace this model's section, keep the others
+        summary = {**summary, "meta": _meta()}  # per model: the machine it ran on
+        doc["models"] = [m for m in doc["models"] if m["model"] != summary["model"]] + [summary]
+        doc["meta"] = _meta()
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+
     if "smollm2" in args.models:
         lm = load_model()
-        results.append(run_model(EMBEDDED_NAME, lm.model, _prose_prompts(lm.tokenizer, args.prompts, args.tokens),
-                                 args.tail))
+        run_model(EMBEDDED_NAME, lm.model, _prose_prompts(lm.tokenizer, args.prompts, args.tokens), args.tail, save)
     if "qwen3_5_text" in args.models:
         m = tiny_model("qwen3_5_text", seed=SEED, **QWEN_SHAPE)
-        results.append(run_model("random-init qwen3_5_text " + json.dumps(QWEN_SHAPE), m,
-                                 _random_prompts(QWEN_SHAPE["vocab_size"], args.prompts, args.tokens), args.tail))
-    meta = {"device": device_description(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "seed": SEED, "queries": QUERIES, "cache": {"residual_length": 16, "rotation": "hadamard", "law": "beta"},
-            "bits_measured": "8 * (codes + float16 norms + outlier indices held) / (tokens * kv_heads * head_dim), "
-                             "compressed layers only; residual window excluded (the prompt is a multiple of 16)",
-            "kl": "KL(full || compressed) of the next-token distribution, mean over tail positions, then prompts"}
-    Path(args.out).write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        prompts = _random_prompts(QWEN_SHAPE["vocab_size"], args.prompts, args.tokens)
+        run_model("random-init qwen3_5_text " + json.dumps(QWEN_SHAPE), m, prompts, args.tail, save)
+    print(f"wrote {out}")
+
+
+def _meta() -> dict:
+    return {
+        "device": device_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "seed": SEED,
+        "queries": QUERIES,
+        "cache": {"residual_length": 16, "rotation": "hadamard", "law": "beta"},
+        "bits_measured": "8 * (codes + float16 norms + outlier indices held) / (tokens * kv_heads * head_dim), "
+        "compressed layers only; residual window excluded (the prompt is a multiple of 16)",
+        "kl": "KL(full || compressed) of the next-token distribution, mean over tail positions, then prompts",
+    }
 
 
 if __name__ == "__main__":

@@ -37,7 +37,13 @@ NORM_NBYTES = 2  # one float16 norm a group
 HALVES_BITS = (1.5, 2.5, 3.5)
 INTEGER_BITS = (1, 2, 3, 4)
 PAPER_PRESETS = {"paper-3.5": (4, 3), "paper-2.5": (3, 2)}  # (b_hi, b_lo), n_out = d / 4
-LAYOUT_NAMES = ("halves-3.5", "halves-2.5", "halves-1.5", *PAPER_PRESETS, "outliers-<n_out>-<b_hi>-<b_lo>")
+LAYOUT_NAMES = (
+    "halves-3.5",
+    "halves-2.5",
+    "halves-1.5",
+    *PAPER_PRESETS,
+    "outliers-<n_out>-<b_hi>-<b_lo>",
+)
 GROUP_MULTIPLE = 16  # outlier groups: a multiple of 16 channels (whole bytes a half, kernel tiles)
 _GROUP_SEED_STRIDE = 7919  # group g rotates with seed + g · stride (group 0 keeps the layer's seed)
 
@@ -160,7 +166,10 @@ class CodeLayout:
         return sum(g.size * g.distortion for g in self.groups) / self.d
 
     def describe(self) -> str:
-        parts = [f"{g.channels}:{g.size}@" + "+".join(f"{s.size}x{s.bits}" for s in g.segments) for g in self.groups]
+        parts = [
+            f"{g.channels}:{g.size}@" + "+".join(f"{s.size}x{s.bits}" for s in g.segments)
+            for g in self.groups
+        ]
         return f"{self.name} ({', '.join(parts)}; {self.bits_per_coordinate:.4g} bits/coord with norms)"
 
 
@@ -176,29 +185,48 @@ def _bits_specs(bits: float, size: int) -> list[tuple[int, int, int]]:
     return [(0, half, whole + 1), (half, size, whole)]
 
 
-def _group(channels: str, start: int, size: int, bits: float, rotation: str, seed: int, law: str,
-           byte_start: int, slot: int) -> ChannelGroup:
+def _group(
+    channels: str,
+    start: int,
+    size: int,
+    bits: float,
+    rotation: str,
+    seed: int,
+    law: str,
+    byte_start: int,
+    slot: int,
+) -> ChannelGroup:
     segs, offset = [], byte_start
     for a, b, nb in _bits_specs(bits, size):
         segs.append(Segment(start + a, start + b, nb, lloyd_max_codebook(nb, size, law), offset))
         offset += packed_nbytes(b - a, nb)
-    return ChannelGroup(channels, start, size, make_rotation(rotation, size, seed), tuple(segs), slot)
+    return ChannelGroup(
+        channels, start, size, make_rotation(rotation, size, seed), tuple(segs), slot
+    )
 
 
 def parse_layout(spec: object, name: str = "layout") -> str | float | tuple[int, int, int]:
     """Normalise a layout spec: a name (``LAYOUT_NAMES``), bits (``1 ... 4``, halves included) or
     ``(n_out, b_hi, b_lo)``. Raises ``ValueError`` listing the valid names."""
     if isinstance(spec, bool):
-        raise TypeError(f"`{name}` must be a layout name {LAYOUT_NAMES}, bits or (n_out, b_hi, b_lo), got {spec!r}")
+        raise TypeError(
+            f"`{name}` must be a layout name {LAYOUT_NAMES}, bits or (n_out, b_hi, b_lo), got {spec!r}"
+        )
     if isinstance(spec, (int, float)):
         if float(spec) not in (*INTEGER_BITS, *HALVES_BITS):
-            raise ValueError(f"`{name}` bits must be one of {sorted((*INTEGER_BITS, *HALVES_BITS))}, got {spec!r}")
+            raise ValueError(
+                f"`{name}` bits must be one of {sorted((*INTEGER_BITS, *HALVES_BITS))}, got {spec!r}"
+            )
         return float(spec)
     if isinstance(spec, (tuple, list)):
         if len(spec) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
-            raise ValueError(f"`{name}` as a tuple must be (n_out, b_hi, b_lo) of ints, got {spec!r}")
+            raise ValueError(
+                f"`{name}` as a tuple must be (n_out, b_hi, b_lo) of ints, got {spec!r}"
+            )
         if spec[0] % GROUP_MULTIPLE or spec[0] <= 0:
-            raise ValueError(f"`n_out`={spec[0]} of `{name}` must be a positive multiple of {GROUP_MULTIPLE} below d")
+            raise ValueError(
+                f"`n_out`={spec[0]} of `{name}` must be a positive multiple of {GROUP_MULTIPLE} below d"
+            )
         for label, b in (("b_hi", spec[1]), ("b_lo", spec[2])):
             if b not in INTEGER_BITS:
                 raise ValueError(f"`{name}` {label}={b} must be one of {INTEGER_BITS}")
@@ -206,17 +234,21 @@ def parse_layout(spec: object, name: str = "layout") -> str | float | tuple[int,
     if isinstance(spec, str):
         if spec in PAPER_PRESETS:
             return spec
-        if spec.startswith("halves-") and spec[len("halves-"):] in {str(b) for b in HALVES_BITS}:
-            return float(spec[len("halves-"):])
+        if spec.startswith("halves-") and spec[len("halves-") :] in {str(b) for b in HALVES_BITS}:
+            return float(spec[len("halves-") :])
         if spec.startswith("outliers-"):
             try:
-                n, hi, lo = (int(p) for p in spec[len("outliers-"):].split("-"))
+                n, hi, lo = (int(p) for p in spec[len("outliers-") :].split("-"))
             except ValueError:
-                raise ValueError(f"`{name}`={spec!r}: expected outliers-<n_out>-<b_hi>-<b_lo>, e.g. outliers-32-4-3") from None
+                raise ValueError(
+                    f"`{name}`={spec!r}: expected outliers-<n_out>-<b_hi>-<b_lo>, e.g. outliers-32-4-3"
+                ) from None
             return parse_layout((n, hi, lo), name)
         if spec.startswith("int-") and spec[4:] in {str(b) for b in INTEGER_BITS}:
             return float(spec[4:])
-    raise ValueError(f"unknown `{name}` {spec!r}: valid layouts are {LAYOUT_NAMES}, 'int-<1..4>', or bits (1 ... 4)")
+    raise ValueError(
+        f"unknown `{name}` {spec!r}: valid layouts are {LAYOUT_NAMES}, 'int-<1..4>', or bits (1 ... 4)"
+    )
 
 
 def layout_name(spec: object) -> str:
@@ -229,7 +261,9 @@ def layout_name(spec: object) -> str:
     return f"int-{int(p)}" if p == int(p) else f"halves-{p}"
 
 
-def build_layout(spec: object, d: int, *, rotation: str = "hadamard", seed: int = 0, law: str = "beta") -> CodeLayout:
+def build_layout(
+    spec: object, d: int, *, rotation: str = "hadamard", seed: int = 0, law: str = "beta"
+) -> CodeLayout:
     """The one constructor of a :class:`CodeLayout` for head dim ``d`` from a name, bits or
     ``(n_out, b_hi, b_lo)``. One group: ``rotation`` as given; outlier groups: Hadamard where the
     group size is a power of two (and ``rotation='hadamard'``), else dense Haar."""
@@ -238,7 +272,9 @@ def build_layout(spec: object, d: int, *, rotation: str = "hadamard", seed: int 
         raise ValueError(f"`d` must be an int >= 8, got {d!r}")
     if isinstance(p, float):
         if d % (16 if p != int(p) else 8):
-            raise ValueError(f"layout {layout_name(p)!r} needs d to be a multiple of {16 if p != int(p) else 8}, got d={d}")
+            raise ValueError(
+                f"layout {layout_name(p)!r} needs d to be a multiple of {16 if p != int(p) else 8}, got d={d}"
+            )
         return CodeLayout(layout_name(p), d, (_group("all", 0, d, p, rotation, seed, law, 0, 0),))
     if isinstance(p, str):
         hi, lo = PAPER_PRESETS[p]
@@ -247,24 +283,46 @@ def build_layout(spec: object, d: int, *, rotation: str = "hadamard", seed: int 
         n_out, hi, lo = p
         name = layout_name(p)
     if n_out % GROUP_MULTIPLE or not 0 < n_out < d:
-        raise ValueError(f"`n_out`={n_out} of layout {name!r} must be a multiple of {GROUP_MULTIPLE} in (0, d={d})")
+        raise ValueError(
+            f"`n_out`={n_out} of layout {name!r} must be a multiple of {GROUP_MULTIPLE} in (0, d={d})"
+        )
     rest = d - n_out
     if rest % 8:
-        raise ValueError(f"layout {name!r}: the regular group of d - n_out = {rest} channels must be a multiple of 8")
+        raise ValueError(
+            f"layout {name!r}: the regular group of d - n_out = {rest} channels must be a multiple of 8"
+        )
 
     def kind(n: int) -> str:
         return "hadamard" if rotation == "hadamard" and n & (n - 1) == 0 else "dense"
 
     g0 = _group("outliers", 0, n_out, float(hi), kind(n_out), seed, law, 0, 0)
-    g1 = _group("rest", n_out, rest, float(lo), kind(rest), seed + _GROUP_SEED_STRIDE, law, g0.code_nbytes, 1)
+    g1 = _group(
+        "rest",
+        n_out,
+        rest,
+        float(lo),
+        kind(rest),
+        seed + _GROUP_SEED_STRIDE,
+        law,
+        g0.code_nbytes,
+        1,
+    )
     return CodeLayout(name, d, (g0, g1), n_out=n_out)
 
 
 def group_layout(layout: CodeLayout, g: int) -> CodeLayout:
     """Group ``g`` of ``layout`` as a one-group layout of its own (coordinates and bytes from 0)."""
     group = layout.groups[g]
-    segs = tuple(Segment(s.start - group.start, s.stop - group.start, s.bits, s.codebook,
-                         s.byte_start - group.byte_start) for s in group.segments)
+    segs = tuple(
+        Segment(
+            s.start - group.start,
+            s.stop - group.start,
+            s.bits,
+            s.codebook,
+            s.byte_start - group.byte_start,
+        )
+        for s in group.segments
+    )
     local = ChannelGroup("all", 0, group.size, group.rotation, segs, 0)
     return CodeLayout(f"{layout.name}[{group.channels}]", group.size, (local,))
 
@@ -298,13 +356,13 @@ def channel_permutation(outliers: torch.Tensor, d: int) -> torch.Tensor:
 __all__ = [
     "LAYOUT_NAMES",
     "PAPER_PRESETS",
-    "Segment",
     "ChannelGroup",
     "CodeLayout",
+    "Segment",
     "build_layout",
-    "parse_layout",
-    "layout_name",
-    "group_layout",
-    "select_outliers",
     "channel_permutation",
+    "group_layout",
+    "layout_name",
+    "parse_layout",
+    "select_outliers",
 ]

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from turboquant.layout import CodeLayout, build_layout, channel_permutation, group_layout, select_outliers
+from turboquant.layout import (
+    CodeLayout,
+    build_layout,
+    channel_permutation,
+    group_layout,
+    select_outliers,
+)
 from turboquant.quantizer import NORM_DTYPE, TurboQuantMSE, _round_norms
 from turboquant.validation import check_float_tensor
 
@@ -38,8 +44,13 @@ class PackedLayout:
     outliers: torch.Tensor | None
 
     def nbytes(self) -> int:
-        n = self.codes.numel() * self.codes.element_size() + self.norms.numel() * self.norms.element_size()
-        return n + (0 if self.outliers is None else self.outliers.numel() * self.outliers.element_size())
+        n = (
+            self.codes.numel() * self.codes.element_size()
+            + self.norms.numel() * self.norms.element_size()
+        )
+        return n + (
+            0 if self.outliers is None else self.outliers.numel() * self.outliers.element_size()
+        )
 
 
 class TurboQuantLayout:
@@ -50,15 +61,24 @@ class TurboQuantLayout:
         d, rotation, seed, law: passed to :func:`build_layout` when ``layout`` is a spec.
     """
 
-    def __init__(self, layout: CodeLayout | object, d: int | None = None, rotation: str = "hadamard",
-                 seed: int = 0, law: str = "beta") -> None:
+    def __init__(
+        self,
+        layout: CodeLayout | object,
+        d: int | None = None,
+        rotation: str = "hadamard",
+        seed: int = 0,
+        law: str = "beta",
+    ) -> None:
         if not isinstance(layout, CodeLayout):
             if d is None:
                 raise ValueError("`d` is needed when `layout` is a spec, not a CodeLayout")
             layout = build_layout(layout, d, rotation=rotation, seed=seed, law=law)
         self.layout = layout
         self.d = layout.d
-        self.groups = [TurboQuantMSE.from_layout(group_layout(layout, g), law, seed) for g in range(len(layout.groups))]
+        self.groups = [
+            TurboQuantMSE.from_layout(group_layout(layout, g), law, seed)
+            for g in range(len(layout.groups))
+        ]
 
     @property
     def nbytes_per_vector(self) -> int:
@@ -110,8 +130,10 @@ class TurboQuantLayout:
         if self.layout.is_grouped and outliers is None:
             outliers = self.select(x)
         if self.layout.is_grouped and outliers.shape[-1] != self.layout.n_out:
-            raise ValueError(f"`outliers` has {outliers.shape[-1]} channels a head, layout {self.layout.name!r} "
-                             f"needs n_out={self.layout.n_out}")
+            raise ValueError(
+                f"`outliers` has {outliers.shape[-1]} channels a head, layout {self.layout.name!r} "
+                f"needs n_out={self.layout.n_out}"
+            )
         parts = self._split(self.to_code_order(x.float(), outliers))
         qs = [q.quantize(p) for q, p in zip(self.groups, parts)]
         idx = torch.cat([q.idx for q in qs], dim=-1)
@@ -136,7 +158,9 @@ class TurboQuantLayout:
     def pack(self, q: LayoutQuantized) -> PackedLayout:
         from turboquant.packing import pack_bits
 
-        codes = torch.cat([pack_bits(q.idx[..., s.start : s.stop], s.bits) for s in self.layout.segments], dim=-1)
+        codes = torch.cat(
+            [pack_bits(q.idx[..., s.start : s.stop], s.bits) for s in self.layout.segments], dim=-1
+        )
         out = None if q.outliers is None else q.outliers.to(self.layout.index_dtype)
         return PackedLayout(codes, q.norms.to(NORM_DTYPE), out)
 
@@ -144,12 +168,19 @@ class TurboQuantLayout:
         from turboquant.packing import unpack_bits
 
         if p.codes.shape[-1] != self.layout.code_nbytes:
-            raise ValueError(f"packed codes have {p.codes.shape[-1]} bytes a vector, layout {self.layout.name!r} "
-                             f"has {self.layout.code_nbytes}")
-        idx = torch.cat([unpack_bits(p.codes[..., s.byte_start : s.byte_start + s.nbytes], s.bits, s.size)
-                         for s in self.layout.segments], dim=-1)
+            raise ValueError(
+                f"packed codes have {p.codes.shape[-1]} bytes a vector, layout {self.layout.name!r} "
+                f"has {self.layout.code_nbytes}"
+            )
+        idx = torch.cat(
+            [
+                unpack_bits(p.codes[..., s.byte_start : s.byte_start + s.nbytes], s.bits, s.size)
+                for s in self.layout.segments
+            ],
+            dim=-1,
+        )
         out = None if p.outliers is None else p.outliers.long()
         return LayoutQuantized(idx, p.norms.float(), out)
 
 
-__all__ = ["TurboQuantLayout", "LayoutQuantized", "PackedLayout"]
+__all__ = ["LayoutQuantized", "PackedLayout", "TurboQuantLayout"]

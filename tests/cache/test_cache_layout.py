@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from turboquant.cache import TurboQuantCache, TurboQuantCacheConfig, cache_nbytes, ideal_kv_nbytes, turboquant_attention
+from turboquant.cache import (
+    TurboQuantCache,
+    TurboQuantCacheConfig,
+    cache_nbytes,
+    ideal_kv_nbytes,
+    turboquant_attention,
+)
 from turboquant.layout import LAYOUT_NAMES
 from turboquant.models import tiny_model
 
@@ -14,10 +20,15 @@ pytestmark = pytest.mark.synthetic
 
 ARCHS = ["llama", "qwen3_5_text"]
 SHAPES = {
-    "llama": dict(head_dim=64, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64),
-    "qwen3_5_text": dict(head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64),
+    "llama": {"head_dim": 64, "num_layers": 2, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
+    "qwen3_5_text": {"head_dim": 64, "num_layers": 4, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
 }
-RECIPES = [("paper-3.5", "paper-3.5"), ("paper-2.5", "paper-2.5"), ("paper-3.5", "halves-2.5"), ((16, 4, 2), 3)]
+RECIPES = [
+    ("paper-3.5", "paper-3.5"),
+    ("paper-2.5", "paper-2.5"),
+    ("paper-3.5", "halves-2.5"),
+    ((16, 4, 2), 3),
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +58,27 @@ def test_outlier_layouts_fused_attention_equals_dequantized_sdpa(models, arch, k
     """Per-group scores and per-group un-rotation in the 'turboquant' attention give the same
     logits as sdpa over the dequantized cache, and differ from full precision (really compressed)."""
     m, ids = models[arch], _ids(80, batch=2, seed=3)
-    kw = dict(key_layout=kl, value_layout=vl, residual_length=16)
+    kw = {"key_layout": kl, "value_layout": vl, "residual_length": 16}
     a = _teacher_forced(m, TurboQuantCache(m.config, **kw), ids, 40)
     with turboquant_attention(m):
         b = _teacher_forced(m, TurboQuantCache(m.config, **kw), ids, 40)
     exact = _teacher_forced(m, DynamicCache(config=m.config), ids, 40)
     diff = (a - b).abs().max().item()
-    assert diff < 1e-4, f"{arch} K{kl}/V{vl}: fused vs dequantized max |Δlogit| = {diff:.3g} (> 1e-4)"
+    assert diff < 1e-4, (
+        f"{arch} K{kl}/V{vl}: fused vs dequantized max |Δlogit| = {diff:.3g} (> 1e-4)"
+    )
     assert torch.equal(a[:, 0], exact[:, 0]), "prefill logits must be exact"
-    assert (a[:, 1:] - exact[:, 1:]).abs().max().item() > 1e-6, "decode equals full precision: nothing compressed?"
+    assert (a[:, 1:] - exact[:, 1:]).abs().max().item() > 1e-6, (
+        "decode equals full precision: nothing compressed?"
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_paper_layouts_generate(models, arch):
     m = models[arch]
-    cache = TurboQuantCache(m.config, key_layout="paper-3.5", value_layout="paper-2.5", residual_length=8)
+    cache = TurboQuantCache(
+        m.config, key_layout="paper-3.5", value_layout="paper-2.5", residual_length=8
+    )
     with turboquant_attention(m), torch.no_grad():
         out = m.generate(_ids(30), past_key_values=cache, max_new_tokens=12, do_sample=False)
     assert out.shape == (1, 42)
@@ -78,7 +95,9 @@ def test_measured_bytes_equal_the_layouts_formula_with_outlier_indices(models, k
     ks = cache.layers[0].key_store
     rep = cache_nbytes(cache)
     held = rep.used["codes"] + rep.used["norms"] + rep.used.get("outlier_index", 0)
-    assert held == ideal_kv_nbytes(cache, ks.length, batch=2), f"{held} != {ideal_kv_nbytes(cache, ks.length, batch=2)}"
+    assert held == ideal_kv_nbytes(cache, ks.length, batch=2), (
+        f"{held} != {ideal_kv_nbytes(cache, ks.length, batch=2)}"
+    )
     grouped = ks.codec.layout.is_grouped or cache.layers[0].value_store.codec.layout.is_grouped
     assert ("outlier_index" in rep.used) == grouped
     assert ks.codes.shape[-1] == ks.codec.layout.code_nbytes
@@ -86,7 +105,9 @@ def test_measured_bytes_equal_the_layouts_formula_with_outlier_indices(models, k
 
 def test_a_planted_10x_channel_is_selected_per_head_and_stays_fixed(models):
     m = models["llama"]
-    cache = TurboQuantCache(m.config, key_layout="paper-3.5", value_layout="paper-3.5", residual_length=0)
+    cache = TurboQuantCache(
+        m.config, key_layout="paper-3.5", value_layout="paper-3.5", residual_length=0
+    )
     k, v = _kv(1, 2, 64, 64, 1), _kv(1, 2, 64, 64, 2)
     k[:, 0, :, 7] *= 10
     k[:, 1, :, 50] *= 10
@@ -105,11 +126,17 @@ def test_selection_and_codes_are_deterministic_for_a_fixed_seed(models):
     m = models["llama"]
     stores = []
     for seed in (5, 5, 6):
-        cache = TurboQuantCache(m.config, key_layout="paper-2.5", value_layout="paper-2.5", seed=seed, residual_length=0)
+        cache = TurboQuantCache(
+            m.config, key_layout="paper-2.5", value_layout="paper-2.5", seed=seed, residual_length=0
+        )
         cache.layers[0].append(_kv(2, 2, 40, 64, 0), _kv(2, 2, 40, 64, 1))
         stores.append(cache.layers[0].key_store)
     a, b, c = stores
-    assert torch.equal(a.outliers, b.outliers) and torch.equal(a.codes, b.codes) and torch.equal(a.norms, b.norms)
+    assert (
+        torch.equal(a.outliers, b.outliers)
+        and torch.equal(a.codes, b.codes)
+        and torch.equal(a.norms, b.norms)
+    )
     assert torch.equal(a.outliers, c.outliers)  # selection is data, not seed
     assert not torch.equal(a.codes, c.codes)  # the rotations are seeded
 
@@ -121,12 +148,15 @@ def test_key_bits_still_map_to_the_halves_and_integer_layouts():
     assert TurboQuantCacheConfig(key_layout=(32, 4, 3)).key_layout == "outliers-32-4-3"
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(key_layout="paper-3"), "valid layouts are"),
-    (dict(value_layout="outliers-24-4-3"), "`n_out`=24"),
-    (dict(key_layout="paper-3.5", key_mode="prod"), "key_mode"),
-    (dict(key_bits=16, value_bits=16, key_layout="paper-3.5"), "passthrough"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"key_layout": "paper-3"}, "valid layouts are"),
+        ({"value_layout": "outliers-24-4-3"}, "`n_out`=24"),
+        ({"key_layout": "paper-3.5", "key_mode": "prod"}, "key_mode"),
+        ({"key_bits": 16, "value_bits": 16, "key_layout": "paper-3.5"}, "passthrough"),
+    ],
+)
 def test_bad_layout_settings_are_named_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         TurboQuantCacheConfig(**kw)
@@ -141,8 +171,13 @@ def test_n_out_not_below_head_dim_is_a_named_error(models):
 
 def test_explicit_triton_backend_raises_naming_the_outlier_layout(models):
     m = models["llama"]
-    cache = TurboQuantCache(m.config, key_layout="paper-3.5", value_layout="paper-3.5", append_backend="triton",
-                            residual_length=0)
+    cache = TurboQuantCache(
+        m.config,
+        key_layout="paper-3.5",
+        value_layout="paper-3.5",
+        append_backend="triton",
+        residual_length=0,
+    )
     with pytest.raises(ValueError, match="paper-3.5"):
         cache.layers[0].append(_kv(1, 2, 4, 64, 0), _kv(1, 2, 4, 64, 0))
 
@@ -155,17 +190,24 @@ def test_auto_backend_falls_back_to_torch_with_one_warning_for_an_outlier_layout
 
     m = tiny_model("llama", seed=0, **SHAPES["llama"]).cuda()
     cache_mod._WARNED_LAYOUTS.discard("paper-3.5")
-    cache = TurboQuantCache(m.config, key_layout="paper-3.5", value_layout="paper-3.5", residual_length=0)
-    with pytest.warns(RuntimeWarning, match="paper-3.5") as rec:
-        for layer in cache.compressed_layers:
+    cache = TurboQuantCache(
+        m.config, key_layout="paper-3.5", value_layout="paper-3.5", residual_length=0
+    )
+    import warnings
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for layer in cache.compressed_layers:  # 2 layers x K and V: one warning for the layout
             cache.layers[layer].append(_kv(1, 2, 8, 64, 0).cuda(), _kv(1, 2, 8, 64, 1).cuda())
-    assert sum("paper-3.5" in str(w.message) for w in rec) == 1
+    hits = [w for w in rec if issubclass(w.category, RuntimeWarning) and "paper-3.5" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in rec]
     store = cache.layers[cache.compressed_layers[0]].key_store
     assert store.kernel_appends == 0 and store.length == 8
 
 
-
-@pytest.mark.parametrize("kl, vl", [("paper-3.5", "paper-2.5"), ("paper-2.5", "halves-3.5")], ids=str)
+@pytest.mark.parametrize(
+    "kl, vl", [("paper-3.5", "paper-2.5"), ("paper-2.5", "halves-3.5")], ids=str
+)
 def test_outlier_layout_attention_with_and_without_the_cpu_kernel(models, monkeypatch, kl, vl):
     """The C kernel scores an outlier layout one channel group at a time; it matches the torch
     path and sdpa over the dequantized cache."""
@@ -185,10 +227,15 @@ def test_outlier_layout_attention_with_and_without_the_cpu_kernel(models, monkey
     monkeypatch.setattr(att, "_c_call", lambda *a: calls.append(1) or real(*a))
     a = compressed_attention_reference(query, layer, 0.125, None)
     expected = sum(2 if name.startswith("paper") else 1 for name in (kl, vl))  # one C call a group
-    assert len(calls) == expected, f"expected {expected} C calls (one a channel group), got {len(calls)}"
+    assert len(calls) == expected, (
+        f"expected {expected} C calls (one a channel group), got {len(calls)}"
+    )
     monkeypatch.setattr(att, "_use_c_groups", lambda x, c: False)
     b = compressed_attention_reference(query, layer, 0.125, None)
     k, v = layer.dequantized()
-    ref = torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=0.125, enable_gqa=True).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        query, k, v, scale=0.125, enable_gqa=True
+    ).transpose(1, 2)
     assert (a - b).abs().max() < 1e-5 and (b - ref).abs().max() < 1e-5, (
-        f"|C - torch| {(a - b).abs().max():.3g}, |torch - sdpa(dequantized)| {(b - ref).abs().max():.3g}")
+        f"|C - torch| {(a - b).abs().max():.3g}, |torch - sdpa(dequantized)| {(b - ref).abs().max():.3g}"
+    )

@@ -8,7 +8,19 @@ from turboquant.layout import build_layout, channel_permutation, select_outliers
 from turboquant.layout_quantizer import TurboQuantLayout
 
 pytestmark = pytest.mark.synthetic
-PRESETS = ["halves-3.5", "halves-2.5", "halves-1.5", "paper-3.5", "paper-2.5", (32, 4, 3), (16, 3, 2), 1, 2, 3, 4]
+PRESETS = [
+    "halves-3.5",
+    "halves-2.5",
+    "halves-1.5",
+    "paper-3.5",
+    "paper-2.5",
+    (32, 4, 3),
+    (16, 3, 2),
+    1,
+    2,
+    3,
+    4,
+]
 HEAD_DIMS = [64, 128, 256]
 
 
@@ -16,7 +28,9 @@ def _id(spec) -> str:
     return "-".join(map(str, spec)) if isinstance(spec, tuple) else str(spec)
 
 
-def _with_outlier_channels(n: int, d: int, channels: list[int], scale: float = 10.0, seed: int = 0) -> torch.Tensor:
+def _with_outlier_channels(
+    n: int, d: int, channels: list[int], scale: float = 10.0, seed: int = 0
+) -> torch.Tensor:
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
     x[:, channels] *= scale
     return x
@@ -36,7 +50,11 @@ def test_packed_bytes_equal_the_layout_formula_and_round_trip_exactly(spec, d):
     assert packed.codes.shape == (40, formula) and lay.code_nbytes == formula
     assert packed.norms.shape == (40, len(lay.groups)) and packed.norms.dtype == torch.float16
     idx_bytes = 0 if packed.outliers is None else packed.outliers.numel()
-    assert packed.nbytes() == 40 * lay.nbytes_per_vector + idx_bytes == 40 * (formula + 2 * len(lay.groups)) + idx_bytes
+    assert (
+        packed.nbytes()
+        == 40 * lay.nbytes_per_vector + idx_bytes
+        == 40 * (formula + 2 * len(lay.groups)) + idx_bytes
+    )
     torch.testing.assert_close(q.dequantize(q.unpack(packed)), q.dequantize(codes), rtol=0, atol=0)
 
 
@@ -48,7 +66,9 @@ def test_paper_3_5_at_head_dim_128_holds_52_code_bytes_and_two_norms():
     assert [g.rotation.kind for g in lay.groups] == ["hadamard", "dense"]
     assert [s.codebook.d for s in lay.segments] == [32, 96]
     p25 = build_layout("paper-2.5", 128)
-    assert p25.code_bits == 2.25 and p25.bits_per_coordinate == 2.5  # the paper's arithmetic: 2.5 with norms
+    assert (
+        p25.code_bits == 2.25 and p25.bits_per_coordinate == 2.5
+    )  # the paper's arithmetic: 2.5 with norms
 
 
 @pytest.mark.parametrize("bits", [1, 1.5, 2, 2.5, 3, 3.5, 4])
@@ -64,7 +84,10 @@ def test_segment_byte_offsets_tile_the_row():
     lay = build_layout("paper-3.5", 256)
     offset = 0
     for s in lay.segments:
-        assert s.byte_start == offset and s.plane_offset(s.bits - 1) == offset + (s.bits - 1) * s.size // 8
+        assert (
+            s.byte_start == offset
+            and s.plane_offset(s.bits - 1) == offset + (s.bits - 1) * s.size // 8
+        )
         offset += s.nbytes
     assert offset == lay.code_nbytes == (64 * 4 + 192 * 3) // 8
 
@@ -82,7 +105,9 @@ def test_outlier_selection_is_deterministic_and_the_permutation_is_outliers_firs
     a, b = select_outliers(x, 32), select_outliers(x.clone(), 32)
     assert torch.equal(a, b)
     perm = channel_permutation(a, 128)
-    assert torch.equal(perm[:, :32], a) and torch.equal(perm.sort(-1).values, torch.arange(128).expand(4, 128))
+    assert torch.equal(perm[:, :32], a) and torch.equal(
+        perm.sort(-1).values, torch.arange(128).expand(4, 128)
+    )
     q1, q2 = TurboQuantLayout("paper-2.5", 128, seed=2), TurboQuantLayout("paper-2.5", 128, seed=2)
     y = x[0, 0]
     torch.testing.assert_close(q1(y), q2(y), rtol=0, atol=0)
@@ -104,19 +129,26 @@ def test_outlier_recipe_puts_its_error_where_the_energy_is():
     e_out, e_all = (x[:, out] ** 2).sum(-1), (x**2).sum(-1)
     go, gr = q.layout.groups
     predicted = float(((go.distortion * e_out + gr.distortion * (e_all - e_out)) / e_all).mean())
-    assert rel["paper-3.5"] == pytest.approx(predicted, rel=0.05), f"measured {rel['paper-3.5']:.5f} vs {predicted:.5f}"
-    assert rel["paper-3.5"] * 1.5 <= rel["halves-3.5"], f"paper {rel['paper-3.5']:.5f} vs halves {rel['halves-3.5']:.5f}"
+    assert rel["paper-3.5"] == pytest.approx(predicted, rel=0.05), (
+        f"measured {rel['paper-3.5']:.5f} vs {predicted:.5f}"
+    )
+    assert rel["paper-3.5"] * 1.5 <= rel["halves-3.5"], (
+        f"paper {rel['paper-3.5']:.5f} vs halves {rel['halves-3.5']:.5f}"
+    )
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("paper-3", "valid layouts are"),
-    ("halves-3.25", "valid layouts are"),
-    ((24, 4, 3), "`n_out`=24"),
-    ((128, 4, 3), "`n_out`=128"),
-    ((0, 4, 3), "`n_out`=0"),
-    ((32, 5, 3), "b_hi=5"),
-    ("outliers-x-4-3", "outliers-<n_out>-<b_hi>-<b_lo>"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("paper-3", "valid layouts are"),
+        ("halves-3.25", "valid layouts are"),
+        ((24, 4, 3), "`n_out`=24"),
+        ((128, 4, 3), "`n_out`=128"),
+        ((0, 4, 3), "`n_out`=0"),
+        ((32, 5, 3), "b_hi=5"),
+        ("outliers-x-4-3", "outliers-<n_out>-<b_hi>-<b_lo>"),
+    ],
+)
 def test_bad_layouts_are_named_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         build_layout(spec, 128)

@@ -30,19 +30,45 @@ class Recipe:
 
 
 RECIPES = (
-    Recipe("halves-3.5", "halves-3.5", "halves-3.5", "rotated coordinates d/2 at 4 + d/2 at 3 bits"),
-    Recipe("halves-2.5", "halves-2.5", "halves-2.5", "rotated coordinates d/2 at 3 + d/2 at 2 bits"),
-    Recipe("paper-3.5", "paper-3.5", "paper-3.5", "paper §4.3: d/4 outlier channels at 4 + rest at 3 bits"),
-    Recipe("paper-2.5", "paper-2.5", "paper-2.5", "paper §4.3: d/4 outlier channels at 3 + rest at 2 bits"),
-    Recipe("paper-3.5-keys", "paper-3.5", "halves-3.5", "keys-only: paper keys, halves values at the same width"),
-    Recipe("paper-2.5-keys", "paper-2.5", "halves-2.5", "keys-only: paper keys, halves values at the same width"),
+    Recipe(
+        "halves-3.5", "halves-3.5", "halves-3.5", "rotated coordinates d/2 at 4 + d/2 at 3 bits"
+    ),
+    Recipe(
+        "halves-2.5", "halves-2.5", "halves-2.5", "rotated coordinates d/2 at 3 + d/2 at 2 bits"
+    ),
+    Recipe(
+        "paper-3.5",
+        "paper-3.5",
+        "paper-3.5",
+        "paper §4.3: d/4 outlier channels at 4 + rest at 3 bits",
+    ),
+    Recipe(
+        "paper-2.5",
+        "paper-2.5",
+        "paper-2.5",
+        "paper §4.3: d/4 outlier channels at 3 + rest at 2 bits",
+    ),
+    Recipe(
+        "paper-3.5-keys",
+        "paper-3.5",
+        "halves-3.5",
+        "keys-only: paper keys, halves values at the same width",
+    ),
+    Recipe(
+        "paper-2.5-keys",
+        "paper-2.5",
+        "halves-2.5",
+        "keys-only: paper keys, halves values at the same width",
+    ),
     Recipe("K4/V3", "int-4", "int-3", "asymmetric integer widths"),
     Recipe("K4/V2", "int-4", "int-2", "asymmetric integer widths"),
 )
 
 
 def make_cache(config, recipe: Recipe, **kw) -> TurboQuantCache:
-    return TurboQuantCache(config, key_layout=recipe.key_layout, value_layout=recipe.value_layout, **kw)
+    return TurboQuantCache(
+        config, key_layout=recipe.key_layout, value_layout=recipe.value_layout, **kw
+    )
 
 
 def measured_bits(cache: TurboQuantCache) -> dict[str, float]:
@@ -78,22 +104,35 @@ def kv_errors(prefill: Prefill, cache: TurboQuantCache, queries: torch.Tensor) -
             sums[f"distortion_{tag}"].append(float((e * e).sum(-1).mean()))
             sums[f"ip_{tag}"].append(float(((e @ queries.T) ** 2).mean()))
     mean = {k: sum(v) / len(v) for k, v in sums.items()}
-    return {"distortion_k": mean["distortion_k"], "distortion_v": mean["distortion_v"],
-            "attn_ip_sqerr": (mean["ip_k"] + mean["ip_v"]) / 2, "attn_ip_sqerr_k": mean["ip_k"],
-            "attn_ip_sqerr_v": mean["ip_v"]}
+    return {
+        "distortion_k": mean["distortion_k"],
+        "distortion_v": mean["distortion_v"],
+        "attn_ip_sqerr": (mean["ip_k"] + mean["ip_v"]) / 2,
+        "attn_ip_sqerr_k": mean["ip_k"],
+        "attn_ip_sqerr_v": mean["ip_v"],
+    }
 
 
 @torch.no_grad()
 def tail_logits(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Teacher-forced next-token logits of positions ``[start, T)``, one token a step: [T - start, V]."""
-    return torch.cat([model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1].float()
-                      for t in range(start, ids.shape[1])])
+    return torch.cat(
+        [
+            model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1].float()
+            for t in range(start, ids.shape[1])
+        ]
+    )
 
 
 def next_token_agreement(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
     """Mean KL(ref || got) over positions and top-1 agreement, from logits [n, V]."""
-    kl = F.kl_div(F.log_softmax(got, -1), F.log_softmax(ref, -1), log_target=True, reduction="none").sum(-1)
-    return {"kl": float(kl.mean()), "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+    kl = F.kl_div(
+        F.log_softmax(got, -1), F.log_softmax(ref, -1), log_target=True, reduction="none"
+    ).sum(-1)
+    return {
+        "kl": float(kl.mean()),
+        "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+    }
 
 
 def reference_tail(model, prefill: Prefill, ids: torch.Tensor) -> torch.Tensor:
@@ -114,13 +153,23 @@ def fill_exact_prefill(cache: TurboQuantCache, prefill: Prefill) -> TurboQuantCa
     return cache
 
 
-def evaluate(model, prefill: Prefill, ids: torch.Tensor, recipe: Recipe, ref_tail: torch.Tensor,
-             queries: torch.Tensor, **cache_kw) -> dict:
+def evaluate(
+    model,
+    prefill: Prefill,
+    ids: torch.Tensor,
+    recipe: Recipe,
+    ref_tail: torch.Tensor,
+    queries: torch.Tensor,
+    **cache_kw,
+) -> dict:
     """One recipe on one prompt: bytes, proxies after the prefill, then the teacher-forced tail."""
     cache = fill_exact_prefill(make_cache(model.config, recipe, **cache_kw), prefill)
     bits = measured_bits(cache)
-    row = {"key_bits_measured": bits["key"], "value_bits_measured": bits["value"],
-           **kv_errors(prefill, cache, queries)}
+    row = {
+        "key_bits_measured": bits["key"],
+        "value_bits_measured": bits["value"],
+        **kv_errors(prefill, cache, queries),
+    }
     with turboquant_attention(model):
         got = tail_logits(model, cache, ids, prefill.input_ids.shape[1])
     return {**row, **next_token_agreement(ref_tail, got)}
@@ -130,5 +179,16 @@ def unit_queries(n: int, d: int, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-__all__ = ["Recipe", "RECIPES", "make_cache", "fill_exact_prefill", "measured_bits", "kv_errors", "tail_logits", "next_token_agreement",
-           "reference_tail", "evaluate", "unit_queries"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "evaluate",
+    "fill_exact_prefill",
+    "kv_errors",
+    "make_cache",
+    "measured_bits",
+    "next_token_agreement",
+    "reference_tail",
+    "tail_logits",
+    "unit_queries",
+]
