@@ -255,7 +255,9 @@ class TensorCodec:
             if mode != "mse":
                 raise ValueError(f"layout {layout_name(layout)!r} needs mode 'mse', got {mode!r}")
             self.grouped = True
-            self.quantizer = TurboQuantLayout(layout, d, rotation, seed, law)
+            # dense group rotations: one per cache seed, shared by every layer (shared_tables)
+            self.quantizer = TurboQuantLayout(
+                build_layout(layout, d, rotation=rotation, seed=seed, law=law, shared_seed=qjl_seed), law=law)
             self.mse = self.quantizer
             self.layout: CodeLayout = self.quantizer.layout
             self.S, self.qjl_scale = None, 0.0
@@ -1081,7 +1083,9 @@ def _shared_storages() -> set[int]:
     Sylvester ``H``, centroid lookup tables): reported as ``shared_tables``."""
     from turboquant.attention import _TABLES
 
-    tables = [*_SHARED_S.values(), *_SHARED_H.values(), *_TABLES.values()]
+    from turboquant.layout import SHARED_DENSE
+
+    tables = [*_SHARED_S.values(), *_SHARED_H.values(), *_TABLES.values(), *SHARED_DENSE.values()]
     return {t.untyped_storage().data_ptr() for t in _held_tensors(tables)}
 
 

@@ -195,14 +195,28 @@ def _group(
     law: str,
     byte_start: int,
     slot: int,
+    shared_seed: int | None = None,
 ) -> ChannelGroup:
     segs, offset = [], byte_start
     for a, b, nb in _bits_specs(bits, size):
         segs.append(Segment(start + a, start + b, nb, lloyd_max_codebook(nb, size, law), offset))
         offset += packed_nbytes(b - a, nb)
-    return ChannelGroup(
-        channels, start, size, make_rotation(rotation, size, seed), tuple(segs), slot
-    )
+    if rotation == "dense" and shared_seed is not None:
+        rot = shared_dense_rotation(size, shared_seed)
+    else:
+        rot = make_rotation(rotation, size, seed)
+    return ChannelGroup(channels, start, size, rot, tuple(segs), slot)
+
+
+SHARED_DENSE: dict = {}  # (size, seed) -> DenseRotation, one per process (like the QJL matrix S)
+
+
+def shared_dense_rotation(size: int, seed: int):
+    """The dense Haar rotation of a ``size``-channel group shared by every layer of a cache."""
+    key = (size, seed)
+    if key not in SHARED_DENSE:
+        SHARED_DENSE[key] = make_rotation("dense", size, seed)
+    return SHARED_DENSE[key]
 
 
 def parse_layout(spec: object, name: str = "layout") -> str | float | tuple[int, int, int]:
@@ -262,11 +276,20 @@ def layout_name(spec: object) -> str:
 
 
 def build_layout(
-    spec: object, d: int, *, rotation: str = "hadamard", seed: int = 0, law: str = "beta"
+    spec: object,
+    d: int,
+    *,
+    rotation: str = "hadamard",
+    seed: int = 0,
+    law: str = "beta",
+    shared_seed: int | None = None,
 ) -> CodeLayout:
     """The one constructor of a :class:`CodeLayout` for head dim ``d`` from a name, bits or
     ``(n_out, b_hi, b_lo)``. One group: ``rotation`` as given; outlier groups: Hadamard where the
-    group size is a power of two (and ``rotation='hadamard'``), else dense Haar."""
+    group size is a power of two (and ``rotation='hadamard'``), else dense Haar. ``shared_seed``:
+    an outlier group's dense rotation is the process-wide one of ``(size, shared_seed)`` (the
+    cache shares it across layers: d_g² floats once instead of per layer and tensor), else
+    seeded per group from ``seed``."""
     p = parse_layout(spec)
     if not isinstance(d, int) or isinstance(d, bool) or d < 8:
         raise ValueError(f"`d` must be an int >= 8, got {d!r}")
@@ -295,7 +318,7 @@ def build_layout(
     def kind(n: int) -> str:
         return "hadamard" if rotation == "hadamard" and n & (n - 1) == 0 else "dense"
 
-    g0 = _group("outliers", 0, n_out, float(hi), kind(n_out), seed, law, 0, 0)
+    g0 = _group("outliers", 0, n_out, float(hi), kind(n_out), seed, law, 0, 0, shared_seed)
     g1 = _group(
         "rest",
         n_out,
@@ -306,6 +329,7 @@ def build_layout(
         law,
         g0.code_nbytes,
         1,
+        None if shared_seed is None else shared_seed + _GROUP_SEED_STRIDE,
     )
     return CodeLayout(name, d, (g0, g1), n_out=n_out)
 
