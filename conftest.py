@@ -3,58 +3,79 @@
 Tests that settle a catalogue claim carry ``@pytest.mark.claim("Cxx", "title")`` and use the
 ``claim`` fixture to record what they measured. The controller process (also under xdist) merges
 the records per claim id and rewrites ``claims.json`` / ``claims.md`` after every such test, so a
-crash loses nothing already measured. See docs/ARCHITECTURE.md.
+crash loses nothing already measured; ``claims.json`` says ``"complete": false`` (and
+``claims.md`` "INCOMPLETE run") until the session finishes, with the exit status and the selection
+(``-m``, ``-k``, paths, xdist workers) that ran. See docs/ARCHITECTURE.md.
+
+Suite options (``turboquant/options.py``) are parsed once at configure time with the same parsers
+as ``python -m turboquant verify``: a bad value is a ``pytest.UsageError`` naming the option before
+any test runs, never a claim FAIL; ``tq_options`` hands the parsed values (lists of floats / ints,
+paths) to the tests.
+
+On a machine without CUDA, ``TRITON_INTERPRET=1`` is set at configure time (unless already set)
+so that the Triton kernel tests run on CPU in CI.
+
+Known failures (``KNOWN_FAILURES``): tests of claims that really fail with the default setting are
+marked ``xfail(strict=...)``. Each entry records ``bounds``: a measured value (a key path into the
+claim's ``measured`` dict), its recorded figure, which direction is worse, and a tolerance. After
+the test body ran, :func:`pytest_runtest_makereport` reads the claim recorder's measured values; if
+one is worse than recorded by more than its tolerance, or missing (the test failed before measuring
+it), the xfail becomes a real failure: a known failure may not regress unseen.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from turboquant.gpu_workers import controller_gpus, worker_gpu
-from turboquant.options import SUITE_OPTIONS
-from turboquant.report import ClaimRecord, ClaimStore, device_description, load_plot_modules
+from turboquant.options import SUITE_OPTIONS, OptionError, parse_out_dir, parse_suite_options
+from turboquant.report import (
+    ClaimRecord,
+    ClaimStore,
+    _jsonable,
+    device_description,
+    load_plot_modules,
+)
 
 pytest_plugins = ["pytester"]
 
 
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("turboquant", "TurboQuant claim suite")
-    group.addoption("--out-dir", default=None, help="where claims.json/claims.md/plots go (default runs/<timestamp>)")
-    for name, default, help_text in SUITE_OPTIONS:
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            group.addoption(flag, default=None, help=f"{help_text} (true/false, default {default})")
+    group.addoption("--out-dir", default=None,
+                    help="where claims.json/claims.md/plots go (default runs/<timestamp>)")
+    for opt in SUITE_OPTIONS:
+        if opt.is_switch:
+            group.addoption(opt.pytest_flag, default=None,
+                            help=f"{opt.help} (true/false, default {opt.default})")
         else:
-            group.addoption(flag, default=default, help=help_text)
+            group.addoption(opt.pytest_flag, default=None,
+                            help=opt.help + (f" (default {opt.default})" if opt.default else ""))
 
 
-def _as_bool(value: object, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise pytest.UsageError(f"expected true/false, got {value!r}")
+def _parse_options(config: pytest.Config) -> dict:
+    """Every suite option parsed (defaults included); a bad value is a usage error naming it."""
+    raw = {opt.name: config.getoption(opt.name) for opt in SUITE_OPTIONS}
+    try:
+        return parse_suite_options(raw, lambda opt: opt.pytest_flag)
+    except OptionError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture(scope="session")
 def tq_options(pytestconfig: pytest.Config) -> SimpleNamespace:
-    """The suite options with underscore names (booleans parsed)."""
-    values = {}
-    for name, default, _ in SUITE_OPTIONS:
-        raw = pytestconfig.getoption(name)
-        values[name] = _as_bool(raw, default) if isinstance(default, bool) else raw
+    """The suite options, parsed, with underscore names: e.g. ``needle_positions`` a list of floats
+    or None, ``ann_required_scalar_bits`` a list of ints, ``throughput_repeats`` an int."""
+    values = dict(pytestconfig._tq_values)  # type: ignore[attr-defined]
     values["out_dir"] = Path(pytestconfig._tq_out_dir)  # type: ignore[attr-defined]
     return SimpleNamespace(**values)
 
@@ -85,10 +106,28 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def run_selection(config: pytest.Config) -> dict:
+    """What this session was asked to run: ``-m``, ``-k``, paths / node ids, xdist workers."""
+    return {
+        "markers": config.getoption("markexpr", None) or None,
+        "keywords": config.getoption("keyword", None) or None,
+        "args": [str(a) for a in config.args],
+        "workers": getattr(config.option, "numprocesses", None),
+        "invocation": shlex.join(str(a) for a in config.invocation_params.args),
+    }
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if _is_xdist_worker(config) and config.workerinput.get("tq_cuda_device"):  # type: ignore[attr-defined]
         # one worker a GPU (turboquant.gpu_workers): before anything in this process touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = config.workerinput["tq_cuda_device"]  # type: ignore[attr-defined]
+    if not torch.cuda.is_available():
+        # CPU-only machines (CI): Triton's interpreter on before any test module imports Triton,
+        # so the kernel tests' tiny CPU cases (tests/kernels, tests/cache/test_append_kernel.py)
+        # run instead of skipping. The CPU cache and attention paths never take the kernels on
+        # their own (append_backend "auto" uses them on CUDA tensors only).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    config._tq_values = _parse_options(config)  # type: ignore[attr-defined]
     out = config.getoption("out_dir") or os.environ.get("TURBOQUANT_OUT_DIR")
     if not out:
         out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -96,14 +135,22 @@ def pytest_configure(config: pytest.Config) -> None:
             out = config.workerinput.get("tq_out_dir", out)  # type: ignore[attr-defined]
     config._tq_out_dir = out  # type: ignore[attr-defined]
     if not _is_xdist_worker(config):
-        meta = {"device": device_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        config._tq_store = ClaimStore(Path(out), meta)  # type: ignore[attr-defined]
+        try:
+            parse_out_dir(out)
+        except OptionError as exc:
+            raise pytest.UsageError(f"--out-dir {exc}") from None
+        meta = {"device": device_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "options": config._tq_values}  # type: ignore[attr-defined]
+        store = ClaimStore(Path(out), meta, run_selection(config))
+        config._tq_store = store  # type: ignore[attr-defined]
+        if (store.out_dir / "claims.json").exists():
+            store.flush()  # an earlier run's report here must not pass for this (unfinished) run
         config._tq_outcomes = {}  # type: ignore[attr-defined]
         json_report = getattr(config.option, "json_report_file", None)
-        if hasattr(config.option, "json_report_file") and config.getoption("out_dir"):
-            # pytest-json-report: default report.json under the out dir when --out-dir is given.
-            if json_report in (None, ".report.json"):
-                config.option.json_report_file = str(Path(out) / "report.json")
+        # pytest-json-report: default report.json under the out dir when --out-dir is given.
+        if (hasattr(config.option, "json_report_file") and config.getoption("out_dir")
+                and json_report in (None, ".report.json")):
+            config.option.json_report_file = str(Path(out) / "report.json")
 
 
 def pytest_configure_node(node) -> None:  # xdist hook: share the controller's out dir, pin a GPU
@@ -112,22 +159,72 @@ def pytest_configure_node(node) -> None:  # xdist hook: share the controller's o
     node.workerinput["tq_cuda_device"] = worker_gpu(node.workerinput["workerid"], gpus)
 
 
-# Claims that really fail with the embedded defaults (SmolLM2 GGUF, shipped LongBench-E fixture) or on
-# the lent H100. They are measured and recorded as FAIL every run; xfail keeps the suite's exit code
-# for regressions. strict=True: if one starts passing, the run fails until this table is updated.
-# Each entry is explained in the README, section "Known failures".
-KNOWN_FAILURES: dict[str, tuple[str, bool, str]] = {
-    # node id suffix: (condition, strict, reason)
-    "tests/ann/test_claims_ann.py::test_c12_tq_beats_scalar_lm_embeddings": (
+@dataclass(frozen=True)
+class Bound:
+    """A recorded figure of a known failure: ``measured[path]`` may be worse than ``recorded`` (in
+    the ``worse`` direction, "higher" or "lower") by at most ``tolerance``."""
+
+    path: tuple[str, ...]
+    recorded: float
+    worse: str
+    tolerance: float
+
+    def __post_init__(self) -> None:
+        if self.worse not in ("higher", "lower"):
+            raise ValueError(f"Bound.worse must be 'higher' or 'lower', got {self.worse!r}")
+
+    def violation(self, measured: dict) -> str | None:
+        """None when the measured value is within the bound, else what is wrong."""
+        name, value = ".".join(self.path), measured
+        for key in self.path:
+            if not isinstance(value, dict) or key not in value:
+                return f"{name} was not measured (recorded {self.recorded:g})"
+            value = value[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # NaN is None here
+            return f"{name} = {value!r} is not a number (recorded {self.recorded:g})"
+        higher = self.worse == "higher"
+        limit = self.recorded + self.tolerance if higher else self.recorded - self.tolerance
+        if (value > limit) if higher else (value < limit):
+            return (f"{name} = {value:.4g} is worse than the recorded {self.recorded:g} by more "
+                    f"than {self.tolerance:g} ({self.worse} is worse; limit {limit:g})")
+        return None
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """A documented failing claim test: xfail(strict) under ``condition`` ("embedded": only with
+    the embedded default model and data; "always"), and the recorded figures it may not pass."""
+
+    condition: str
+    strict: bool
+    reason: str
+    bounds: tuple[Bound, ...]
+
+
+# Claims that really fail with the embedded defaults (SmolLM2 GGUF, shipped LongBench-E fixture) or
+# on the lent H100. They are measured and recorded as FAIL every run; xfail keeps the suite's exit code
+# for regressions. strict=True: if one starts passing, the run fails until this table is updated;
+# a measurement worse than its recorded bound fails the run too. Each entry is explained in the
+# README, section "Known failures"; the recorded figures are the README's.
+KNOWN_FAILURES: dict[str, KnownFailure] = {
+    # node id without parameters -> entry
+    "tests/ann/test_claims_ann.py::test_c12_tq_beats_scalar_lm_embeddings": KnownFailure(
         "embedded", True,
-        "C12 on the seed's raw LM-embedding recipe: scalar beats TurboQuant at 3-4 bits (shared mean direction)"),
-    "tests/longctx/test_longbench.py::test_longbench_e_claim": (
+        "C12 on the seed's raw LM-embedding recipe: scalar beats TurboQuant at 3-4 bits (shared "
+        "mean direction)",
+        # TQ - scalar recall@10 on the raw recipe: 0.634-0.531, 0.718-0.747, 0.796-0.861
+        tuple(Bound(("lm", "tq_minus_scalar", str(b)), gap, "lower", 0.03)
+              for b, gap in ((2, 0.103), (3, -0.029), (4, -0.065)))),
+    "tests/longctx/test_longbench.py::test_longbench_e_claim": KnownFailure(
         "embedded", True,
-        "C10 on the 6-example shipped fixture: the 3.5-bit drop exceeds 1 point"),
-    "tests/longctx/test_needle.py::test_needle_grid_gpu": (
+        "C10 on the 6-example shipped fixture: the 3.5-bit drop exceeds 1 point",
+        (Bound(("drop_official_points",), 1.58, "higher", 1.0),)),
+    "tests/longctx/test_needle.py::test_needle_grid_gpu": KnownFailure(
         "always", False,
-        "C09 GPU grid (1k-8k x 5 depths x 4 trials, H100): 3.5-bit 0.93 < full 0.96 - 0.02"),
+        "C09 GPU grid (1k-8k x 5 depths x 4 trials, H100): 3.5-bit 0.93 < full 0.96 - 0.02",
+        (Bound(("accuracy_gpu", "3.5"), 0.93, "lower", 0.03),)),
 }
+_KNOWN = pytest.StashKey[KnownFailure]()
 
 
 def _embedded_defaults(config: pytest.Config) -> bool:
@@ -137,8 +234,9 @@ def _embedded_defaults(config: pytest.Config) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         known = KNOWN_FAILURES.get(item.nodeid.split("[")[0])
-        if known is not None and (known[0] == "always" or _embedded_defaults(config)):
-            item.add_marker(pytest.mark.xfail(strict=known[1], reason=known[2]))
+        if known is not None and (known.condition == "always" or _embedded_defaults(config)):
+            item.add_marker(pytest.mark.xfail(strict=known.strict, reason=known.reason))
+            item.stash[_KNOWN] = known
         mark = item.get_closest_marker("claim")
         if mark is not None:
             claim_id = mark.args[0]
@@ -182,6 +280,26 @@ def claim(request: pytest.FixtureRequest):
     rec = _Recorder(mark.args[0], title, request.node.nodeid)
     yield rec
     request.node.user_properties.append(("tq_record", json.dumps(rec.record.to_dict())))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A known failure (xfailed) whose measurement is worse than its recorded bound, or missing,
+    becomes a real failure."""
+    report = yield
+    known = item.stash.get(_KNOWN, None)
+    if known is None or call.when != "call" or not (report.skipped and hasattr(report, "wasxfail")):
+        return report
+    recorder = getattr(item, "funcargs", {}).get("claim")
+    measured = _jsonable(recorder.record.measured) if recorder is not None else {}
+    problems = [p for b in known.bounds if (p := b.violation(measured))]
+    if problems:
+        report.outcome = "failed"
+        del report.wasxfail
+        report.longrepr = (f"{report.longrepr}\n\n" if report.longrepr else "") + (
+            "known failure regressed beyond its recorded bound (KNOWN_FAILURES in conftest.py): "
+            + "; ".join(problems))
+    return report
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -241,12 +359,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _CONFIG["config"] = session.config
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Plots, then mark the report complete with the exit status (a killed run never gets here)."""
     store = getattr(session.config, "_tq_store", None)
-    if store is None or not store.claims:
+    if store is None or not (store.claims or (store.out_dir / "claims.json").exists()):
         return
-    load_plot_modules()
-    store.draw_plots()
+    if store.claims:
+        load_plot_modules()
+        store.draw_plots()
+    store.finish(int(exitstatus))
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -260,4 +381,5 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     c = {s: 0 for s in ("PASS", "WARN", "FAIL", "SKIP")}
     for rec in store.as_list():
         c[rec["status"]] += 1
-    tr.write_line(" ".join(f"{k}={v}" for k, v in c.items()) + f"   -> {store.out_dir}/claims.json")
+    tr.write_line(" ".join(f"{k}={v}" for k, v in c.items())
+                  + f"   -> {store.out_dir}/claims.json")

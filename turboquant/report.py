@@ -13,9 +13,10 @@ import math
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 STATUSES = ("PASS", "WARN", "FAIL", "SKIP")
 _SEVERITY = {"SKIP": 0, "PASS": 1, "WARN": 2, "FAIL": 3}
@@ -42,7 +43,7 @@ def device_description() -> str:
         if torch.cuda.is_available():
             return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
         threads = torch.get_num_threads()
-    except Exception:  # torch missing: still report the CPU
+    except (ImportError, RuntimeError):  # no torch or no usable CUDA: still report the CPU
         threads = os.cpu_count()
     return f"cpu {platform.processor() or platform.machine()} ({threads} threads)"
 
@@ -122,41 +123,106 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(value: Any, limit: int = 220) -> str:
-    text = json.dumps(value, separators=(", ", ": "))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short_number(v: float) -> str:
+    """3 significant digits (4 between 1000 and 1e6, no exponent there): 0.3617 -> 0.362."""
+    if not math.isfinite(v):
+        return str(v)
+    if v == int(v) and abs(v) < 1e6:
+        return str(int(v))
+    if 1000 <= abs(v) < 1e6:
+        return str(round(v))
+    return f"{v:.3g}"
 
 
-def render_markdown(claims: list[dict], meta: dict | None = None) -> str:
-    """The catalogue as a table with measured values, plus the seed-style 'At a Glance' counts."""
+def _numeric_key(key: Any) -> bool:
+    try:
+        float(key)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def short(value: Any, limit: int = 160) -> str:
+    """A short human form of a measured value: numbers to 3-4 significant digits, lists as
+    ``a/b/c``, numeric-keyed dicts as ``1/2/3/4: a/b/c/d``, other dicts as ``k=v, ...``, nesting in
+    braces; cut to ``limit`` characters with an ellipsis."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if v is None:
+            return "-"
+        if isinstance(v, (int, float)):
+            return _short_number(float(v)) if isinstance(v, float) else str(v)
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (list, tuple)):
+            parts = [fmt(x) for x in v]
+            return "/".join(parts) if all(_scalar(x) for x in v) else "[" + ", ".join(parts) + "]"
+        if isinstance(v, dict):
+            if v and all(_scalar(x) for x in v.values()) and all(_numeric_key(k) for k in v):
+                return "/".join(str(k) for k in v) + ": " + "/".join(fmt(x) for x in v.values())
+            return ", ".join(f"{k}={'{' + fmt(x) + '}' if isinstance(x, dict) else fmt(x)}"
+                             for k, x in v.items())
+        return str(v)
+
+    text = fmt(_jsonable(value))
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(claims: list[dict], meta: dict | None = None, run: dict | None = None) -> str:
+    """One line a claim (id, verdict, title, measured values and thresholds in short form, reason),
+    under the seed-style 'At a Glance' counts; an unfinished run says INCOMPLETE at the top. The
+    full records are in ``claims.json``."""
     c = counts(claims)
     lines = ["# TurboQuant claims report", ""]
-    if meta:
-        lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    if run is not None and not run.get("complete"):
+        lines += [("**INCOMPLETE run**: the session has not finished (still running, killed or "
+                   "crashed); the claims below are those recorded so far."), ""]
     lines += ["## At a Glance", ""]
     lines += [f"{s} = {c[s]}  " for s in STATUSES] + [""]
-    lines += ["| id | claim | status | measured | thresholds | setting | reason |", "|---|---|---|---|---|---|---|"]
+    if run is not None:
+        done = run.get("complete")
+        state = f"complete, exit status {run.get('exit_status')}" if done else "INCOMPLETE"
+        lines.append(f"- run: {state}")
+        sel = {k: " ".join(map(str, v)) if isinstance(v, list) else v
+               for k, v in (run.get("selection") or {}).items()}
+        chosen = {k: v for k, v in sel.items() if v not in (None, "")}
+        lines.append("- selection: " + (short(chosen, 300) or "everything collected"))
+    for key, value in (meta or {}).items():
+        if isinstance(value, dict):  # e.g. the suite options: only those that are set
+            value = {k: v for k, v in value.items() if v is not None}
+        lines.append(f"- {key}: {short(value, 300)}")
+    lines += ["", "| id | verdict | claim | measured | thresholds | reason |",
+              "|---|---|---|---|---|---|"]
     for rec in sorted(claims, key=lambda r: r["id"]):
-        lines.append(
-            "| {id} | {title} | **{status}** | {m} | {t} | {s} | {r} |".format(
-                id=rec["id"],
-                title=rec["title"],
-                status=rec["status"],
-                m=_fmt(rec.get("measured", {})).replace("|", "/"),
-                t=_fmt(rec.get("thresholds", {})).replace("|", "/"),
-                s=_fmt(rec.get("setting", {})).replace("|", "/"),
-                r=(rec.get("reason") or "").replace("|", "/")[:300],
-            )
-        )
+        cells = [rec["id"], f"**{rec['status']}**", rec["title"],
+                 short(rec.get("measured", {}), 240), short(rec.get("thresholds", {}), 160),
+                 short(rec.get("reason") or "", 200)]
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 class ClaimStore:
-    """Accumulates claim records and rewrites the report files after every update."""
+    """Accumulates claim records and rewrites the report files after every update.
 
-    def __init__(self, out_dir: Path, meta: dict | None = None) -> None:
+    ``claims.json`` carries ``complete`` (false until :meth:`finish` is called at the clean end of
+    the session), the ``exit_status`` then, and the ``selection`` that ran, so a killed run is
+    recognisable as partial."""
+
+    def __init__(self, out_dir: Path, meta: dict | None = None,
+                 selection: dict | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.meta = meta or {}
+        self.run = {"complete": False, "exit_status": None, "selection": selection or {}}
         self.claims: dict[str, dict] = {}
 
     def add(self, record: dict) -> None:
@@ -164,14 +230,20 @@ class ClaimStore:
         self.claims[record["id"]] = merge_records(self.claims.get(record["id"]), record)
         self.flush()
 
+    def finish(self, exit_status: int) -> None:
+        """The session ended cleanly with ``exit_status``: mark the report complete."""
+        self.run.update(complete=True, exit_status=int(exit_status))
+        self.flush()
+
     def as_list(self) -> list[dict]:
         return [self.claims[k] for k in sorted(self.claims)]
 
     def flush(self) -> None:
         claims = self.as_list()
-        doc = {"meta": self.meta, "claims": claims, "counts": counts(claims)}
+        doc = {**_jsonable(self.run), "meta": _jsonable(self.meta), "claims": claims,
+               "counts": counts(claims)}
         _atomic_write(self.out_dir / "claims.json", json.dumps(doc, indent=2) + "\n")
-        _atomic_write(self.out_dir / "claims.md", render_markdown(claims, self.meta))
+        _atomic_write(self.out_dir / "claims.md", render_markdown(claims, self.meta, self.run))
 
     def draw_plots(self) -> list[Path]:
         """Run every registered plot whose claim has a record; a failing plot never loses data."""
@@ -183,7 +255,7 @@ class ClaimStore:
             for fn in fns:
                 try:
                     written += [Path(p) for p in fn(record, self.out_dir)]
-                except Exception as exc:  # report, do not crash the run
+                except Exception as exc:  # noqa: BLE001  (report it, never crash the run)
                     record.setdefault("plot_errors", []).append(f"{fn.__name__}: {exc!r}")
         self.flush()
         return written

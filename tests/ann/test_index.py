@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.claim_checks import check_recall_on_hand_case
 from turboquant import ScalarQuantizer, TurboQuantMSE, TurboQuantProd
 from turboquant.ann import (
     METHODS,
@@ -205,6 +206,12 @@ def test_recall_metrics_on_known_ids():
     assert recall_at_k(found, truth, 2) == 0.5  # {1,0} vs {0,1} = 1; {9,8} vs {4,5} = 0
     assert recall_at_k(found, truth, 4) == (2 / 4 + 2 / 4) / 2
     assert recall_1_at_k(found, truth, [1, 2, 4]) == {1: 0.0, 2: 0.5, 4: 1.0}
+
+
+def test_recall_metrics_on_a_hand_computed_database():
+    """Ground truth and recall@k known by hand (tests/claim_checks.py): the k+1-th approximate
+    neighbour is a true one, so counting it would read 1.0 instead of 2/3."""
+    check_recall_on_hand_case(recall_at_k, recall_1_at_k, exact_topk)
 
 
 def test_recall_metric_rejects_k_wider_than_results():

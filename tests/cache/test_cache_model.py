@@ -9,6 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from tests.claim_checks import (
+    C08_MAX_OVER_IDEAL,
+    c08_distortion_bounds,
+    check_c08_distortion,
+    check_kv_bytes,
+)
 from turboquant.attention import compressed_attention, cpu_backend, register_attention, take_handoff
 from turboquant.cache import TurboQuantCache, cache_nbytes, ideal_kv_nbytes, turboquant_attention
 from turboquant.eval.throughput import decode_throughput, fill_from_prefill, profile_decode
@@ -17,33 +23,73 @@ from turboquant.models import EMBEDDED_NAME
 pytestmark = pytest.mark.model
 
 SEED_C08 = {3.5: {"distortion": 0.0196, "ip_sqerr_d256": 0.000076}, 2.5: {"distortion": 0.0673, "ip_sqerr_d256": 0.000261}}
-C08_MAX_DISTORTION = {3.5: 0.035, 2.5: 0.09}
+# Next-token KL / top-1 agreement vs full precision over the 16 teacher-forced positions: absolute
+# thresholds about 2-3x above what SmolLM2 measured (README: K4/V3 KL 0.017 and top-1 1.00,
+# symmetric 3.5 KL 0.41, 2.5 KL 0.76); a cache returning wrong codes measures several nats.
+C08_MAX_KL = {"K4 V3 mse": 0.05, "mse 3.5": 0.8, "mse 2.5": 1.5}
+C08_MIN_TOP1 = {"K4 V3 mse": 0.9}
 TAIL = 16  # teacher-forced decode positions for KL / attention-output error
 
 
 # -- C07 --------------------------------------------------------------------------------------------
+class _ZeroedCodesCache(TurboQuantCache):
+    """Deliberately broken cache: every stored code is zeroed after each update (norms and the
+    full-precision window kept). C07 asserts that it does not answer, so the compressed cache's
+    right answer is evidence that the codes carry the history."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        for store in (getattr(layer, "key_store", None), getattr(layer, "value_store", None)):
+            if store is not None and store.codes is not None:
+                store.codes.zero_()
+        return out
+
+
+C07_ANSWERING = {"key_bits": 4, "value_bits": 3}  # K4/V3: 3.5 bits on average, answers (README)
+
+
 @pytest.mark.claim("C07", "model loads")
 def test_c07_model_loads_and_generates(lm, tq_options, claim):
+    """Loads and answers; with a K4/V3 TurboQuantCache (3.5 bits on average) the embedded model
+    still names Paris, and a cache whose codes are zeroed does not. Symmetric 3.5 bits is
+    recorded: on this short prompt it drifts off topic (README), a measured note, not hidden."""
     tok, model = lm.tokenizer, lm.model
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    with torch.no_grad():
-        full = model.generate(input_ids=ids, **kw)
-        with turboquant_attention(model):
-            tq = model.generate(input_ids=ids, cache=TurboQuantCache(model.config, key_bits=3.5, value_bits=3.5), **kw)
-    answer = tok.decode(full[0, ids.shape[1]:], skip_special_tokens=True)
-    answer_tq = tok.decode(tq[0, ids.shape[1]:], skip_special_tokens=True)
-    claim.setting(model=lm.name, source=lm.source, torch_dtype=str(lm.dtype), attn_implementation=lm.attn_implementation)
-    claim.measured(load_seconds=round(lm.load_seconds, 1), answer=answer, answer_tq_3_5_bits=answer_tq,
-                   tq_3_5_answer_names_paris="paris" in answer_tq.lower(),
+    kw = {"do_sample": False, "pad_token_id": tok.pad_token_id or tok.eos_token_id}
+
+    def answer(cache=None, new_tokens=24) -> str:
+        with torch.no_grad():
+            if cache is None:
+                out = model.generate(input_ids=ids, max_new_tokens=new_tokens, **kw)
+            else:
+                with turboquant_attention(model):
+                    out = model.generate(input_ids=ids, cache=cache, max_new_tokens=new_tokens, **kw)
+        assert out.shape[1] > ids.shape[1], "generate produced no tokens"
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    full = answer()
+    sym = answer(TurboQuantCache(model.config, key_bits=3.5, value_bits=3.5))
+    k4v3 = answer(TurboQuantCache(model.config, **C07_ANSWERING), new_tokens=16)
+    broken = answer(_ZeroedCodesCache(model.config, **C07_ANSWERING), new_tokens=16)
+    names = {k: "paris" in v.lower() for k, v in (("full", full), ("sym", sym), ("k4v3", k4v3), ("broken", broken))}
+    claim.setting(model=lm.name, source=lm.source, torch_dtype=str(lm.dtype), attn_implementation=lm.attn_implementation,
+                  prompt_tokens=int(ids.shape[1]), residual_length=TurboQuantCache(model.config).settings.residual_length)
+    claim.measured(load_seconds=round(lm.load_seconds, 1), answer=full, answer_tq_3_5_bits=sym,
+                   tq_3_5_answer_names_paris=names["sym"], answer_tq_k4_v3=k4v3, answer_zeroed_codes_k4_v3=broken,
                    parameters=sum(p.numel() for p in model.parameters()))
-    claim.threshold(loads_with_requested_dtype_and_attention=True, generates_tokens=True)
+    claim.threshold(loads_with_requested_dtype_and_attention=True, generates_tokens=True,
+                    embedded_model_names_paris=["full precision", "TurboQuant K4/V3"],
+                    zeroed_codes_cache_names_paris=False)
+    if not names["sym"]:
+        claim.note(f"symmetric 3.5-bit cache drifts on this prompt: {sym!r} (K4/V3 at the same 3.5 bits answers)")
     assert model.dtype == lm.dtype and model.config._attn_implementation == tq_options.attn_implementation
-    assert full.shape[1] > ids.shape[1] and answer.strip(), f"no text generated: {answer!r}"
+    assert full.strip(), f"no text generated: {full!r}"
     if lm.name == EMBEDDED_NAME:
-        assert "paris" in answer.lower(), f"embedded model answered {answer!r}"
-    assert tq.shape[1] > ids.shape[1], "generate with TurboQuantCache produced nothing"
+        assert names["full"], f"embedded model answered {full!r}"
+        assert names["k4v3"], f"embedded model with a K4/V3 TurboQuantCache answered {k4v3!r}"
+        assert not names["broken"], f"a cache with zeroed codes still answered {broken!r}: the check cannot see the codes"
 
 
 # -- C08 --------------------------------------------------------------------------------------------
@@ -95,17 +141,21 @@ def test_c08_real_kv_distortion_and_bytes(lm, prefill_2048, c08_caches, bits, cl
                   kv_heads=cache.shape.num_kv_heads, residual_length=cache.settings.residual_length, queries=64, seed=0)
     claim.measured(**{f"distortion_{bits}": round(err["distortion"], 5), f"ip_sqerr_{bits}": err["ip_sqerr"],
                       f"ip_sqerr_x_d_{bits}": round(err["ip_sqerr"] * d, 5),
-                      f"bytes_{bits}": rep.as_dict(), f"ideal_bytes_{bits}": ideal, f"bf16_bytes": bf16,
-                      f"fp32_dynamic_bytes": cache_nbytes(prefill_2048.cache).total_pinned,
+                      f"bytes_{bits}": rep.as_dict(), f"ideal_bytes_{bits}": ideal, "bf16_bytes": bf16,
+                      "fp32_dynamic_bytes": cache_nbytes(prefill_2048.cache).total_pinned,
                       f"ratio_vs_bf16_{bits}": round(ratio_bf16, 3), f"ideal_ratio_{bits}": round(ideal_ratio, 3),
                       f"measured_over_ideal_{bits}": round(over_ideal, 4)})
-    claim.threshold(**{f"max_distortion_{bits}": C08_MAX_DISTORTION[bits], "max_measured_over_ideal": 0.05,
-                       "error_ratio_2_5_over_3_5": [2, 6]})
+    lower, upper, lloyd_max = c08_distortion_bounds(bits, d)
+    claim.measured(**{f"distortion_over_lloyd_max_{bits}": round(err["distortion"] / lloyd_max, 4)})
+    claim.threshold(**{f"max_distortion_{bits}": upper, f"min_distortion_{bits}": round(lower, 5),
+                       f"lloyd_max_{bits}_at_head_dim": round(lloyd_max, 5),
+                       "min_distortion_rule": "max(4^-b Shannon bound, 0.75 x independent Lloyd-Max at head_dim)",
+                       "max_abs_measured_over_ideal": C08_MAX_OVER_IDEAL, "error_ratio_2_5_over_3_5": [2, 6]})
     if err["distortion"] > SEED_C08[bits]["distortion"]:
         claim.warn(f"{bits}-bit distortion {err['distortion']:.4f} is worse than the seed's {SEED_C08[bits]['distortion']} "
                    f"(seed: Qwen3.6 head_dim 256; here head_dim {d})")
-    assert err["distortion"] <= C08_MAX_DISTORTION[bits], f"{bits}-bit distortion {err['distortion']:.4f} > {C08_MAX_DISTORTION[bits]}"
-    assert over_ideal <= 0.05, f"measured {rep.total_pinned} B is {100 * over_ideal:.2f}% over the layout's ideal {ideal} B"
+    check_c08_distortion(err["distortion"], bits, d)
+    check_kv_bytes(rep.total_pinned, ideal)
     if bits == 2.5:
         other = _kv_errors(prefill_2048, c08_caches[3.5], queries)["distortion"]
         r = err["distortion"] / other
@@ -191,8 +241,13 @@ def test_c08_attention_output_kl_mse_vs_prod_asymmetric(lm, prefill_2048, claim)
     claim.measured(tail_metrics=rows, qjl_helps_attention_3_5=rows["prod 3.5"]["attn_out_rel_err"] < rows["mse 3.5"]["attn_out_rel_err"],
                    qjl_helps_attention_2_5=rows["prod 2.5"]["attn_out_rel_err"] < rows["mse 2.5"]["attn_out_rel_err"])
     claim.setting(tail_positions=TAIL, prefix_tokens=n0)
+    claim.threshold(max_next_token_kl=C08_MAX_KL, min_top1_agreement=C08_MIN_TOP1)
     for name, r in rows.items():
         assert math.isfinite(r["next_token_kl"]) and math.isfinite(r["attn_out_rel_err"]), f"{name}: {r}"
+    high = {n: rows[n]["next_token_kl"] for n, cap in C08_MAX_KL.items() if not rows[n]["next_token_kl"] <= cap}
+    assert not high, f"next-token KL above {C08_MAX_KL}: {high}"
+    low = {n: rows[n]["top1_agreement"] for n, floor in C08_MIN_TOP1.items() if not rows[n]["top1_agreement"] >= floor}
+    assert not low, f"top-1 agreement below {C08_MIN_TOP1}: {low}"
     assert rows["mse 3.5"]["attn_out_rel_err"] < rows["mse 2.5"]["attn_out_rel_err"], f"more bits must give smaller error: {rows}"
     assert rows["mse 3.5"]["next_token_kl"] < rows["mse 2.5"]["next_token_kl"], f"KL not monotone in bits: {rows}"
 
@@ -247,7 +302,7 @@ def test_c11_cpu_decode_throughput(lm, prefill_2048, tq_options, claim):
         "turboquant_3.5": lambda: TurboQuantCache(model.config, key_bits=3.5, value_bits=3.5),
         "turboquant_2.5": lambda: TurboQuantCache(model.config, key_bits=2.5, value_bits=2.5),
     }
-    ctx = lambda: turboquant_attention(model)  # noqa: E731  (DynamicCache runs plain sdpa under it)
+    ctx = lambda: turboquant_attention(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread for every cache, measured alike
     try:

@@ -2,8 +2,15 @@
 
 import math
 
+import numpy as np
 import pytest
 
+from tests.claim_checks import (
+    LITERATURE_ROUNDING,
+    LLOYD_MAX_BETA_D256,
+    lloyd_max_reference,
+    quantizer_distortion,
+)
 from turboquant.codebook import lloyd_max_codebook
 
 pytestmark = pytest.mark.synthetic
@@ -55,3 +62,36 @@ def test_codebook_bits_out_of_range_is_rejected(bad):
 def test_codebook_law_must_be_known():
     with pytest.raises(ValueError, match="`law` must be one of"):
         lloyd_max_codebook(2, 64, "laplace")
+
+
+# ---- against an independent computation (tests/claim_checks.py: own density, iteration, quad) ----
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_independent_reference_reproduces_the_published_exact_values_at_d256(bits):
+    """The reference the claims compare against agrees with DESIGN.md's exact d=256 figures."""
+    ref = lloyd_max_reference(bits, 256)[1]
+    assert abs(ref - LLOYD_MAX_BETA_D256[bits]) <= LITERATURE_ROUNDING, f"b={bits}: {ref:.6f} vs {LLOYD_MAX_BETA_D256[bits]}"
+
+
+@pytest.mark.parametrize("d", [64, 96, 256])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_beta_codebook_equals_an_independent_lloyd_max_computation(bits, d):
+    """Centroids within 1e-3 standard deviations and D_mse within 1e-5 (relative) of the reference;
+    the codebook's own distortion figure equals the distortion of its centroids."""
+    cb = lloyd_max_codebook(bits, d, "beta")
+    cents, ref = lloyd_max_reference(bits, d)
+    gap = max(abs(a - b) for a, b in zip(cb.centroids, cents)) * math.sqrt(d)
+    assert gap < 1e-3, f"b={bits} d={d}: centroids differ by {gap:.2e} standard deviations"
+    assert cb.distortion == pytest.approx(ref, rel=1e-5), f"b={bits} d={d}: {cb.distortion:.6f} vs {ref:.6f}"
+    assert quantizer_distortion(cb.centroids, d) == pytest.approx(cb.distortion, rel=1e-6)
+
+
+def test_scaled_or_uniform_centroids_are_measurably_worse_than_lloyd_max():
+    """The reference can tell a wrong codebook beyond the C03 tolerance of 2%: centroids x1.1 cost
+    3-4% more at 2..4 bits, a uniform grid between the extreme centroids 9-26% more at 3..4 bits."""
+    for bits in (2, 3, 4):
+        cents, ref = lloyd_max_reference(bits, 256)
+        scaled = quantizer_distortion([1.1 * c for c in cents], 256)
+        assert scaled > 1.025 * ref, f"b={bits}: x1.1 centroids {scaled:.5f} vs Lloyd-Max {ref:.5f}"
+        if bits >= 3:
+            uniform = quantizer_distortion(list(np.linspace(cents[0], cents[-1], 2**bits)), 256)
+            assert uniform > 1.05 * ref, f"b={bits}: uniform grid {uniform:.5f} vs Lloyd-Max {ref:.5f}"

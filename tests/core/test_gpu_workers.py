@@ -48,6 +48,7 @@ def test_each_xdist_worker_sees_its_own_gpu(pytester, monkeypatch):
             pathlib.Path(f"seen_{w}_{i}.json").write_text(json.dumps(os.environ.get("CUDA_VISIBLE_DEVICES")))
     """)
     monkeypatch.setenv("TURBOQUANT_GPUS", "4,7")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout's turboquant, not an installed copy
     result = pytester.runpytest_subprocess("-n", "2", "-p", "xdist", f"--out-dir={pytester.path / 'out'}")
     result.assert_outcomes(passed=6)
     seen = {p.name.split("_")[1]: json.loads(p.read_text()) for p in pytester.path.glob("seen_*.json")}

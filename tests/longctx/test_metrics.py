@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from tests.claim_checks import check_needle_scorer
+from turboquant.eval import needle
 from turboquant.eval.metrics import (
     available_metrics,
     classification_score,
@@ -178,3 +180,15 @@ def test_code_sim_matches_fuzzywuzzy() -> None:
     fuzz = pytest.importorskip("fuzzywuzzy.fuzz", reason="cross-check needs `pip install fuzzywuzzy`")
     mismatches = [(a, b) for a, b in _random_texts(300, seed=1) if fuzz_ratio(a, b) != fuzz.ratio(a, b)]
     assert not mismatches, f"{len(mismatches)} of 300 pairs differ from fuzzywuzzy.fuzz.ratio, e.g. {mismatches[:2]}"
+
+
+# -- the needle scorer (turboquant/eval/needle.py) ------------------------------------------------
+def _case_score(text: str, targets) -> float:
+    """Score through a real needle ``Case`` (what the C09 grid calls)."""
+    case = needle.Case("niah", 1024, 0.5, 0, (1, 2, 3), tuple(targets), (1,))
+    return case.score(text)
+
+
+def test_needle_scorer_misses_a_wrong_number_an_embedded_number_and_an_empty_answer() -> None:
+    check_needle_scorer(needle.score_all)
+    check_needle_scorer(_case_score)

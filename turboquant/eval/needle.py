@@ -12,6 +12,7 @@ a grid is identical on every machine.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -251,12 +252,14 @@ def needle_grid(
 
 
 def score_all(generated: str, targets: Sequence[str]) -> float:
-    """Share of ``targets`` that appear verbatim in ``generated`` (RULER ``string_match_all``,
-    case-insensitive); for one target this is exact match of the value."""
+    """Share of ``targets`` found in ``generated`` (RULER ``string_match_all``, case-insensitive),
+    each as a whole token: not preceded or followed by a letter or digit, so the value inside a
+    longer number ("21840686" for "1840686") is a miss, where a plain substring test finds it."""
     if not targets:
         raise ValueError("a case needs at least one target")
     text = generated.lower()
-    return sum(1.0 for t in targets if t.lower() in text) / len(targets)
+    found = (re.search(rf"(?<![0-9a-z]){re.escape(t.lower())}(?![0-9a-z])", text) for t in targets)
+    return sum(1.0 for m in found if m) / len(targets)
 
 
 def parse_int_list(text: str | Sequence[int] | None, default: Sequence[int]) -> list[int]:
