@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from turboquant.eval.prose import prose_token_ids
 from turboquant.eval.recipes import RECIPES, evaluate, reference_tail, unit_queries
 from turboquant.eval.throughput import run_prefill
 from turboquant.models import EMBEDDED_NAME, load_model, tiny_model
@@ -36,14 +37,8 @@ QWEN_SHAPE = {
 
 
 def _prose_prompts(tokenizer, n: int, tokens: int) -> list[torch.Tensor]:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "cache"))
-    from conftest import prose  # the C08 prompt text: standard-library documentation
-
-    ids = tokenizer(prose(n_chars=6 * n * tokens), return_tensors="pt").input_ids
-    if ids.shape[1] < n * tokens:
-        raise SystemExit(f"only {ids.shape[1]} prose tokens for {n} prompts of {tokens}")
+    """``n`` consecutive ``tokens``-token slices of the C08 prose (standard-library documentation)."""
+    ids = torch.tensor([prose_token_ids(lambda text: tokenizer(text).input_ids, n * tokens)])
     return [ids[:, i * tokens : (i + 1) * tokens] for i in range(n)]
 
 
