@@ -89,7 +89,11 @@ def main() -> None:
     ap.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[1] / "results" / "recipes_cpu.json")
     )
+    ap.add_argument("--markdown", action="store_true", help="print the README table of --out and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     torch.manual_seed(SEED)
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"models": []}
@@ -108,6 +112,22 @@ def main() -> None:
         prompts = _random_prompts(QWEN_SHAPE["vocab_size"], args.prompts, args.tokens)
         run_model("random-init qwen3_5_text " + json.dumps(QWEN_SHAPE), m, prompts, args.tail, save)
     print(f"wrote {out}")
+
+
+def markdown(doc: dict) -> str:
+    """One table a model: the rows of ``doc`` (a results/recipes_cpu.json)."""
+    out = []
+    for m in doc["models"]:
+        out.append(f"**{m['model'].split(' {')[0]}** (head_dim {m['head_dim']}, {m['prompt_tokens']}-token prompts, "
+                   f"{m['tail_positions']} teacher-forced positions, {m['prompts']} prompts)\n")
+        out.append("| recipe | K bits | V bits | distortion K | distortion V | attn IP sqerr | KL | top-1 |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in m["rows"]:
+            out.append(f"| {r['recipe']} | {r['key_bits_measured']:.3f} | {r['value_bits_measured']:.3f} | "
+                       f"{r['distortion_k']:.4f} | {r['distortion_v']:.4f} | {r['attn_ip_sqerr']:.2e} | "
+                       f"{r['kl']:.4f} | {r['top1_agreement']:.3f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _meta() -> dict:
