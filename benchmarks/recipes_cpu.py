@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from turboquant.eval.prose import prose_token_ids
-from turboquant.eval.recipes import RECIPES, evaluate, reference_tail, unit_queries
+from turboquant.eval.recipe_metrics import RECIPES, evaluate, reference_tail, unit_queries
 from turboquant.eval.throughput import run_prefill
 from turboquant.models import EMBEDDED_NAME, load_model, tiny_model
 from turboquant.report import device_description

@@ -257,7 +257,7 @@ def test_c08_every_recipe_with_the_verdict_on_the_paper_recipe(lm, prefill_2048,
     """Every recipe of ``turboquant.eval.recipes`` reported (measured bits, distortion, IP error,
     bytes vs the layout's ideal); the C08 thresholds applied to the paper's own recipe (§4.3:
     outlier channels at more bits), ``paper-3.5`` and ``paper-2.5``."""
-    from turboquant.eval.recipes import RECIPES, fill_exact_prefill, kv_errors, make_cache, measured_bits, unit_queries
+    from turboquant.eval.recipe_metrics import RECIPES, fill_exact_prefill, kv_errors, make_cache, measured_bits, unit_queries
 
     tokens = prefill_2048.input_ids.shape[1]
     d = lm.model.config.get_text_config(decoder=True).head_dim

@@ -16,7 +16,7 @@ import torch
 from turboquant.ann.base import ANNIndex, UnsupportedConfig
 from turboquant.ann.datasets import ANNDataset
 from turboquant.ann.faiss_indexes import faiss_pq, faiss_rabitq, faiss_sq, faiss_tq, faiss_tqmse
-from turboquant.ann.metrics import recall_1_at_k, recall_at_k
+from turboquant.ann.metrics import recall_1_at_k, recall_at_k_per_query
 from turboquant.ann.pq import PQKMeansIndex
 from turboquant.ann.tq_index import ScalarIndex, TurboQuantIndex
 
@@ -63,9 +63,12 @@ class MethodResult:
     ntotal: int = 0
     nq: int = 0
     skipped: str | None = None
+    recall_per_query: list | None = field(default=None, repr=False)  # paired cases for the verdict rule
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("recall_per_query")
+        return out
 
 
 def evaluate(
@@ -88,7 +91,8 @@ def evaluate(
     out = index.search(ds.queries, k_search)
     t3 = time.perf_counter()
     res.train_s, res.add_s, res.build_s, res.query_s = t1 - t0, t2 - t1, t2 - t0, t3 - t2
-    res.recall_at_k = recall_at_k(out.ids, ds.gt, k)
+    per_query = recall_at_k_per_query(out.ids, ds.gt, k)
+    res.recall_at_k, res.recall_per_query = float(per_query.mean()), per_query.tolist()
     res.recall_1_at = recall_1_at_k(out.ids, ds.gt, ks)
     res.bytes_per_vector = index.bytes_per_vector()
     res.code_bits_per_coord = res.bytes_per_vector * 8 / ds.d

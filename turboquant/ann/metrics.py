@@ -21,13 +21,18 @@ def exact_topk(base: torch.Tensor, queries: torch.Tensor, k: int, block: int = 1
     return flat.search(queries, k).ids
 
 
-def recall_at_k(found: torch.Tensor, truth: torch.Tensor, k: int) -> float:
-    """Mean over queries of ``|found[:, :k] ∩ truth[:, :k]| / k`` (the seed's overlap@k)."""
+def recall_at_k_per_query(found: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor:
+    """``|found[q, :k] ∩ truth[q, :k]| / k`` per query (float64 ``[nq]``), the paired cases of C12."""
     if found.shape[1] < k or truth.shape[1] < k:
         raise ValueError(f"`k`={k} exceeds the result width (found {found.shape[1]}, truth {truth.shape[1]})")
     f, t = found[:, :k], truth[:, :k]
     hits = (f.unsqueeze(2) == t.unsqueeze(1)).any(dim=2).sum(dim=1)
-    return float(hits.to(torch.float64).mean() / k)
+    return hits.to(torch.float64) / k
+
+
+def recall_at_k(found: torch.Tensor, truth: torch.Tensor, k: int) -> float:
+    """Mean over queries of ``|found[:, :k] ∩ truth[:, :k]| / k`` (the seed's overlap@k)."""
+    return float(recall_at_k_per_query(found, truth, k).mean())
 
 
 def recall_1_at_k(found: torch.Tensor, truth: torch.Tensor, ks: Iterable[int]) -> dict[int, float]:

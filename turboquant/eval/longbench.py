@@ -52,6 +52,8 @@ PROMPTS: dict[str, str] = {
     "passage_count": "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please carefully read these paragraphs and determine how many unique paragraphs there are after removing duplicates. In other words, how many non-repeating paragraphs are there in total?\n\n{context}\n\nPlease enter the final count of unique paragraphs after removing duplicates. The output format should only contain the number, such as 1, 2, 3, and so on.\n\nThe final answer is: ",
     "passage_retrieval_en": "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of the paragraph that the abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc.\n\nThe answer is: ",
     "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
+    # this project's SQuAD v2 multi-document QA (turboquant.eval.squad_qa): LongBench's multi-doc QA prompt
+    "squad_mdqa": "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the given passages. Only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:",
     "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
 }
 
@@ -73,6 +75,7 @@ MAX_NEW_TOKENS: dict[str, int] = {
     "passage_retrieval_en": 32,
     "lcc": 64,
     "repobench-p": 64,
+    "squad_mdqa": 32,
 }
 
 # Tasks on which LongBench does not wrap the prompt in the chat template.

@@ -243,6 +243,7 @@ DATASET_METRIC: dict[str, str] = {
     "qasper": "qa_f1",
     "multifieldqa_en": "qa_f1",
     "hotpotqa": "qa_f1",
+    "squad_mdqa": "qa_f1",  # turboquant.eval.squad_qa (SQuAD v2 multi-document QA)
     "2wikimqa": "qa_f1",
     "musique": "qa_f1",
     "gov_report": "rouge_l",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from turboquant.report import register_plot
 
@@ -32,7 +32,8 @@ def draw_needle_heatmap(
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if k == 0 else [])
         ax.set_xlabel("context tokens")
-        label = "full precision" if setting == "full" else f"TurboQuant {setting}-bit"
+        numeric = setting.replace(".", "", 1).isdigit()
+        label = "full precision" if setting == "full" else f"TurboQuant {setting}-bit" if numeric else setting
         ax.set_title(label, fontsize=10)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
@@ -58,5 +59,51 @@ def needle_heatmap_plot(record: dict, out_dir: Path) -> list[Path]:
         if key == "cells" or key.startswith("cells_"):
             suffix = "" if key == "cells" else "_" + key.removeprefix("cells_")
             device = record.get("setting", {}).get("device", "")
-            out.append(draw_needle_heatmap(cells, Path(out_dir) / f"C09_needle_heatmap{suffix}.png", f"Needle in a haystack ({device})"))
+            title = f"Needle in a haystack ({device})"
+            out.append(draw_needle_heatmap(cells, Path(out_dir) / f"C09_needle_heatmap{suffix}.png", title))
     return out
+
+
+def draw_quality_vs_bits(result: dict, path: Path) -> Path:
+    """Three panels over measured bits a coordinate (one point per recipe / baseline): needle
+    accuracy and QA F1 with the 95% interval of the paired difference as error bars (drawn around
+    the recipe's score), and next-token KL against full precision (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["recipes"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = (("needle_acc", "needle_diff", "needle accuracy"),
+              ("qa_f1", "qa_diff", "QA F1 (0-100)"),
+              ("kl", None, "next-token KL vs full (nats)"))
+    markers = {"full": "*", "turboquant": "o", "baseline": "s"}
+    for ax, (key, diff_key, label) in zip(axes, panels):
+        for name, row in rows.items():
+            x, y = row.get("bits_measured"), row.get(key)
+            if x is None or y is None:
+                continue
+            if key == "kl" and y <= 0:
+                continue
+            err = None
+            if diff_key and row.get(diff_key + "_ci95"):  # the diff's interval, moved onto the score
+                lo, hi = row[diff_key + "_ci95"]
+                err = [[max(0.0, row[diff_key] - lo)], [max(0.0, hi - row[diff_key])]]
+            ax.errorbar(x, y, yerr=err, fmt=markers.get(row["family"], "o"), capsize=3, label=name)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log", base=2)
+        if key == "kl":
+            ax.set_yscale("log")
+        ax.set_xlabel("measured bits a coordinate (codes + scales)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"needles (n={result['n_needles']}); bars: 95% CI of the paired diff", fontsize=9)
+    axes[1].set_title(f"SQuAD multi-doc QA (n={result['n_qa']})", fontsize=9)
+    axes[2].set_title("teacher-forced next-token KL", fontsize=9)
+    fig.suptitle(f"Quality vs measured bits ({result['meta']['device']}, {result['meta']['date'][:10]})", fontsize=11)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,194 +1,182 @@
-"""KV-cache recipes (layouts of keys and values) and what they cost and do on a real prefill.
+"""Named KV-cache recipes and baselines, one table, so that one loop covers all of them.
 
-A recipe is ``(key layout, value layout)`` (``turboquant.layout``). Per recipe:
+Every entry builds a fresh transformers ``Cache`` for a model (usable as ``past_key_values`` in
+``generate`` / ``forward``); measured bits a coordinate come from the bytes it holds
+(:func:`turboquant.baselines.kv_bits`). TurboQuant recipes (DESIGN.md, "Recipes"):
 
-* measured bits a coordinate, per tensor: ``8 · (codes + norms + outlier indices) / (T · H · d)``
-  from the bytes the cache holds (``cache_nbytes``'s categories, summed over compressed layers);
-* ``distortion`` ``E||x - x̃||² / ||x||²`` and ``attn_ip_sqerr`` ``E<q, (x - x̃)/||x||>²`` over
-  unit random queries ``q`` (the C08 proxies), per tensor, mean over layers;
-* next-token KL(full || compressed) and top-1 agreement, teacher-forced over the tail positions.
+* ``halves-3.5`` / ``halves-2.5``: ``key_bits = value_bits = b + 0.5``, the first d/2 *rotated*
+  coordinates at ``b + 1`` bits (data-oblivious split, not the paper's)
+* ``K4/V3``: keys 4 bits, values 3 bits (3.5 on average)
+* ``paper-3.5`` / ``paper-2.5``: the paper's outlier split in raw channel space (d/4 channels at
+  ``b + 1`` bits, the rest at ``b``), enabled when ``TurboQuantCacheConfig`` has ``key_layout``
+
+Baselines (DESIGN.md, "Baselines"): ``fp8-e4m3``, ``rot-int-3.5`` / ``rot-int-2.5`` (rotation + plain
+int at TurboQuant's bytes), ``quanto-int4`` / ``quanto-int2`` (transformers' ``QuantizedCache``).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from turboquant.cache import TurboQuantCache, TurboQuantLayer, turboquant_attention
-from turboquant.eval.throughput import Prefill
+FULL = "full"
+RESIDUAL_LENGTH = 16  # TurboQuantCache's default window, used by our baselines too
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named cache: ``family`` is ``full`` / ``turboquant`` / ``baseline``; ``nominal_bits`` the
+    intended bits a coordinate (measured bits are reported beside it)."""
+
     name: str
-    key_layout: object
-    value_layout: object
-    note: str = ""
+    family: str
+    nominal_bits: float
+    description: str
+    build: Callable[[Any], Any]
+    requirement: Callable[[Any], str | None] = lambda config: None
+
+    def unavailable(self, config: Any) -> str | None:
+        """Why this recipe cannot run for ``config`` (None when it can)."""
+        return self.requirement(config)
 
 
-RECIPES = (
-    Recipe(
-        "halves-3.5", "halves-3.5", "halves-3.5", "rotated coordinates d/2 at 4 + d/2 at 3 bits"
-    ),
-    Recipe(
-        "halves-2.5", "halves-2.5", "halves-2.5", "rotated coordinates d/2 at 3 + d/2 at 2 bits"
-    ),
-    Recipe(
-        "paper-3.5",
-        "paper-3.5",
-        "paper-3.5",
-        "paper §4.3: d/4 outlier channels at 4 + rest at 3 bits",
-    ),
-    Recipe(
-        "paper-2.5",
-        "paper-2.5",
-        "paper-2.5",
-        "paper §4.3: d/4 outlier channels at 3 + rest at 2 bits",
-    ),
-    Recipe(
-        "paper-3.5-keys",
-        "paper-3.5",
-        "halves-3.5",
-        "keys-only: paper keys, halves values at the same width",
-    ),
-    Recipe(
-        "paper-2.5-keys",
-        "paper-2.5",
-        "halves-2.5",
-        "keys-only: paper keys, halves values at the same width",
-    ),
-    Recipe("K4/V3", "int-4", "int-3", "asymmetric integer widths"),
-    Recipe("K4/V2", "int-4", "int-2", "asymmetric integer widths"),
-)
+def _turboquant(**kw: Any) -> Callable[[Any], Any]:
+    def build(config: Any) -> Any:
+        from turboquant.cache import TurboQuantCache
+
+        return TurboQuantCache(config, **kw)
+
+    return build
 
 
-def make_cache(config, recipe: Recipe, **kw) -> TurboQuantCache:
-    return TurboQuantCache(
-        config, key_layout=recipe.key_layout, value_layout=recipe.value_layout, **kw
-    )
+def _needs_layouts(config: Any) -> str | None:
+    from turboquant.cache import TurboQuantCacheConfig
+
+    if "key_layout" not in {f.name for f in dataclasses.fields(TurboQuantCacheConfig)}:
+        return ("TurboQuantCache has no `key_layout` option yet (the paper's outlier-split layouts "
+                "paper-3.5/paper-2.5 land with the layout refactor)")
+    return None
 
 
-def measured_bits(cache: TurboQuantCache) -> dict[str, float]:
-    """Bits a coordinate each tensor holds in its stores: codes + norms + outlier indices."""
-    out = {}
-    for kind in ("key", "value"):
-        held, coords = 0, 0
-        for layer in cache.layers:
-            if not isinstance(layer, TurboQuantLayer) or not layer.is_initialized:
-                continue
-            store = getattr(layer, f"{kind}_store")
-            held += sum(store.used_nbytes().values())
-            if store.outliers is not None:
-                held += store.outliers.numel() * store.outliers.element_size()
-            lead = store.codes.shape[:2] if store.codes is not None else store.qjl.shape[:2]
-            coords += lead[0] * lead[1] * store.length * layer.head_dim
-        out[kind] = 8 * held / coords if coords else float("nan")
-    return out
+def _dense_only(config: Any) -> str | None:
+    text = config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds - {"full_attention"}:
+        return f"needs a model with only full-attention layers; this one has {sorted(kinds)}"
+    return None
 
 
-def kv_errors(prefill: Prefill, cache: TurboQuantCache, queries: torch.Tensor) -> dict[str, float]:
-    """Per tensor: mean over compressed layers of the unit-norm distortion and the attention
-    inner-product squared error against unit ``queries`` [m, d]."""
-    sums = {"distortion_k": [], "distortion_v": [], "ip_k": [], "ip_v": []}
-    for idx, layer in enumerate(cache.layers):
-        if not isinstance(layer, TurboQuantLayer):
-            continue
-        kt, vt = layer.dequantized()
-        ref = prefill.cache.layers[idx]
-        for tag, x, xt in (("k", ref.keys, kt), ("v", ref.values, vt)):
-            x, xt = x.float().reshape(-1, x.shape[-1]), xt.float().reshape(-1, x.shape[-1])
-            e = (x - xt) / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            sums[f"distortion_{tag}"].append(float((e * e).sum(-1).mean()))
-            sums[f"ip_{tag}"].append(float(((e @ queries.T) ** 2).mean()))
-    mean = {k: sum(v) / len(v) for k, v in sums.items()}
-    return {
-        "distortion_k": mean["distortion_k"],
-        "distortion_v": mean["distortion_v"],
-        "attn_ip_sqerr": (mean["ip_k"] + mean["ip_v"]) / 2,
-        "attn_ip_sqerr_k": mean["ip_k"],
-        "attn_ip_sqerr_v": mean["ip_v"],
-    }
+def _needs_quanto(config: Any) -> str | None:
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+        return "transformers' QuantizedCache quanto backend needs `pip install optimum-quanto`"
+    return _dense_only(config)
 
 
-@torch.no_grad()
-def tail_logits(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Teacher-forced next-token logits of positions ``[start, T)``, one token a step: [T - start, V]."""
-    return torch.cat(
-        [
-            model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1].float()
-            for t in range(start, ids.shape[1])
-        ]
-    )
+def _full(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
-def next_token_agreement(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
-    """Mean KL(ref || got) over positions and top-1 agreement, from logits [n, V]."""
-    kl = F.kl_div(
-        F.log_softmax(got, -1), F.log_softmax(ref, -1), log_target=True, reduction="none"
-    ).sum(-1)
-    return {
-        "kl": float(kl.mean()),
-        "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
-    }
+def _codec_cache(kind: str, bits: float | None = None) -> Callable[[Any], Any]:
+    def build(config: Any) -> Any:
+        from turboquant.baselines import CodecCache, Fp8Codec, RotatedIntCodec
 
-
-def reference_tail(model, prefill: Prefill, ids: torch.Tensor) -> torch.Tensor:
-    """Full-precision teacher-forced logits after ``prefill`` (a deep copy of its exact cache)."""
-    start = prefill.input_ids.shape[1]
-    return tail_logits(model, copy.deepcopy(prefill.cache), ids, start)
-
-
-def fill_exact_prefill(cache: TurboQuantCache, prefill: Prefill) -> TurboQuantCache:
-    """The cache after the prompt, from the exact prefill (no second forward): attention layers
-    take its K/V through ``update`` (what a prefill through the cache stores: the prompt attends
-    exactly), linear-attention layers a copy of its conv/recurrent state."""
-    for idx, layer in enumerate(prefill.cache.layers):
-        if getattr(layer, "keys", None) is not None:
-            cache.update(layer.keys, layer.values, idx)
+        if kind == "fp8":
+            def make(d: int, layer: int, kv: str) -> Any:
+                return Fp8Codec(d)
         else:
-            cache.layers[idx] = copy.deepcopy(layer)
-    return cache
+            def make(d: int, layer: int, kv: str) -> Any:
+                return RotatedIntCodec(d, bits, seed=2 * layer + (kv == "v"))
+        return CodecCache(config, make, residual_length=RESIDUAL_LENGTH, name=kind)
+
+    return build
 
 
-def evaluate(
-    model,
-    prefill: Prefill,
-    ids: torch.Tensor,
-    recipe: Recipe,
-    ref_tail: torch.Tensor,
-    queries: torch.Tensor,
-    **cache_kw,
-) -> dict:
-    """One recipe on one prompt: bytes, proxies after the prefill, then the teacher-forced tail."""
-    cache = fill_exact_prefill(make_cache(model.config, recipe, **cache_kw), prefill)
-    bits = measured_bits(cache)
-    row = {
-        "key_bits_measured": bits["key"],
-        "value_bits_measured": bits["value"],
-        **kv_errors(prefill, cache, queries),
-    }
-    with turboquant_attention(model):
-        got = tail_logits(model, cache, ids, prefill.input_ids.shape[1])
-    return {**row, **next_token_agreement(ref_tail, got)}
+def _quanto(nbits: int) -> Callable[[Any], Any]:
+    def build(config: Any) -> Any:
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="quanto", config=config, nbits=nbits)
+
+    return build
 
 
-def unit_queries(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+def _table() -> dict[str, Recipe]:
+    rows = [
+        Recipe(FULL, "full", 16.0, "DynamicCache, full precision", _full),
+        Recipe("paper-3.5", "turboquant", 3.5, "paper outlier split: d/4 channels at 4 bits + rest at 3",
+               _turboquant(key_layout="paper-3.5", value_layout="paper-3.5"), _needs_layouts),
+        Recipe("paper-2.5", "turboquant", 2.5, "paper outlier split: d/4 channels at 3 bits + rest at 2",
+               _turboquant(key_layout="paper-2.5", value_layout="paper-2.5"), _needs_layouts),
+        Recipe("halves-3.5", "turboquant", 3.5, "TurboQuant-mse, rotated halves at 4 + 3 bits",
+               _turboquant(key_bits=3.5, value_bits=3.5)),
+        Recipe("halves-2.5", "turboquant", 2.5, "TurboQuant-mse, rotated halves at 3 + 2 bits",
+               _turboquant(key_bits=2.5, value_bits=2.5)),
+        Recipe("K4/V3", "turboquant", 3.5, "TurboQuant-mse, keys 4 bits, values 3 bits",
+               _turboquant(key_bits=4, value_bits=3)),
+        Recipe("fp8-e4m3", "baseline", 8.0, "fp8 e4m3 K/V, one float16 scale a token and head", _codec_cache("fp8"),
+               _dense_only),
+        Recipe("rot-int-3.5", "baseline", 3.5, "signed Hadamard + per-vector absmax int, halves at 4 + 3 bits",
+               _codec_cache("int", 3.5), _dense_only),
+        Recipe("rot-int-2.5", "baseline", 2.5, "signed Hadamard + per-vector absmax int, halves at 3 + 2 bits",
+               _codec_cache("int", 2.5), _dense_only),
+        Recipe("quanto-int4", "baseline", 4.0, "transformers QuantizedCache, quanto int4 (group 64, residual 128)",
+               _quanto(4), _needs_quanto),
+        Recipe("quanto-int2", "baseline", 2.0, "transformers QuantizedCache, quanto int2 (group 64, residual 128)",
+               _quanto(2), _needs_quanto),
+    ]
+    return {r.name: r for r in rows}
 
 
-__all__ = [
-    "RECIPES",
-    "Recipe",
-    "evaluate",
-    "fill_exact_prefill",
-    "kv_errors",
-    "make_cache",
-    "measured_bits",
-    "next_token_agreement",
-    "reference_tail",
-    "tail_logits",
-    "unit_queries",
-]
+RECIPES: dict[str, Recipe] = _table()
+# The recipe a claim's verdict is taken on, in order of preference (the paper's when it runs).
+VERDICT_PREFERENCE: dict[str, tuple[str, ...]] = {"3.5": ("paper-3.5", "halves-3.5"), "2.5": ("paper-2.5", "halves-2.5")}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe or baseline called ``name``; unknown names raise listing the valid ones."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"unknown recipe/baseline {name!r}; valid: {list(RECIPES)}") from None
+
+
+def verdict_recipe(bits: str, config: Any) -> tuple[str, str | None]:
+    """``(name, note)``: the recipe a claim at ``bits`` ("3.5" / "2.5") is judged on, and a note
+    when the paper's recipe is not available."""
+    if bits not in VERDICT_PREFERENCE:
+        raise ValueError(f"verdict bits must be one of {list(VERDICT_PREFERENCE)}, got {bits!r}")
+    first, *rest = VERDICT_PREFERENCE[bits]
+    reason = get_recipe(first).unavailable(config)
+    if reason is None:
+        return first, None
+    return rest[0], f"verdict on {rest[0]} instead of {first}: {reason}"
+
+
+def available(names: list[str] | tuple[str, ...], config: Any) -> tuple[list[str], dict[str, str]]:
+    """Split ``names`` into those that run for ``config`` and ``{name: reason}`` for the others."""
+    runs, skipped = [], {}
+    for n in names:
+        reason = get_recipe(n).unavailable(config)
+        if reason is None:
+            runs.append(n)
+        else:
+            skipped[n] = reason
+    return runs, skipped
+
+
+def recipe_cache_factory(model: Any) -> Callable[[str], Any]:
+    """``name -> fresh cache`` for :mod:`turboquant.eval.runner` (settings are recipe names)."""
+
+    def factory(name: str) -> Any:
+        recipe = get_recipe(name)
+        reason = recipe.unavailable(model.config)
+        if reason is not None:
+            raise ValueError(f"recipe {name!r} cannot run on this model: {reason}")
+        return recipe.build(model.config)
+
+    return factory
