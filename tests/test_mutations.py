@@ -19,6 +19,7 @@ import torch
 
 from tests import claim_checks as cc
 from turboquant import codebook as codebook_mod
+from turboquant import layout as layout_mod
 from turboquant import quantizer as quantizer_mod
 from turboquant.ann import bench as ann_bench
 from turboquant.ann import metrics as ann_metrics
@@ -93,7 +94,7 @@ def _patch_codebook(monkeypatch, transform) -> None:
         bounds = tuple((a + b) / 2 for a, b in itertools.pairwise(c))
         return codebook_mod.Codebook(bits, d, law, c, bounds, cc.quantizer_distortion(c, d), cb.iterations)
 
-    monkeypatch.setattr(quantizer_mod, "lloyd_max_codebook", wrong)
+    monkeypatch.setattr(layout_mod, "lloyd_max_codebook", wrong)  # where layouts take codebooks
 
 
 def _isotropic_c03(claim) -> None:

@@ -288,8 +288,16 @@ def _c_call(fn, table: "CentroidTable", codes: torch.Tensor, norms: torch.Tensor
        len(table.segments), table.c_seg.data_ptr(), table.c_spread.data_ptr(), table.c_pairs.data_ptr())
 
 
-def _use_c(x: torch.Tensor, table: "CentroidTable") -> bool:
-    return x.device.type == "cpu" and table.d <= C_MAX_HEAD_DIM and _cpu_kernel_lib() is not None
+def _use_c_groups(x: torch.Tensor, codec) -> bool:
+    """Outlier layouts: the C kernel runs each channel group as a layout of its own."""
+    return x.device.type == "cpu" and _cpu_kernel_lib() is not None
+
+
+def _use_c(x: torch.Tensor, codec) -> bool:
+    """The C kernel scores one-group layouts (one norm a vector) here; outlier layouts per group."""
+    table = codec.table
+    return (x.device.type == "cpu" and not codec.grouped and table.d <= C_MAX_HEAD_DIM
+            and _cpu_kernel_lib() is not None)
 
 
 def qjl_signs(qjl: torch.Tensor, d: int) -> torch.Tensor:
@@ -318,9 +326,20 @@ def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: "PackedStore"
     if store.codes is not None:
         codes = store.codes[:, :, start:stop]
         norms = store.norms[:, :, start:stop].float()
-        if _use_c(qr, codec.table):
+        if _use_c(qr, codec):
             s = torch.empty((*qr.shape[:-1], stop - start), dtype=torch.float32)
             _c_call(_cpu_kernel_lib().tq_scores, codec.table, codes, norms, qr, s)
+        elif codec.grouped and _use_c_groups(qr, codec):  # the C kernel one group at a time
+            s = 0
+            for a, b, g, b0, b1, table in codec.group_tables:
+                part = torch.empty((*qr.shape[:-1], stop - start), dtype=torch.float32)
+                _c_call(_cpu_kernel_lib().tq_scores, table, codes[..., b0:b1], norms[..., g].contiguous(),
+                        qr[..., a:b].contiguous(), part)
+                s = s + part
+        elif codec.grouped:  # Σ_g ||k_g|| <(Π q)_g, c_g[idx_g]>, one partial score a group
+            cents = codec.table.gather(codes)  # [B, H, n, D] code space
+            s = sum(torch.matmul(qr[..., a:b], cents[..., a:b].transpose(-1, -2)) * norms[..., g].unsqueeze(-2)
+                    for a, b, g in codec.group_slices())
         else:
             cents = codec.table.gather(codes)  # [B, H, n, D]
             s = torch.matmul(qr, cents.transpose(-1, -2)) * norms.unsqueeze(-2)
@@ -339,12 +358,23 @@ def _store_values(p: torch.Tensor, store: "PackedStore", start: int, stop: int) 
     if store.codes is not None:
         codes = store.codes[:, :, start:stop]
         norms = store.norms[:, :, start:stop].float()
-        if _use_c(p, codec.table):
+        if _use_c(p, codec):
             acc = torch.empty((*p.shape[:-1], codec.d), dtype=torch.float32)
             _c_call(_cpu_kernel_lib().tq_values, codec.table, codes, norms, p.contiguous(), acc)
+        elif codec.grouped and _use_c_groups(p, codec):
+            parts, pc = [], p.contiguous()
+            for a, b, g, b0, b1, table in codec.group_tables:
+                part = torch.empty((*p.shape[:-1], b - a), dtype=torch.float32)
+                _c_call(_cpu_kernel_lib().tq_values, table, codes[..., b0:b1], norms[..., g].contiguous(), pc, part)
+                parts.append(part)
+            acc = torch.cat(parts, dim=-1)
+        elif codec.grouped:  # per group Σ_j p_j ||v_j,g|| c_g[idx_j,g], un-rotated per group below
+            cents = codec.table.gather(codes)
+            acc = torch.cat([torch.matmul(p * norms[..., g].unsqueeze(-2), cents[..., a:b])
+                             for a, b, g in codec.group_slices()], dim=-1)
         else:
             acc = torch.matmul(p * norms.unsqueeze(-2), codec.table.gather(codes))
-        out = codec.unrotate(acc)
+        out = codec.unrotate(acc, store.outliers)
     if store.qjl is not None:
         z = qjl_signs(store.qjl[:, :, start:stop], codec.d)
         w = p * (codec.qjl_scale * store.rnorms[:, :, start:stop].float()).unsqueeze(-2)
@@ -403,7 +433,7 @@ def _compressed_attention(
     r = 0 if rk is None else rk.shape[-2]
     kv_len = lc + r
     chunks = [(s, min(s + SCORE_CHUNK_TOKENS, lc)) for s in range(0, lc, SCORE_CHUNK_TOKENS)]
-    qr = ks.codec.rotate(q).contiguous() if ks.codes is not None else None
+    qr = ks.codec.rotate(q, ks.outliers).contiguous() if ks.codes is not None else None
     scores = [_store_scores(q, qr, ks, s, e) for s, e in chunks]
     if r:
         scores.append(torch.matmul(q, rk.float().transpose(-1, -2)))

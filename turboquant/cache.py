@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
@@ -48,6 +49,8 @@ from turboquant.attention import (
     run_eagerly,
 )
 from turboquant.codebook import LAWS
+from turboquant.layout import CodeLayout, build_layout, group_layout, layout_name, parse_layout, select_outliers
+from turboquant.layout_quantizer import TurboQuantLayout
 from turboquant.rotation import fwht
 from turboquant.quantizer import NORM_DTYPE, SUPPORTED_BITS, TurboQuantMSE, TurboQuantProd
 from turboquant.validation import check_choice, check_seed
@@ -70,6 +73,13 @@ class TurboQuantCacheConfig:
         key_bits, value_bits: bits a coordinate, one of ``SUPPORTED_BITS`` (1 ... 4, halves
             included), or 16 for both (passthrough: nothing compressed).
         key_mode, value_mode: ``"mse"`` (TurboQuant-mse) or ``"prod"`` (mse at b-1 bits + 1-bit QJL).
+        key_layout, value_layout: the code layout (``turboquant.layout``): ``"halves-3.5"``,
+            ``"halves-2.5"``, ``"paper-3.5"``, ``"paper-2.5"``, ``"int-<b>"``,
+            ``"outliers-<n_out>-<b_hi>-<b_lo>"`` or ``(n_out, b_hi, b_lo)``. ``None``: from the
+            bits (``b + 0.5`` -> halves, integer -> one segment). A one-group layout sets the bits;
+            a preset sets them to its nominal width (``paper-3.5`` -> 3.5). Outlier layouts pick, per
+            layer and KV head, the ``n_out`` channels of largest L2 norm over the first update
+            (the prompt) and keep them; mse mode only.
         residual_length: full-precision window; flushed into codes as one block when it fills.
             0 compresses every token immediately.
         protected_layers: layer indices kept exact (negative indices count from the end).
@@ -107,8 +117,11 @@ class TurboQuantCacheConfig:
     chunk_tokens: int = 256
     reserve_tokens: int = 0
     append_backend: str = "auto"
+    key_layout: str | tuple[int, int, int] | None = None
+    value_layout: str | tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        self._set_layouts()
         allowed = (*SUPPORTED_BITS, PASSTHROUGH_BITS)
         for name in ("key_bits", "value_bits"):
             v = getattr(self, name)
@@ -138,6 +151,37 @@ class TurboQuantCacheConfig:
         object.__setattr__(self, "seed", check_seed(self.seed))
         check_choice(self.law, "law", LAWS)
         object.__setattr__(self, "protected_layers", _layer_indices(self.protected_layers))
+
+    def _set_layouts(self) -> None:
+        """Canonical layout names; one-group layouts and presets fix ``*_bits``."""
+        for kind in ("key", "value"):
+            spec = getattr(self, f"{kind}_layout")
+            if spec is None:
+                continue
+            if float(getattr(self, f"{kind}_bits")) == PASSTHROUGH_BITS:
+                raise ValueError(f"`{kind}_layout`={spec!r} with `{kind}_bits`={PASSTHROUGH_BITS} (passthrough): "
+                                 f"give one or the other")
+            p = parse_layout(spec, f"{kind}_layout")
+            object.__setattr__(self, f"{kind}_layout", layout_name(p))
+            if isinstance(p, float):
+                object.__setattr__(self, f"{kind}_bits", p)
+                continue
+            if getattr(self, f"{kind}_mode") != "mse":
+                raise ValueError(f"`{kind}_layout`={spec!r} is an outlier layout; it needs `{kind}_mode`='mse', "
+                                 f"got {getattr(self, f'{kind}_mode')!r}")
+            if isinstance(p, str):
+                object.__setattr__(self, f"{kind}_bits", float(p.split("-")[1]))
+
+    def layout_spec(self, kind: str) -> str | float:
+        """What :func:`turboquant.layout.build_layout` builds for ``"k"`` / ``"v"``."""
+        spec = self.key_layout if kind == "k" else self.value_layout
+        return spec if spec is not None else float(self.key_bits if kind == "k" else self.value_bits)
+
+    def recipe(self) -> str:
+        """``K<layout>/V<layout>`` names, e.g. ``Kpaper-3.5/Vhalves-2.5``."""
+        if self.passthrough:
+            return "passthrough-16"
+        return f"K{layout_name(self.layout_spec('k'))}/V{layout_name(self.layout_spec('v'))}"
 
     @property
     def passthrough(self) -> bool:
@@ -197,10 +241,42 @@ def _shared_hadamard(d: int, device: torch.device) -> torch.Tensor:
 
 
 class TensorCodec:
-    """TurboQuant quantizer of one (layer, K|V) plus its centroid table and rotation on ``device``."""
+    """TurboQuant quantizer of one (layer, K|V) plus its centroid table and rotation on ``device``.
 
-    def __init__(self, d: int, bits: float, mode: str, rotation: str, seed: int, qjl_seed: int, law: str, device: torch.device) -> None:
+    ``layout``: a spec for :func:`turboquant.layout.build_layout` (default: ``bits``). An outlier
+    layout (two channel groups) runs :class:`TurboQuantLayout`: ``rotate``/``unrotate``/``encode``
+    then take the store's per-head outlier channels."""
+
+    def __init__(self, d: int, bits: float, mode: str, rotation: str, seed: int, qjl_seed: int, law: str,
+                 device: torch.device, layout: object = None) -> None:
         self.d, self.bits, self.mode = d, float(bits), mode
+        self.grouped = False
+        if layout is not None and not isinstance(parse_layout(layout), float):
+            if mode != "mse":
+                raise ValueError(f"layout {layout_name(layout)!r} needs mode 'mse', got {mode!r}")
+            self.grouped = True
+            # dense group rotations: one per cache seed, shared by every layer (shared_tables)
+            self.quantizer = TurboQuantLayout(
+                build_layout(layout, d, rotation=rotation, seed=seed, law=law, shared_seed=qjl_seed), law=law)
+            self.mse = self.quantizer
+            self.layout: CodeLayout = self.quantizer.layout
+            self.S, self.qjl_scale = None, 0.0
+            segs = [(sg.start, sg.stop, sg.bits, sg.codebook) for sg in self.layout.segments]
+            self.table = CentroidTable.shared(d, segs, device)
+            # per group: code-space coords [a, b), norm slot, code bytes [b0, b1), a table at the
+            # group's own dimension (what the CPU C kernel scores one group at a time with)
+            self.group_tables = []
+            for i, g in enumerate(self.layout.groups):
+                local = [(sg.start, sg.stop, sg.bits, sg.codebook) for sg in group_layout(self.layout, i).segments]
+                self.group_tables.append((g.start, g.start + g.size, g.norm_slot, g.byte_start,
+                                          g.byte_start + g.code_nbytes, CentroidTable.shared(g.size, local, device)))
+            self.rotation = None
+            self.code_nbytes = self.layout.code_nbytes
+            self._signs = self._h = self._pi = self._pi_t = None
+            # what the groups' rotations hold: Hadamard signs s, or the dense Π (turboquant.rotation)
+            self._group_rot = [g.rotation.signs if g.rotation.kind == "hadamard" else g.rotation._q
+                               for g in self.layout.groups]
+            return
         if mode == "prod":
             self.quantizer: TurboQuantMSE | TurboQuantProd = TurboQuantProd(d, bits, rotation, seed, law, qjl_seed=qjl_seed)
             # one S per cache: identical values for every layer, stored once (C04: the bias of one fixed S)
@@ -214,6 +290,7 @@ class TensorCodec:
             self.mse = self.quantizer
             self.S = None
             self.qjl_scale = 0.0
+        self.layout = self.mse.layout if self.mse is not None else None
         self.table = CentroidTable.shared(d, self.mse.segments, device) if self.mse is not None else None
         self.rotation = self.mse.rotation if self.mse is not None else None
         self.code_nbytes = self.mse.code_nbytes if self.mse is not None else 0
@@ -230,25 +307,54 @@ class TensorCodec:
         """Ideal stored bytes a vector: packed codes + float16 norm(s) (+ QJL plane)."""
         return self.quantizer.nbytes_per_vector
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``Π x``; Hadamard: ``(x ⊙ s) H / sqrt(d)`` (one small matmul with the shared ``H``)."""
+    def rotate(self, x: torch.Tensor, outliers: torch.Tensor | None = None) -> torch.Tensor:
+        """``Π x``; Hadamard: ``(x ⊙ s) H / sqrt(d)`` (one small matmul with the shared ``H``).
+        Outlier layouts: ``x`` [B, H, M, D] gathered into code order (``outliers`` [H, n_out]) and
+        rotated per group."""
+        if self.grouped:
+            return self.quantizer.rotate(x, _per_head(outliers))
         if self._signs is None:
             return torch.matmul(x, self._pi_t)
         return torch.matmul(x * self._signs, self._h)
 
-    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
-        """``Π^T y``; Hadamard: ``s ⊙ (y H / sqrt(d))``."""
+    def unrotate(self, y: torch.Tensor, outliers: torch.Tensor | None = None) -> torch.Tensor:
+        """``Π^T y``; Hadamard: ``s ⊙ (y H / sqrt(d))``. Outlier layouts: per group, then
+        scattered back to the raw channels."""
+        if self.grouped:
+            return self.quantizer.unrotate(y, _per_head(outliers))
         if self._signs is None:
             return torch.matmul(y, self._pi)
         return torch.matmul(y, self._h) * self._signs
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def scale_norms(self, cents: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """``||x|| c[idx]`` (code space) from centroids [..., n, D] and stored norms [..., n]
+        (outlier layouts: [..., n, groups], each group's coordinates times its own norm)."""
+        if not self.grouped:
+            return cents * norms.float().unsqueeze(-1)
+        sizes = [g.size for g in self.layout.groups]
+        return cents * torch.repeat_interleave(norms.float(), torch.tensor(sizes, device=norms.device), dim=-1)
+
+    def group_slices(self) -> list[tuple[int, int, int]]:
+        """``(start, stop, norm slot)`` of every group in code space."""
+        if not self.grouped:
+            return [(0, self.d, -1)]
+        return [(g.start, g.start + g.size, g.norm_slot) for g in self.layout.groups]
+
+    def encode(self, x: torch.Tensor, outliers: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``x`` [..., d] -> (codes, norms, qjl, rnorms) as stored (``None`` where the mode has none)."""
+        if self.grouped:
+            packed = self.quantizer.pack(self.quantizer.quantize(x, _per_head(outliers)))
+            return packed.codes, packed.norms, None, None
         packed = self.quantizer.pack(self.quantizer.quantize(x))
         if self.mode == "mse":
             return packed.codes, packed.norms, None, None
         mse = packed.mse
         return (mse.codes if mse else None), (mse.norms if mse else None), packed.qjl, packed.rnorms
+
+
+def _per_head(outliers: torch.Tensor | None) -> torch.Tensor | None:
+    """Outlier channels [H, n_out] -> [H, 1, n_out]: broadcast over a store's [B, H, T, D]."""
+    return None if outliers is None else outliers.long().unsqueeze(-2)
 
 
 def _codec_seed(seed: int, layer_idx: int, kind: str) -> int:
@@ -258,6 +364,17 @@ def _codec_seed(seed: int, layer_idx: int, kind: str) -> int:
 # ------------------------------------------------------------------------------------------------
 # storage
 # ------------------------------------------------------------------------------------------------
+_WARNED_LAYOUTS: set = set()
+
+
+def _warn_layout_fallback(name: str, why: str) -> None:
+    """``append_backend='auto'``: one ``RuntimeWarning`` a layout whose codes the kernels cannot run."""
+    if name not in _WARNED_LAYOUTS:
+        _WARNED_LAYOUTS.add(name)
+        warnings.warn(f"append_backend='auto': the Triton kernels cannot run {why}; encoding and decoding with "
+                      "the pure-torch quantizer instead", RuntimeWarning, stacklevel=4)
+
+
 def _norm_range_message(start: int, stop: int, kept: int) -> str:
     return (f"a vector norm appended at tokens [{start}, {stop}) exceeds the float16 norm storage range "
             f"({torch.finfo(NORM_DTYPE).max:.0f}) or is not finite; the store keeps its first {kept} tokens")
@@ -268,6 +385,9 @@ class PackedStore:
 
     ``codes`` uint8 [B, H, cap, code_nbytes] (bit planes, rotated domain); ``norms`` float16
     [B, H, cap]; prod mode: ``qjl`` uint8 [B, H, cap, D/8], ``rnorms`` float16 [B, H, cap].
+    Outlier layouts: ``norms`` float16 [B, H, cap, groups] and ``outliers`` [H, n_out] (the
+    layout's index dtype), the raw channels of the outlier group of each head, fixed at the first
+    update (:meth:`set_outliers`).
     """
 
     FIELDS = ("codes", "norms", "qjl", "rnorms")
@@ -286,6 +406,7 @@ class PackedStore:
         self.norms: torch.Tensor | None = None
         self.qjl: torch.Tensor | None = None
         self.rnorms: torch.Tensor | None = None
+        self.outliers: torch.Tensor | None = None
         self.length = 0
         self.capacity = 0
         self.kernel_appends = 0  # appends encoded by the Triton kernel (the rest: pure torch)
@@ -309,6 +430,9 @@ class PackedStore:
         """Why the Triton kernels (``quantize_pack``, ``dequantize``) cannot serve this store's
         codec on ``device`` (``None``: they can)."""
         c = self.codec
+        if c.grouped:
+            return (f"layout {c.layout.name!r} ({len(c.layout.groups)} channel groups; the kernels run "
+                    "one-group layouts: halves-* and int-*)")
         if c.mode != "mse":
             return f"mode {c.mode!r} (the kernels handle 'mse' codes only, no QJL plane)"
         if c.rotation is None or c.rotation.kind != "hadamard":
@@ -340,6 +464,8 @@ class PackedStore:
                     f"`append_backend`='triton' cannot {action}: {why}; use append_backend='auto' "
                     "(kernel where it applies, pure torch elsewhere) or 'torch'"
                 )
+            if why is not None and self.codec.grouped:
+                _warn_layout_fallback(self.codec.layout.name, why)
             if why is None:
                 from turboquant.kernels import KernelTables
 
@@ -382,6 +508,13 @@ class PackedStore:
                 self.length = min(self.length, start)
                 raise ValueError(_norm_range_message(start, stop, self.length))
 
+    def set_outliers(self, x: torch.Tensor) -> None:
+        """Outlier layouts: fix each head's outlier channels from ``x`` [B, H, T, D] (the first
+        update: the prompt), the ``n_out`` of largest L2 norm over batch and tokens. Once."""
+        if self.codec.grouped and self.outliers is None:
+            lay = self.codec.layout
+            self.outliers = select_outliers(x, lay.n_out).to(device=x.device, dtype=lay.index_dtype)
+
     def append(self, x: torch.Tensor) -> None:
         """Quantize and pack ``x`` [B, H, T, D] after the stored tokens.
 
@@ -421,7 +554,8 @@ class PackedStore:
                 self.length = start  # not committed
                 raise ValueError(_norm_range_message(start, need, start))
             return
-        parts = {f: p for f, p in zip(self.FIELDS, self.codec.encode(x)) if p is not None}
+        self.set_outliers(x)
+        parts = {f: p for f, p in zip(self.FIELDS, self.codec.encode(x, self.outliers)) if p is not None}
         self._reserve(need, {f: (tuple(p.shape[:2]), tuple(p.shape[3:]), p.dtype, p.device) for f, p in parts.items()})
         for f, p in parts.items():
             getattr(self, f)[:, :, self.length : need] = p
@@ -452,8 +586,8 @@ class PackedStore:
             return dequantize(self.codes, self.norms, n, tables, dtype, out=out)
         res = None
         if self.codes is not None:
-            y = c.table.gather(self.codes[:, :, :n]) * self.norms[:, :, :n].float().unsqueeze(-1)
-            res = c.unrotate(y)
+            y = c.scale_norms(c.table.gather(self.codes[:, :, :n]), self.norms[:, :, :n])
+            res = c.unrotate(y, self.outliers)
         if self.qjl is not None:
             z = qjl_signs(self.qjl[:, :, :n], c.d)
             o = c.qjl_scale * self.rnorms[:, :, :n].float().unsqueeze(-1) * (z @ c.S)
@@ -466,10 +600,10 @@ class PackedStore:
     def snapshot(self) -> tuple:
         """The store's state before a write (buffers by reference, length, capacity, pending checks):
         :meth:`restore` puts it back exactly, bytes included (a grown buffer is dropped)."""
-        return self.length, self.capacity, self._buffers(), list(self._pending_checks)
+        return self.length, self.capacity, self._buffers(), list(self._pending_checks), self.outliers
 
     def restore(self, state: tuple) -> None:
-        self.length, self.capacity, buffers, pending = state
+        self.length, self.capacity, buffers, pending, self.outliers = state
         for f in self.FIELDS:
             setattr(self, f, buffers.get(f))
         self._pending_checks = pending
@@ -517,7 +651,8 @@ class TurboQuantLayer(CacheLayerMixin):
     def _codec(self, kind: str, device: torch.device) -> TensorCodec:
         s = self.settings
         bits, mode = (s.key_bits, s.key_mode) if kind == "k" else (s.value_bits, s.value_mode)
-        return TensorCodec(self.head_dim, bits, mode, s.rotation, _codec_seed(s.seed, self.layer_idx, kind), s.seed, s.law, device)
+        return TensorCodec(self.head_dim, bits, mode, s.rotation, _codec_seed(s.seed, self.layer_idx, kind), s.seed, s.law, device,
+                           layout=s.layout_spec(kind))
 
     def residual_keys(self) -> torch.Tensor | None:
         return None if self._rk is None or self._r == 0 else self._rk[:, :, : self._r]
@@ -600,6 +735,12 @@ class TurboQuantLayer(CacheLayerMixin):
         held = [t for t in (self.key_store.norms, self.key_store.rnorms, self._rk) if t is not None]
         return held[0].shape[0] if held else -1
 
+    def _select_outliers(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Outlier layouts: each store fixes its heads' outlier channels from the first update
+        (undone with the rest of a failed write: see ``snapshot``)."""
+        self.key_store.set_outliers(k)
+        self.value_store.set_outliers(v)
+
     def check_norms(self, wait: bool = False) -> None:
         """:meth:`PackedStore.check_norms` of both stores (raises if an append stored a norm
         beyond float16); polled without waiting at every update/append. A failed check leaves keys
@@ -632,6 +773,7 @@ class TurboQuantLayer(CacheLayerMixin):
             raise
 
     def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._select_outliers(k, v)  # outlier layouts: from the first update only (then fixed)
         R, t = self.settings.residual_length, k.shape[-2]
         total = self._r + t
         if R and total < R:  # fits in the window
@@ -812,6 +954,8 @@ class TurboQuantCache(Cache):
         self.protected = tuple(sorted(protected))
         if not settings.passthrough:
             check_head_dim(shape.head_dim, settings.rotation)
+            for kind in ("k", "v"):  # a layout that does not fit head_dim fails here, named
+                build_layout(settings.layout_spec(kind), shape.head_dim, rotation="dense")
             register_attention()
         layers: list = []
         for i, (t, kw) in enumerate(zip(shape.layer_types, per_layer_kwargs)):
@@ -939,7 +1083,9 @@ def _shared_storages() -> set[int]:
     Sylvester ``H``, centroid lookup tables): reported as ``shared_tables``."""
     from turboquant.attention import _TABLES
 
-    tables = [*_SHARED_S.values(), *_SHARED_H.values(), *_TABLES.values()]
+    from turboquant.layout import SHARED_DENSE
+
+    tables = [*_SHARED_S.values(), *_SHARED_H.values(), *_TABLES.values(), *SHARED_DENSE.values()]
     return {t.untyped_storage().data_ptr() for t in _held_tensors(tables)}
 
 
@@ -957,6 +1103,7 @@ def cache_nbytes(cache: Cache) -> MemoryReport:
                 tally.add("codes", store.qjl, used.get("qjl", 0))
                 tally.add("norms", store.norms, used.get("norms", 0))
                 tally.add("norms", store.rnorms, used.get("rnorms", 0))
+                tally.add("outlier_index", store.outliers)
                 # everything else the store keeps alive: rotation signs or dense Π (and the copies
                 # its rotation caches per device), codebook tensors, kernel tables (Π, Π^T, LUTs)
                 for t in _held_tensors((store.codec, store._tables)):
@@ -984,19 +1131,23 @@ def ideal_kv_nbytes(cache: TurboQuantCache, tokens: int, batch: int = 1) -> int:
     total = 0
     for layer in cache.layers:
         if isinstance(layer, TurboQuantLayer):
-            for bits, mode in ((s.key_bits, s.key_mode), (s.value_bits, s.value_mode)):
-                total += tokens * batch * sh.num_kv_heads * _vector_nbytes(sh.head_dim, bits, mode)
+            for kind, bits, mode in (("k", s.key_bits, s.key_mode), ("v", s.value_bits, s.value_mode)):
+                spec = s.layout_spec(kind)
+                total += tokens * batch * sh.num_kv_heads * _vector_nbytes(sh.head_dim, spec, mode)
+                total += sh.num_kv_heads * build_layout(spec, sh.head_dim, rotation="dense").index_nbytes()
         elif isinstance(layer, ExactLayer):
             total += 2 * tokens * batch * sh.num_kv_heads * sh.head_dim * 2
     return total
 
 
-def _vector_nbytes(d: int, bits: float, mode: str) -> int:
-    norm = NORM_DTYPE.itemsize
+def _vector_nbytes(d: int, spec: object, mode: str) -> int:
+    """Bytes of one stored vector from its layout: codes + float16 norms (prod: the mse part's
+    layout at ``b - 1`` bits + the 1-bit QJL plane + the residual norm)."""
     if mode == "mse":
-        return int(d * bits) // 8 + norm
-    mse_bits = bits - 1
-    return int(d * mse_bits) // 8 + d // 8 + norm * (2 if mse_bits > 0 else 1)
+        return build_layout(spec, d, rotation="dense").nbytes_per_vector
+    mse_bits = float(parse_layout(spec)) - 1
+    mse = build_layout(mse_bits, d, rotation="dense").nbytes_per_vector if mse_bits > 0 else 0
+    return mse + d // 8 + NORM_DTYPE.itemsize
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from turboquant.codebook import Codebook, lloyd_max_codebook
+from turboquant.codebook import Codebook
+from turboquant.layout import CodeLayout, build_layout
 from turboquant.packing import pack_bits, packed_nbytes, unpack_bits
-from turboquant.rotation import make_rotation
 from turboquant.codebook import LAWS
 from turboquant.validation import check_choice, check_float_dtype, check_float_tensor, check_packed, check_seed
 
@@ -118,34 +118,47 @@ class TurboQuantMSE:
         if not isinstance(d, int) or isinstance(d, bool) or d < 8:
             raise ValueError(f"`d` must be an int >= 8, got {d!r}")
         whole = math.floor(self.bits)
-        if self.bits != whole:
-            if d % 16:
-                raise ValueError(f"fractional `bits`={self.bits} needs d to be a multiple of 16, got d={d}")
-            half = d // 2
-            specs = [(0, half, whole + 1), (half, d, whole)]
-        else:
-            if d % 8:
-                raise ValueError(f"`d` must be a multiple of 8 so codes pack into bytes, got d={d}")
-            specs = [(0, d, whole)]
+        if self.bits != whole and d % 16:
+            raise ValueError(f"fractional `bits`={self.bits} needs d to be a multiple of 16, got d={d}")
+        if self.bits == whole and d % 8:
+            raise ValueError(f"`d` must be a multiple of 8 so codes pack into bytes, got d={d}")
         self.d = d
         self.seed = check_seed(seed)
         self.law = check_choice(law, "law", LAWS)
-        self.rotation = make_rotation(rotation, d, seed)
+        self._init_from_group(build_layout(self.bits, d, rotation=rotation, seed=seed, law=law))
+
+    def _init_from_group(self, layout: CodeLayout) -> None:
+        """Take rotation and segments from a one-group layout (the halves / integer formats)."""
+        if layout.is_grouped:
+            raise ValueError(f"TurboQuantMSE runs one channel group; layout {layout.name!r} has "
+                             f"{len(layout.groups)} (use TurboQuantLayout)")
+        self.layout = layout
+        group = layout.groups[0]
+        self.rotation = group.rotation
         self.segments: list[tuple[int, int, int, Codebook]] = [
-            (a, b, nb, lloyd_max_codebook(nb, d, law)) for a, b, nb in specs
+            (s.start, s.stop, s.bits, s.codebook) for s in group.segments
         ]
         self._tables: dict = {}
+
+    @classmethod
+    def from_layout(cls, layout: CodeLayout, law: str = "beta", seed: int = 0) -> "TurboQuantMSE":
+        """The quantizer of a one-group layout (e.g. :func:`turboquant.layout.group_layout`)."""
+        q = cls.__new__(cls)
+        q.bits = layout.code_bits
+        q.d, q.seed, q.law = layout.d, seed, law
+        q._init_from_group(layout)
+        return q
 
     # -- sizes -------------------------------------------------------------------------------
     @property
     def code_nbytes(self) -> int:
-        """Packed code bytes per vector: d · bits / 8."""
-        return sum(packed_nbytes(b - a, nb) for a, b, nb, _ in self.segments)
+        """Packed code bytes per vector: d · bits / 8 (the layout's)."""
+        return self.layout.code_nbytes
 
     @property
     def nbytes_per_vector(self) -> int:
-        """Stored bytes per vector: codes + one float16 norm."""
-        return self.code_nbytes + NORM_DTYPE.itemsize
+        """Stored bytes per vector: codes + one float16 norm (the layout's)."""
+        return self.layout.nbytes_per_vector
 
     @property
     def distortion(self) -> float:
@@ -203,11 +216,10 @@ class TurboQuantMSE:
             raise TypeError(f"`p` must be a PackedMSE (from `pack`/`encode`), got {type(p).__name__}")
         check_packed(p.codes, "codes", torch.uint8, last=self.code_nbytes)
         check_packed(p.norms, "norms", NORM_DTYPE, lead=p.codes.shape[:-1])
-        parts, offset = [], 0
-        for a, b, nb, _ in self.segments:
-            n = packed_nbytes(b - a, nb)
-            parts.append(unpack_bits(p.codes[..., offset : offset + n], nb, b - a))
-            offset += n
+        parts = [
+            unpack_bits(p.codes[..., s.byte_start : s.byte_start + s.nbytes], s.bits, s.size)
+            for s in self.layout.segments
+        ]
         return MSEQuantized(idx=torch.cat(parts, dim=-1), norms=p.norms.to(torch.float32))
 
     def encode(self, x: torch.Tensor) -> PackedMSE:

@@ -252,6 +252,44 @@ def test_c08_attention_output_kl_mse_vs_prod_asymmetric(lm, prefill_2048, claim)
     assert rows["mse 3.5"]["next_token_kl"] < rows["mse 2.5"]["next_token_kl"], f"KL not monotone in bits: {rows}"
 
 
+@pytest.mark.claim("C08", "real KV proxy")
+def test_c08_every_recipe_with_the_verdict_on_the_paper_recipe(lm, prefill_2048, claim):
+    """Every recipe of ``turboquant.eval.recipes`` reported (measured bits, distortion, IP error,
+    bytes vs the layout's ideal); the C08 thresholds applied to the paper's own recipe (§4.3:
+    outlier channels at more bits), ``paper-3.5`` and ``paper-2.5``."""
+    from turboquant.eval.recipe_metrics import RECIPES, fill_exact_prefill, kv_errors, make_cache, measured_bits, unit_queries
+
+    tokens = prefill_2048.input_ids.shape[1]
+    d = lm.model.config.get_text_config(decoder=True).head_dim
+    queries = unit_queries(64, d, 0)
+    rows = {}
+    for r in RECIPES:
+        cache = fill_exact_prefill(make_cache(lm.model.config, r), prefill_2048)
+        err, bits = kv_errors(prefill_2048, cache, queries), measured_bits(cache)
+        pinned, ideal = cache_nbytes(cache).kv_pinned(), ideal_kv_nbytes(cache, tokens)
+        rows[r.name] = {"key_bits_measured": round(bits["key"], 4), "value_bits_measured": round(bits["value"], 4),
+                        "distortion": round((err["distortion_k"] + err["distortion_v"]) / 2, 5),
+                        "distortion_k": round(err["distortion_k"], 5), "distortion_v": round(err["distortion_v"], 5),
+                        "ip_sqerr": err["attn_ip_sqerr"], "measured_over_ideal": round(pinned / ideal - 1, 4)}
+    claim.setting(model=lm.name, seq=tokens, head_dim=d, queries=64, seed=0, recipes=[r.name for r in RECIPES],
+                  verdict_on=["paper-3.5", "paper-2.5"])
+    claim.measured(recipes=rows)
+    p35, p25 = rows["paper-3.5"], rows["paper-2.5"]
+    ratio = p25["distortion"] / p35["distortion"]
+    claim.measured(paper_error_ratio_2_5_over_3_5=round(ratio, 3))
+    claim.threshold(paper_max_distortion={"3.5": C08_MAX_DISTORTION[3.5], "2.5": C08_MAX_DISTORTION[2.5]},
+                    paper_error_ratio=[2, 6], max_measured_over_ideal=0.05)
+    for bits, row in ((3.5, p35), (2.5, p25)):
+        if row["distortion"] > rows[f"halves-{bits}"]["distortion"]:
+            claim.warn(f"paper-{bits} distortion {row['distortion']} is above halves-{bits}'s "
+                       f"{rows[f'halves-{bits}']['distortion']} on this model")
+    assert p35["distortion"] <= C08_MAX_DISTORTION[3.5], f"paper-3.5 distortion {p35['distortion']} > 0.035: {rows}"
+    assert p25["distortion"] <= C08_MAX_DISTORTION[2.5], f"paper-2.5 distortion {p25['distortion']} > 0.09: {rows}"
+    assert 2 <= ratio <= 6, f"paper 2.5/3.5 distortion ratio {ratio:.3f} outside [2, 6]"
+    for name in ("paper-3.5", "paper-2.5"):
+        assert rows[name]["measured_over_ideal"] <= 0.05, f"{name}: {rows[name]['measured_over_ideal']:.2%} over the ideal"
+
+
 # -- C11 --------------------------------------------------------------------------------------------
 @pytest.mark.claim("C11", "decode throughput")
 def test_c11_cpu_decode_throughput(lm, prefill_2048, tq_options, claim):

@@ -207,7 +207,7 @@ def test_compressed_attention_with_and_without_cpu_kernel(models, monkeypatch):
     a = compressed_attention_reference(query, layer, 0.125, None)
     import turboquant.attention as att
 
-    monkeypatch.setattr(att, "_use_c", lambda x, t: False)
+    monkeypatch.setattr(att, "_use_c", lambda x, c: False)
     b = compressed_attention_reference(query, layer, 0.125, None)
     k, v = layer.dequantized()
     ref = torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=0.125, enable_gqa=True).transpose(1, 2)

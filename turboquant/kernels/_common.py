@@ -153,15 +153,19 @@ class KernelTables:
         key = str(device)
         if key in cache:
             return cache[key]
+        layout = getattr(quantizer, "layout", None)
+        if layout is not None and layout.is_grouped:
+            raise ValueError(f"the Triton kernels run one-group layouts (halves-*, int-*); layout {layout.name!r} "
+                             f"has {len(layout.groups)} channel groups")
         rotation = getattr(quantizer, "rotation", None)
         if getattr(rotation, "kind", None) != "hadamard":
             raise ValueError(
                 f"the Triton kernels support rotation='hadamard' only, got {getattr(rotation, 'kind', rotation)!r}"
             )
-        segs = quantizer.segments
-        hi = segs[0][3].centroids
-        lo = segs[1][3].centroids if len(segs) > 1 else None
-        bnds = (segs[0][3].boundaries, segs[1][3].boundaries if len(segs) > 1 else None)
+        segs = [sg.codebook for sg in quantizer.layout.segments]
+        hi = segs[0].centroids
+        lo = segs[1].centroids if len(segs) > 1 else None
+        bnds = (segs[0].boundaries, segs[1].boundaries if len(segs) > 1 else None)
         tables = cls.build(quantizer.d, quantizer.bits, rotation.signs, hi, lo, device, boundaries=bnds)
         if tables.code_nbytes != quantizer.code_nbytes:
             raise ValueError(f"layout mismatch: kernel {tables.code_nbytes} B/vector, quantizer {quantizer.code_nbytes}")

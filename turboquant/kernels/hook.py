@@ -3,7 +3,8 @@
 ``compressed_attention(query, layer, scaling, mask)`` calls :func:`compressed_attention_cuda`
 first; it returns ``None`` (and the pure-torch reference runs) wherever the kernels do not apply:
 more than one query token (prefill / chunked prefill), an explicit attention mask (padding), QJL
-(prod) *values*, prod keys at 1 bit (no MSE part), a dense rotation, or a head dim outside
+(prod) *values*, prod keys at 1 bit (no MSE part), a dense rotation, an outlier layout (two
+channel groups, ``turboquant.layout``), or a head dim outside
 ``SUPPORTED_HEAD_DIMS``. Prod keys of 2 ... 4 bits run in the Triton kernel: the MSE part (``b-1``
 bits) from ``codec.mse``'s tables, the QJL term ``√(π/2)/d · ||r|| · (S q)·z`` from ``codec.S``.
 """
@@ -35,6 +36,8 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, attention_mask) -> 
         return None  # nothing stored yet, or prod at 1 bit (QJL only)
     if getattr(vs, "qjl", None) is not None:
         return None  # prod values: the kernels accumulate mse values only
+    if getattr(ks.codec, "grouped", False) or getattr(vs.codec, "grouped", False):
+        return None  # outlier layouts (two channel groups): the torch reference
     kq, vq = ks.codec.mse, vs.codec.mse  # TurboQuant-mse part: the quantizer itself, or prod's b-1 bits
     if getattr(kq.rotation, "kind", None) != "hadamard" or getattr(vq.rotation, "kind", None) != "hadamard":
         return None
