@@ -30,7 +30,8 @@ def _split(model, first: str, second: str):
     n = model.config.num_hidden_layers
     device_map = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": second, "lm_head": second}
     device_map.update({f"model.layers.{i}": first if i < n // 2 else second for i in range(n)})
-    return dispatch_model(model, device_map=device_map)
+    # main_device=first: with cpu as the main device accelerate keeps cpu modules resident (not offloaded)
+    return dispatch_model(model, device_map=device_map, main_device=first)
 
 
 def _generate(model, cache, ids: torch.Tensor) -> torch.Tensor:

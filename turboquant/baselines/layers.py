@@ -12,26 +12,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import BaseQuantizedLayer, Cache
+from transformers.cache_utils import Cache, DynamicLayer
 
 
-class CodecLayer(BaseQuantizedLayer):
+class CodecLayer(DynamicLayer):
     """Stored codes of keys and values (the codec's tensors, concatenated over tokens) + an exact
-    residual window."""
+    residual window. (A ``DynamicLayer`` that tracks its own length, as transformers' quantized
+    layers do; their base class is named differently across transformers 5.x.)"""
+
+    is_croppable = False
 
     def __init__(self, key_codec: Any, value_codec: Any, residual_length: int = 16) -> None:
         super().__init__()
+        self.cumulative_length = 0
         if residual_length < 0:
             raise ValueError(f"`residual_length` must be >= 0, got {residual_length}")
         self.key_codec, self.value_codec, self.residual_length = key_codec, value_codec, residual_length
         self._codes: dict[str, tuple[torch.Tensor, ...] | None] = {"k": None, "v": None}
         self.compressed_tokens = 0
 
-    def _quantize(self, tensor):  # the chunked store below replaces the one-tensor base API
-        raise NotImplementedError
-
-    def _dequantize(self, q_tensor):
-        raise NotImplementedError
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         first = not self.is_initialized
@@ -66,6 +67,7 @@ class CodecLayer(BaseQuantizedLayer):
 
     def reset(self) -> None:
         super().reset()
+        self.cumulative_length = 0
         self._codes = {"k": None, "v": None}
         self.compressed_tokens = 0
 
