@@ -144,7 +144,7 @@ def _compare_paths(device, dtype, d: int, h: int, bits: float, sizes: list[int],
 TINY = [(64, 3.5), (64, 2.5), (128, 4.0)]
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 @pytest.mark.parametrize("d,bits", TINY, ids=[f"d{d}-b{b}" for d, b in TINY])
 def test_triton_append_matches_torch_interpreted(interpreted, d, bits):
     """Prefill 21 tokens then 14 decode tokens through a 16-token window (flushes at 16 and 32):
@@ -152,7 +152,7 @@ def test_triton_append_matches_torch_interpreted(interpreted, d, bits):
     _compare_paths(interpreted, torch.float32, d, 2, bits, [21] + [1] * 14, residual=16)
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 def test_triton_append_norm_overflow_raises_like_torch(interpreted):
     cfg = tiny_config("qwen3_5_text", head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64)
     for backend in ("torch", "triton"):

@@ -17,8 +17,8 @@ from turboquant.models import tiny_model
 
 # The llama/eager case and the hand-off checks are synthetic (seconds); compiling the hybrid
 # qwen3_5_text (DeltaNet torch fallback) and inductor's C++ codegen take 10-20 s each, so they run
-# in the heavier CPU tier (`model`, < 15 min) to keep the synthetic set under its 60 s budget.
-HEAVY = pytest.mark.model
+# in the CPU integration tier to keep the synthetic set under its 60 s budget.
+HEAVY = pytest.mark.integration
 
 SHAPES = {
     "llama": dict(head_dim=64, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64),

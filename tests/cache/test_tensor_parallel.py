@@ -42,7 +42,7 @@ def _compare(tp: dict, single: dict, world: int) -> None:
     assert set(tp["3.5"]["kv_heads_held"]) == {SHAPE["num_kv_heads"] // world}, "each rank holds its own heads"
 
 
-@pytest.mark.model  # two CPU processes importing torch + transformers: the heavier CPU tier
+@pytest.mark.integration  # two CPU processes over gloo
 def test_tensor_parallel_cpu_two_ranks_equal_one_process(tmp_path):
     tiny_model("llama", seed=0, **SHAPE).save_pretrained(tmp_path / "model")
     single = _worker_result(tmp_path / "model", tmp_path / "single.json", None)

@@ -9,7 +9,7 @@ import pytest
 
 from turboquant.gpu_workers import controller_gpus, worker_gpu
 
-pytestmark = pytest.mark.synthetic
+# tier: synthetic unless marked otherwise (tests/core/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +34,7 @@ def test_bad_gpu_list_is_refused_naming_the_variable(bad):
         worker_gpu("main", ["0"])
 
 
+@pytest.mark.integration  # a real xdist run in subprocesses
 def test_each_xdist_worker_sees_its_own_gpu(pytester, monkeypatch):
     """A real ``-n 2`` run with the suite's conftest: worker gw<i> runs with CUDA_VISIBLE_DEVICES = gpus[i]."""
     pytester.makeconftest((ROOT / "conftest.py").read_text())

@@ -10,7 +10,7 @@ from turboquant.__main__ import build_parser, pytest_argv, suite_expression
 from turboquant.options import OptionError
 from turboquant.report import ClaimStore, merge_records, render_markdown, short
 
-pytestmark = pytest.mark.synthetic
+# tier: synthetic unless marked otherwise (tests/core/conftest.py)
 
 SEED_COMMAND = """verify --suite all --model_id Qwen/Qwen3.6-27B --load_model --local_files_only
   --torch_dtype bfloat16 --attn_implementation sdpa --needle_context_tokens 32768 --needle_required_bits 3.5
@@ -221,6 +221,7 @@ def test_kill_the_run_once_c90_is_flushed():
 '''
 
 
+@pytest.mark.integration  # a real xdist run in subprocesses
 def test_a_killed_xdist_run_has_flushed_each_claim_and_says_incomplete(inner, monkeypatch):
     """Under ``-n 2`` each claim is in claims.json as soon as its test ends; a run killed later
     leaves ``complete: false`` and an INCOMPLETE claims.md."""

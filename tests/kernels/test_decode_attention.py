@@ -80,7 +80,7 @@ def _check(dev, d, kb, vb, hq, hkv, n, r, b, **kw):
     torch.testing.assert_close(ref.cpu(), sd.transpose(1, 2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 @pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", TINY, ids=_ids(TINY))
 def test_decode_attention_tiny(kdev, d, kb, vb, hq, hkv, n, r, b):
     _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=32)
@@ -186,7 +186,7 @@ def test_hook_matches_cache_reference(cuda, bits):
     assert compressed_attention_cuda(torch.cat([q, q], 2), layer, 1 / 16, None) is None  # prefill: reference
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 def test_bf16_window_is_refused_under_the_interpreter(kdev):
     """Triton's interpreter gets tl.dot on bfloat16 operands wrong, so the CPU path refuses a
     bfloat16 residual window instead of returning garbage (CUDA runs it: the gpu tests)."""

@@ -117,7 +117,7 @@ def _check(dev, d, kb, vb, hq, hkv, n, r, b, case=None, **kw) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # interpreter (CPU) or compiled: no gpu marker
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.synthetic
+@pytest.mark.integration
 @pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", TINY, ids=_ids(TINY))
 def test_decode_attention_prod_tiny(kdev, d, kb, vb, hq, hkv, n, r, b):
     _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=32)
@@ -150,7 +150,7 @@ def _prod_layer(dev, d, kbits, vmode, hkv, n, r, b, seed=0) -> SimpleNamespace:
                            residual_keys=lambda: rk, residual_values=lambda: rv)
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 def test_store_prod_keys_match_cache_reference(kdev):
     """``decode_attention_store`` over the cache's real prod key store (shared ``codec.S``, the
     ``qjl``/``rnorms`` fields) equals the cache's torch attention (``_store_scores`` QJL path)."""

@@ -49,13 +49,13 @@ def _check(dev, d, bits, b=2, h=3, cap=41, length=37):
     assert out16.dtype == torch.bfloat16 and _rel(out16, ref) < 5e-3
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 @pytest.mark.parametrize("d,bits", TINY, ids=[f"d{d}-b{b}" for d, b in TINY])
 def test_dequantize_kernel_matches_reference(kdev, d, bits):
     _check(kdev, d, bits)
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 def test_dequantize_writes_only_the_first_length_rows_of_out(kdev):
     """``out`` may be the front of a bigger buffer (the window is copied after the codes)."""
     _, t, codes, norms = _store(kdev, 64, 2.5, 1, 2, 20)
@@ -66,7 +66,7 @@ def test_dequantize_writes_only_the_first_length_rows_of_out(kdev):
     assert _rel(out[:, :, :13], dequantize_reference(codes[:, :, :13], norms[:, :, :13], t)) < 1e-3
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 def test_store_and_layer_dequantize_through_the_kernel(kdev):
     """``PackedStore.dequantize`` (kernel) equals the pure-torch path on the same codes, and
     ``TurboQuantLayer.dequantized`` returns codes then window in one buffer."""

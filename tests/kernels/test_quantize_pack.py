@@ -49,7 +49,7 @@ def _run(dev: torch.device, d: int, bits: float, shape: tuple[int, ...], dtype=t
     assert float(q.decode(PackedMSE(codes=codes.cpu(), norms=norms.cpu()))[..., 0, :].abs().max()) == 0.0
 
 
-@pytest.mark.synthetic
+@pytest.mark.integration
 @pytest.mark.parametrize("d,bits", TINY, ids=[f"d{d}-b{b}" for d, b in TINY])
 def test_quantize_pack_tiny(kdev, d, bits):
     _run(kdev, d, bits, (2, 3, 5))
