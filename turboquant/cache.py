@@ -376,8 +376,9 @@ def _warn_layout_fallback(name: str, why: str) -> None:
 
 
 def _norm_range_message(start: int, stop: int, kept: int) -> str:
-    return (f"a vector norm appended at tokens [{start}, {stop}) exceeds the float16 norm storage range "
-            f"({torch.finfo(NORM_DTYPE).max:.0f}) or is not finite; the store keeps its first {kept} tokens")
+    f16 = torch.finfo(NORM_DTYPE)
+    return (f"a vector norm appended at tokens [{start}, {stop}) lies outside the float16 norm storage range "
+            f"[{f16.tiny:.3g}, {f16.max:.0f}] (or is not finite); the store keeps its first {kept} tokens")
 
 
 class PackedStore:
@@ -541,7 +542,9 @@ class PackedStore:
             # without stalling the host (a blocking check is a host sync at every append: it drains
             # the launch queue 2x a full-attention layer a prefill chunk) and read by check_norms()
             # once it has landed: at the latest at the next update/append/read of this store.
-            ok = torch.isfinite(norms).all()
+            # also refused, like the torch path: a stored float16 subnormal norm (0 < n < 6.1e-5); a norm
+            # that underflowed to an exact 0 cannot be told from a zero vector here
+            ok = torch.isfinite(norms).all() & ~((norms > 0) & (norms < torch.finfo(NORM_DTYPE).tiny)).any()
             start, self.length = self.length, need
             self.kernel_appends += 1
             if x.is_cuda and self.defer_norm_check:

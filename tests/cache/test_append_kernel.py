@@ -163,6 +163,9 @@ def test_triton_append_norm_overflow_raises_like_torch(interpreted):
         with pytest.raises(ValueError, match="float16"):
             layer.append(k * 1e5, k)
         assert layer.key_store.length == 3, f"{backend}: a failed append must not commit tokens"
+        with pytest.raises(ValueError, match="float16"):  # norms ~1e-6: float16 subnormals or zeros
+            layer.append(k * 1e-7, k)
+        assert layer.key_store.length == layer.value_store.length == 3, f"{backend}: tiny norms committed"
 
 
 # ------------------------------------------------------------------------------------------------
