@@ -21,7 +21,6 @@ same deterministic numbers)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -39,6 +38,7 @@ from turboquant.eval.quality import (
     needle_run,
     paired_scores,
     qa_run,
+    save_result,
     teacher_forced_kl,
 )
 from turboquant.eval.recipes import FULL, RECIPES, available, get_recipe, verdict_recipe
@@ -136,14 +136,7 @@ def main(argv: list[str] | None = None, lm=None) -> dict:
         "n_needles": needles["n_trials"], "n_qa": len(data), "recipes": rows, "skipped": skipped,
         "needle_cells": needles["cells"],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    from turboquant.eval.plots import draw_needle_heatmap, draw_quality_vs_bits
-
-    stem = out.with_suffix("")
-    draw_needle_heatmap(needles["cells"], Path(f"{stem}_needle_heatmap.png"),
-                        f"Needle in a haystack per recipe ({result['meta']['device']})")
-    draw_quality_vs_bits(result, Path(f"{stem}_vs_bits.png"))
+    save_result(result, out)
     print(f"wrote {out} ({result['meta']['seconds']} s)")
     return result
 

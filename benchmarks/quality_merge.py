@@ -52,16 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("parts", nargs="+")
     args = ap.parse_args(argv)
     result = merge([json.loads(Path(p).read_text()) for p in args.parts])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    from turboquant.eval.plots import draw_needle_heatmap, draw_quality_vs_bits
+    from turboquant.eval.quality import save_result
 
-    stem = out.with_suffix("")
-    draw_needle_heatmap(result["needle_cells"], Path(f"{stem}_needle_heatmap.png"),
-                        f"Needle in a haystack per recipe ({result['meta']['device']})")
-    draw_quality_vs_bits(result, Path(f"{stem}_vs_bits.png"))
-    print(f"wrote {out}: {len(result['recipes'])} recipes from {len(args.parts)} parts")
+    save_result(result, Path(args.out))
+    print(f"wrote {args.out}: {len(result['recipes'])} recipes from {len(args.parts)} parts")
     return result
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,3 +160,19 @@ def measured_bits(model: Any, prompt: Sequence[int], names: Sequence[str]) -> di
     prefilled = _kv_layers(base)
     factory = recipe_cache_factory(model)
     return {n: kv_bits(transplant(prefilled, factory(n)))["bits_per_coordinate"] for n in names}
+
+
+def save_result(result: dict, out: str | Path) -> None:
+    """Write a quality result (``benchmarks/quality.py``'s JSON) and its two plots beside it:
+    ``<stem>_needle_heatmap.png`` (one panel a recipe) and ``<stem>_vs_bits.png``."""
+    import json
+
+    from turboquant.eval.plots import draw_needle_heatmap, draw_quality_vs_bits
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    stem = out.with_suffix("")
+    draw_needle_heatmap(result["needle_cells"], Path(f"{stem}_needle_heatmap.png"),
+                        f"Needle in a haystack per recipe ({result['meta']['device']})")
+    draw_quality_vs_bits(result, Path(f"{stem}_vs_bits.png"))
