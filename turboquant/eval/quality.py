@@ -173,6 +173,7 @@ def save_result(result: dict, out: str | Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     stem = out.with_suffix("")
-    draw_needle_heatmap(result["needle_cells"], Path(f"{stem}_needle_heatmap.png"),
-                        f"Needle in a haystack per recipe ({result['meta']['device']})")
+    if result.get("needle_cells"):  # files written before the cells were kept have none
+        draw_needle_heatmap(result["needle_cells"], Path(f"{stem}_needle_heatmap.png"),
+                            f"Needle in a haystack per recipe ({result['meta']['device']})")
     draw_quality_vs_bits(result, Path(f"{stem}_vs_bits.png"))
