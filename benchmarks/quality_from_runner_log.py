@@ -56,6 +56,17 @@ def summarize(scores: dict[str, dict[tuple, float]]) -> dict:
     return rows
 
 
+def cells(scores: dict[str, dict[tuple, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{setting: {length: {depth: accuracy}}}`` over the cases each setting reached (heatmap)."""
+    out: dict = {}
+    for name, cases in scores.items():
+        acc: dict = {}
+        for (length, depth, _), score in cases.items():
+            acc.setdefault(str(length), {}).setdefault(str(depth), []).append(score)
+        out[name] = {L: {dp: round(sum(v) / len(v), 4) for dp, v in ds.items()} for L, ds in acc.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -73,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"meta": {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "source": [str(p) for p in args.logs],
                        "rule": f"binary exact interval, margin {NEEDLE_MARGIN}", **json.loads(args.meta)},
               "n_needles_full": len(merged.get("full", {})), "recipes": summarize(merged)}
+    result["needle_cells"] = cells(merged)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    from turboquant.eval.plots import draw_needle_heatmap
+
+    draw_needle_heatmap(result["needle_cells"], Path(args.out).with_suffix("").with_name(
+        Path(args.out).stem + "_needle_heatmap.png"), "Needle in a haystack per recipe (from the runner's lines)")
     return result
 
 
