@@ -16,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from turboquant.eval import squad_qa
 from turboquant.eval.longbench import build_prompt_ids, evaluate, load_longbench_e
@@ -162,17 +161,7 @@ def test_qa_claim_cpu(claim, lc_lm: SimpleNamespace, tq_options: SimpleNamespace
 
 @pytest.mark.gpu
 @pytest.mark.claim("C10", "long-context QA: TurboQuant 3.5-bit within 1 point of full precision (official metric)")
-def test_qa_claim_gpu(claim, tq_options: SimpleNamespace) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (run with -m gpu on a GPU machine)")
-    from turboquant.models import ModelNotAvailable, load_model
-
-    try:
-        lm = load_model(tq_options.model_id, torch_dtype=tq_options.torch_dtype,
-                        attn_implementation=tq_options.attn_implementation,
-                        local_files_only=tq_options.local_files_only, device="cuda")
-    except ModelNotAvailable as exc:
-        pytest.skip(str(exc))
-    _qa_claim(claim, lm, tq_options, "gpu", GPU_RECIPES)
+def test_qa_claim_gpu(claim, cuda_lm, tq_options: SimpleNamespace) -> None:
+    _qa_claim(claim, cuda_lm, tq_options, "gpu", GPU_RECIPES)
 
 

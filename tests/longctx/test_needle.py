@@ -15,7 +15,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from turboquant.eval.needle import (
     NEEDLE,
@@ -184,18 +183,8 @@ def test_needle_grid_cpu(claim, lc_lm: SimpleNamespace, tq_options: SimpleNamesp
 
 @pytest.mark.gpu
 @pytest.mark.claim("C09", "needle in a haystack: TurboQuant 3.5-bit matches full precision over a grid")
-def test_needle_grid_gpu(claim, tq_options: SimpleNamespace) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (run with -m gpu on a GPU machine)")
-    from turboquant.models import ModelNotAvailable, load_model
-
-    try:
-        lm = load_model(tq_options.model_id, torch_dtype=tq_options.torch_dtype,
-                        attn_implementation=tq_options.attn_implementation,
-                        local_files_only=tq_options.local_files_only, device="cuda")
-    except ModelNotAvailable as exc:
-        pytest.skip(str(exc))
-    _needle_claim(claim, lm, tq_options, grid_from_options(tq_options, GPU_GRID), "gpu", GPU_RECIPES)
+def test_needle_grid_gpu(claim, cuda_lm, tq_options: SimpleNamespace) -> None:
+    _needle_claim(claim, cuda_lm, tq_options, grid_from_options(tq_options, GPU_GRID), "gpu", GPU_RECIPES)
 
 
 @pytest.mark.model
