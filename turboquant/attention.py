@@ -557,6 +557,9 @@ def turboquant_attention_forward(
         raise ValueError("the 'turboquant' attention supports plain full attention only (no softcap / sliding window)")
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
+    attend = getattr(layer, "attend", None)
+    if attend is not None:  # a layer that scores its own storage (turboquant.static_cache)
+        return attend(query, scaling, attention_mask), None
     return compressed_attention(query, layer, scaling, attention_mask), None
 
 
