@@ -244,6 +244,15 @@ class StaticTurboQuantLayer(CacheLayerMixin):
             return self._rk, self._rv
         return self.dequantized()
 
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write keys/values ``[B, H, T, D]`` through the normal path without preparing an
+        attention call (``update`` minus its return value), e.g. to fill a cache with synthetic
+        history."""
+        self._check(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._write(key_states, value_states, self._tokens == 0)
+
     def _write(self, k: torch.Tensor, v: torch.Tensor, first: bool) -> torch.Tensor:
         """Encode both tensors (may raise: nothing written yet), then write codes, ring and length.
         Returns the absolute positions ``[T]`` of the new tokens (device)."""
