@@ -519,4 +519,4 @@ class StaticTurboQuantCache(TurboQuantCache):
         return report
 
 
-__all__ = ["StaticStore", "StaticTurboQuantLayer", "StaticTurboQuantCache"]
+__all__ = ["StaticStore", "StaticTurboQuantCache", "StaticTurboQuantLayer"]

@@ -21,11 +21,11 @@ from turboquant.static_cache import StaticTurboQuantCache, StaticTurboQuantLayer
 pytestmark = pytest.mark.synthetic
 
 SHAPES = {
-    "llama": dict(head_dim=64, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64),
-    "qwen3_5_text": dict(head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64),
+    "llama": {"head_dim": 64, "num_layers": 2, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
+    "qwen3_5_text": {"head_dim": 64, "num_layers": 4, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
 }
-RECIPES = {"halves-3.5": dict(key_bits=3.5, value_bits=3.5),
-           "paper-3.5": dict(key_layout="paper-3.5", value_layout="paper-3.5")}
+RECIPES = {"halves-3.5": {"key_bits": 3.5, "value_bits": 3.5},
+           "paper-3.5": {"key_layout": "paper-3.5", "value_layout": "paper-3.5"}}
 BATCH, PROMPT, NEW, WINDOW, MAX_LEN = 2, 20, 28, 16, 64  # 20 + 28 tokens: the window flushes at 32
 LOGIT_TOL = 1e-5  # float32; the static softmax sums over masked slots too (summation order only)
 
@@ -201,9 +201,9 @@ def test_wrong_batch_size_is_refused_before_writing(models):
     _assert_unchanged(cache, before)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(max_cache_len=0), "max_cache_len"),
-                                      (dict(max_cache_len=8, max_batch_size=0), "max_batch_size"),
-                                      (dict(max_cache_len=8.0), "max_cache_len")])
+@pytest.mark.parametrize("kw,match", [({"max_cache_len": 0}, "max_cache_len"),
+                                      ({"max_cache_len": 8, "max_batch_size": 0}, "max_batch_size"),
+                                      ({"max_cache_len": 8.0}, "max_cache_len")])
 def test_bad_sizes_are_named(models, kw, match):
     with pytest.raises(ValueError, match=match):
         StaticTurboQuantCache(models["llama"].config, **kw)

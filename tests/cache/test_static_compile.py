@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import turboquant.attention as attention
+from turboquant import attention
 from turboquant.cache import TurboQuantCache, turboquant_attention
 from turboquant.models import tiny_model
 from turboquant.static_cache import StaticTurboQuantCache, StaticTurboQuantLayer
@@ -20,12 +20,12 @@ from turboquant.static_cache import StaticTurboQuantCache, StaticTurboQuantLayer
 HEAVY = pytest.mark.integration  # inductor's C++ codegen and the hybrid model: 10-20 s each
 
 SHAPES = {
-    "llama": dict(head_dim=64, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64),
-    "qwen3_5_text": dict(head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64),
+    "llama": {"head_dim": 64, "num_layers": 2, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
+    "qwen3_5_text": {"head_dim": 64, "num_layers": 4, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
 }
 PREFILL, STEPS, MAX_LEN = 24, 12, 48  # 24 + 12 tokens: the 16-token window flushes at 32
 TOL = 1e-5
-CACHE = dict(key_bits=3.5, value_bits=3.5, residual_length=16)
+CACHE = {"key_bits": 3.5, "value_bits": 3.5, "residual_length": 16}
 CACHES = {
     "dynamic": lambda cfg: TurboQuantCache(cfg, **CACHE),
     "static": lambda cfg: StaticTurboQuantCache(cfg, MAX_LEN, max_batch_size=2, **CACHE),
