@@ -119,14 +119,23 @@ def quantize_pack(
     out_codes: torch.Tensor | None = None,
     out_norms: torch.Tensor | None = None,
     check_range: bool = True,
+    outliers: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize and pack ``x`` [..., d] (at most 3 leading dims, e.g. ``[B, H_kv, T, d]``).
+
+    ``tables`` from ``KernelTables.from_layout``: halves layouts run this kernel; outlier layouts
+    (code-space tables) run :func:`turboquant.kernels.codespace.quantize_pack_codespace` (``x``
+    [B, H, T, d], ``outliers`` [H, n_out], norms [B, H, T, groups]).
 
     Writes into ``out_codes`` uint8 [..., code_nbytes] / ``out_norms`` float16 [...] when given
     (e.g. ``store.codes[:, :, L:L+T]``: any strides, last dim contiguous), else allocates them.
     ``check_range`` raises like the core quantizer when a norm exceeds float16 (one host sync;
     pass False on the decode hot path). Returns ``(codes, norms)``.
     """
+    if not isinstance(tables, KernelTables):
+        from turboquant.kernels.codespace import quantize_pack_codespace
+
+        return quantize_pack_codespace(x, tables, outliers, out_codes, out_norms, check_range)
     if not HAS_TRITON:
         raise RuntimeError("quantize_pack needs Triton (pip install triton); use quantize_pack_reference")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
