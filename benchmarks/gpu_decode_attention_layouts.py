@@ -44,20 +44,29 @@ LAYOUTS = {  # name -> (key spec, value spec, key mode)
     "K4/V3": ("int-4", "int-3", "mse"),
     "prod-3.5": ("halves-3.5", "halves-3.5", "prod"),
 }
-ENCODE_CHUNK = 16384  # tokens a quantize_pack call (bounded float32 temporaries for outlier layouts)
+ENCODE_CHUNK = (
+    16384  # tokens a quantize_pack call (bounded float32 temporaries for outlier layouts)
+)
 
 
 def _encode(tables, x: torch.Tensor, outliers):
     """Codes + norms of ``x`` [B, H, N, d] by the kernels, ``ENCODE_CHUNK`` tokens at a time."""
     from turboquant.kernels import CodeSpaceTables, quantize_pack
 
-    B, H, N, d = x.shape
+    B, H, N, _ = x.shape
     grouped = isinstance(tables, CodeSpaceTables) and tables.grouped
     codes = torch.empty(B, H, N, tables.code_nbytes, dtype=torch.uint8, device=x.device)
-    norms = torch.empty(B, H, N, *((tables.num_norms,) if grouped else ()), dtype=torch.float16, device=x.device)
+    norms = torch.empty(
+        B, H, N, *((tables.num_norms,) if grouped else ()), dtype=torch.float16, device=x.device
+    )
     for s in range(0, N, ENCODE_CHUNK):
-        quantize_pack(x[:, :, s : s + ENCODE_CHUNK], tables, out_codes=codes[:, :, s : s + ENCODE_CHUNK],
-                      out_norms=norms[:, :, s : s + ENCODE_CHUNK], outliers=outliers)
+        quantize_pack(
+            x[:, :, s : s + ENCODE_CHUNK],
+            tables,
+            out_codes=codes[:, :, s : s + ENCODE_CHUNK],
+            out_norms=norms[:, :, s : s + ENCODE_CHUNK],
+            outliers=outliers,
+        )
     return codes, norms
 
 
@@ -75,7 +84,9 @@ def _layout_set(name, x_k, x_v, dev, d):
     vo = select_outliers(x_v, vl.n_out) if vl.is_grouped else None
     kj = None
     if mode == "prod":
-        from gpu_decode_attention import _encode_prod  # the prod-key encoder of the halves benchmark
+        from gpu_decode_attention import (
+            _encode_prod,  # the prod-key encoder of the halves benchmark
+        )
 
         kq = TurboQuantProd(d, float(kspec.split("-")[1]), seed=11)
         kt = KernelTables.from_quantizer(kq.mse, dev)
@@ -85,18 +96,61 @@ def _layout_set(name, x_k, x_v, dev, d):
     vc, vn = _encode(vt, x_v, vo)
 
     def per_token(t, codes):
-        return codes.shape[-1] + 2 * (t.num_norms if isinstance(t, CodeSpaceTables) and t.grouped else 1)
+        return codes.shape[-1] + 2 * (
+            t.num_norms if isinstance(t, CodeSpaceTables) and t.grouped else 1
+        )
 
     kbytes = per_token(kt, kc) + (d // 8 + 2 if kj is not None else 0)
-    return dict(kc=kc, kn=kn, vc=vc, vn=vn, kt=kt, vt=vt, ko=ko, vo=vo, kj=kj,
-                bytes_per_token_head=kbytes + per_token(vt, vc), kl=kl, vl=vl)
+    return {
+        "kc": kc,
+        "kn": kn,
+        "vc": vc,
+        "vn": vn,
+        "kt": kt,
+        "vt": vt,
+        "ko": ko,
+        "vo": vo,
+        "kj": kj,
+        "bytes_per_token_head": kbytes + per_token(vt, vc),
+        "kl": kl,
+        "vl": vl,
+    }
 
 
 def _call(s, q, N, scaling, rk, rv, **kw):
     from turboquant.kernels import decode_attention
 
-    return lambda: decode_attention(q, s["kc"], s["kn"], s["vc"], s["vn"], N, s["kt"], s["vt"], scaling, rk, rv,
-                                    k_qjl=s["kj"], k_outliers=s["ko"], v_outliers=s["vo"], **kw)
+    return lambda: decode_attention(
+        q,
+        s["kc"],
+        s["kn"],
+        s["vc"],
+        s["vn"],
+        N,
+        s["kt"],
+        s["vt"],
+        scaling,
+        rk,
+        rv,
+        k_qjl=s["kj"],
+        k_outliers=s["ko"],
+        v_outliers=s["vo"],
+        **kw,
+    )
+
+
+def _sdpa_calls(q, kv, scaling):
+    """``i -> call`` of bf16 SDPA over buffer set ``i`` (the baseline)."""
+    return lambda i: (
+        lambda: F.scaled_dot_product_attention(
+            q[i], kv[i][0], kv[i][1], scale=scaling, enable_gqa=True
+        )
+    )
+
+
+def _tq_calls(sets, q, N, scaling, rk, rv):
+    """``i -> call`` of decode_attention over packed set ``i`` (queries cycled)."""
+    return lambda i: _call(sets[i], q[i % len(q)], N, scaling, rk, rv)
 
 
 def _error(out, s, q, N, scaling, rk, rv) -> tuple[float, float]:
@@ -108,7 +162,9 @@ def _error(out, s, q, N, scaling, rk, rv) -> tuple[float, float]:
         k = k + s["kj"].dequantize(N)
     v = dequantize(s["vc"], s["vn"], N, s["vt"], torch.float32, outliers=s["vo"])
     k, v = torch.cat([k, rk.float()], 2), torch.cat([v, rv.float()], 2)
-    ref = F.scaled_dot_product_attention(q.float(), k, v, scale=scaling, enable_gqa=True).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q.float(), k, v, scale=scaling, enable_gqa=True).transpose(
+        1, 2
+    )
     diff = out.float() - ref
     return float(diff.abs().max()), float(diff.norm() / ref.norm())
 
@@ -138,7 +194,9 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="graph working set to exceed L2")
-    ap.add_argument("--host-overhead", action="store_true", help="also time the host side of one eager call")
+    ap.add_argument(
+        "--host-overhead", action="store_true", help="also time the host side of one eager call"
+    )
     args = ap.parse_args()
 
     import triton
@@ -153,11 +211,19 @@ def main() -> None:
     scaling = 1.0 / math.sqrt(d)
     layouts = args.layouts.split(",")
     meta = {
-        "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "shape": {"hq": hq, "hkv": hkv, "d": d, "residual": R}, "seed": 0,
-        "layouts": {n: {"key": LAYOUTS[n][0], "value": LAYOUTS[n][1], "key_mode": LAYOUTS[n][2]} for n in layouts},
+        "shape": {"hq": hq, "hkv": hkv, "d": d, "residual": R},
+        "seed": 0,
+        "layouts": {
+            n: {"key": LAYOUTS[n][0], "value": LAYOUTS[n][1], "key_mode": LAYOUTS[n][2]}
+            for n in layouts
+        },
         "timing": "median; graph = CUDA graph over rotating buffer sets (> L2), eager = do_bench (L2 flushed)",
     }
     print(json.dumps(meta), flush=True)
@@ -167,16 +233,23 @@ def main() -> None:
         for N in [int(x) for x in args.contexts.split(",")]:
             kv_bytes = B * hkv * (N + R) * d * 2 * 2
             n_sets = max(1, min(32, math.ceil(args.l2_bytes / kv_bytes)))
-            q = [torch.randn(B, hq, 1, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(n_sets)]
-            kv = [(torch.randn(B, hkv, N + R, d, device=dev, dtype=torch.bfloat16, generator=gen),
-                   torch.randn(B, hkv, N + R, d, device=dev, dtype=torch.bfloat16, generator=gen))
-                  for _ in range(n_sets)]
-            t_sdpa_g = graph_time_ms(lambda i: (lambda: F.scaled_dot_product_attention(
-                q[i], kv[i][0], kv[i][1], scale=scaling, enable_gqa=True)), n_sets)
-            t_sdpa_e = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(
-                q[0], kv[0][0], kv[0][1], scale=scaling, enable_gqa=True), warmup=25, rep=100, return_mode="median")
+            q = [
+                torch.randn(B, hq, 1, d, device=dev, dtype=torch.bfloat16, generator=gen)
+                for _ in range(n_sets)
+            ]
+            kv = [
+                (
+                    torch.randn(B, hkv, N + R, d, device=dev, dtype=torch.bfloat16, generator=gen),
+                    torch.randn(B, hkv, N + R, d, device=dev, dtype=torch.bfloat16, generator=gen),
+                )
+                for _ in range(n_sets)
+            ]
+            t_sdpa_g = graph_time_ms(_sdpa_calls(q, kv, scaling), n_sets)
+            t_sdpa_e = triton.testing.do_bench(
+                _sdpa_calls(q, kv, scaling)(0), warmup=25, rep=100, return_mode="median"
+            )
             k0, v0 = kv[0]
-            del kv
+            kv.clear()
             torch.cuda.empty_cache()
             rk, rv = k0[:, :, N:].contiguous(), v0[:, :, N:].contiguous()
             for name in layouts:
@@ -184,54 +257,92 @@ def main() -> None:
                 first = _layout_set(name, k0[:, :, :N], v0[:, :, :N], dev, d)
                 packed = B * hkv * N * first["bytes_per_token_head"]
                 n_tq = max(1, min(32, math.ceil(args.l2_bytes / packed)))
-                sets = [first] + [_layout_set(name, torch.randn_like(k0[:, :, :N]), torch.randn_like(v0[:, :, :N]),
-                                              dev, d) for _ in range(n_tq - 1)]
+                sets = [first] + [
+                    _layout_set(
+                        name, torch.randn_like(k0[:, :, :N]), torch.randn_like(v0[:, :, :N]), dev, d
+                    )
+                    for _ in range(n_tq - 1)
+                ]
                 out = _call(first, q[0], N, scaling, rk, rv)()
-                err = _error(out, first, q[0], N, scaling, rk, rv) if B * N <= 262144 else (None, None)
-                t_g = graph_time_ms(lambda i: _call(sets[i], q[i % n_sets], N, scaling, rk, rv), n_tq)
-                t_e = triton.testing.do_bench(_call(first, q[0], N, scaling, rk, rv), warmup=25, rep=100,
-                                              return_mode="median")
+                err = (
+                    _error(out, first, q[0], N, scaling, rk, rv)
+                    if B * N <= 262144
+                    else (None, None)
+                )
+                t_g = graph_time_ms(_tq_calls(sets, q, N, scaling, rk, rv), n_tq)
+                t_e = triton.testing.do_bench(
+                    _call(first, q[0], N, scaling, rk, rv), warmup=25, rep=100, return_mode="median"
+                )
                 tq_bytes = packed + 2 * B * hkv * R * d * 2
                 row = {
-                    "layout": name, "key_layout": first["kl"].name, "value_layout": first["vl"].name,
-                    "key_mode": LAYOUTS[name][2], "batch": B, "context": N,
-                    "bits_per_coord_k": first["kl"].bits_per_coordinate, "bits_per_coord_v": first["vl"].bits_per_coordinate,
-                    "sdpa_graph_ms": t_sdpa_g, "sdpa_eager_ms": t_sdpa_e, "tq_graph_ms": t_g, "tq_eager_ms": t_e,
-                    "speedup_graph": t_sdpa_g / t_g, "speedup_eager": t_sdpa_e / t_e,
-                    "sdpa_bytes": kv_bytes, "tq_bytes": tq_bytes,
-                    "sdpa_TBps_graph": kv_bytes / t_sdpa_g / 1e9, "tq_TBps_graph": tq_bytes / t_g / 1e9,
-                    "max_abs_err_vs_dequant": err[0], "rel_err_vs_dequant": err[1],
+                    "layout": name,
+                    "key_layout": first["kl"].name,
+                    "value_layout": first["vl"].name,
+                    "key_mode": LAYOUTS[name][2],
+                    "batch": B,
+                    "context": N,
+                    "bits_per_coord_k": first["kl"].bits_per_coordinate,
+                    "bits_per_coord_v": first["vl"].bits_per_coordinate,
+                    "sdpa_graph_ms": t_sdpa_g,
+                    "sdpa_eager_ms": t_sdpa_e,
+                    "tq_graph_ms": t_g,
+                    "tq_eager_ms": t_e,
+                    "speedup_graph": t_sdpa_g / t_g,
+                    "speedup_eager": t_sdpa_e / t_e,
+                    "sdpa_bytes": kv_bytes,
+                    "tq_bytes": tq_bytes,
+                    "sdpa_TBps_graph": kv_bytes / t_sdpa_g / 1e9,
+                    "tq_TBps_graph": tq_bytes / t_g / 1e9,
+                    "max_abs_err_vs_dequant": err[0],
+                    "rel_err_vs_dequant": err[1],
                     "setup_s": time.time() - t0,
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                if args.host_overhead and B == 1 and N == min(int(x) for x in args.contexts.split(",")):
+                if (
+                    args.host_overhead
+                    and B == 1
+                    and N == min(int(x) for x in args.contexts.split(","))
+                ):
                     ws = DecodeWorkspace()
                     ln = torch.tensor([N], dtype=torch.int32, device=dev)
-                    kw = dict(max_length=N, workspace=ws)
-                    h = {"layout": name, "batch": B, "context": N,
-                         "host_us_int_length": _host_us(_call(first, q[0], N, scaling, rk, rv)),
-                         "host_us_device_length_workspace": _host_us(_call(first, q[0], ln, scaling, rk, rv, **kw)),
-                         "target_us": 30.0}
+                    kw = {"max_length": N, "workspace": ws}
+                    h = {
+                        "layout": name,
+                        "batch": B,
+                        "context": N,
+                        "host_us_int_length": _host_us(_call(first, q[0], N, scaling, rk, rv)),
+                        "host_us_device_length_workspace": _host_us(
+                            _call(first, q[0], ln, scaling, rk, rv, **kw)
+                        ),
+                        "target_us": 30.0,
+                    }
                     print(json.dumps(h), flush=True)
                     host_rows.append(h)
-                del sets, first
+                sets.clear()
+                first = None
                 torch.cuda.empty_cache()
-            del q, k0, v0, rk, rv
+            q.clear()
             torch.cuda.empty_cache()
     _report(args, meta, rows, host_rows)
 
 
 def _report(args, meta, rows, host_rows) -> None:
-    print("\n| batch | context | layout | SDPA ms (graph) | TQ ms (graph) | speedup | TQ TB/s | TQ ms (eager) | rel err |")
+    print(
+        "\n| batch | context | layout | SDPA ms (graph) | TQ ms (graph) | speedup | TQ TB/s | TQ ms (eager) | rel err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{r['rel_err_vs_dequant']:.1e}" if r["rel_err_vs_dequant"] is not None else "-"
-        print(f"| {r['batch']} | {r['context']} | {r['layout']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
-              f"{r['speedup_graph']:.2f}x | {r['tq_TBps_graph']:.2f} | {r['tq_eager_ms']:.4f} | {rel} |")
+        print(
+            f"| {r['batch']} | {r['context']} | {r['layout']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
+            f"{r['speedup_graph']:.2f}x | {r['tq_TBps_graph']:.2f} | {r['tq_eager_ms']:.4f} | {rel} |"
+        )
     for h in host_rows:
-        print(f"host {h['layout']}: {h['host_us_int_length']:.1f} us (int length), "
-              f"{h['host_us_device_length_workspace']:.1f} us (device length + workspace); target <= 30 us")
+        print(
+            f"host {h['layout']}: {h['host_us_int_length']:.1f} us (int length), "
+            f"{h['host_us_device_length_workspace']:.1f} us (device length + workspace); target <= 30 us"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows, "host_overhead": host_rows}, f, indent=1)

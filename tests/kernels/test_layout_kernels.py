@@ -27,7 +27,13 @@ CASES = [
     (128, "paper-2.5", "halves-3.5", 2, 2, 33, 0, 1),
     (256, "paper-3.5", "outliers-32-4-2", 2, 1, 21, 4, 1),
 ]
-QUANT = [(64, "paper-3.5"), (64, "paper-2.5"), (128, "paper-3.5"), (128, "outliers-32-4-2"), (256, "paper-2.5")]
+QUANT = [
+    (64, "paper-3.5"),
+    (64, "paper-2.5"),
+    (128, "paper-3.5"),
+    (128, "outliers-32-4-2"),
+    (256, "paper-2.5"),
+]
 GPU_CASES = [
     (256, "paper-3.5", "paper-3.5", 24, 4, 4097, 128, 1),
     (256, "paper-2.5", "paper-2.5", 24, 4, 1000, 37, 3),
@@ -75,8 +81,19 @@ def _case(dev, d, kl, vl, hq, hkv, n, r, b, dtype=torch.float32):
     q = (torch.randn(b, hq, 1, d, generator=gen) * 2).to(device=dev, dtype=dtype)
     rk = torch.randn(b, hkv, r, d, generator=gen).to(device=dev, dtype=dtype) if r else None
     rv = torch.randn(b, hkv, r, d, generator=gen).to(device=dev, dtype=dtype) if r else None
-    return dict(query=q, k_codes=kc, k_norms=kn, v_codes=vc, v_norms=vn, k_tables=kt, v_tables=vt,
-                residual_k=rk, residual_v=rv, k_outliers=ko, v_outliers=vo)
+    return {
+        "query": q,
+        "k_codes": kc,
+        "k_norms": kn,
+        "v_codes": vc,
+        "v_norms": vn,
+        "k_tables": kt,
+        "v_tables": vt,
+        "residual_k": rk,
+        "residual_v": rv,
+        "k_outliers": ko,
+        "v_outliers": vo,
+    }
 
 
 def _reference(c, length):
@@ -84,17 +101,41 @@ def _reference(c, length):
     from turboquant.kernels.codespace import as_codespace
 
     return decode_attention_codespace_reference(
-        c["query"], c["k_codes"], c["k_norms"], c["v_codes"], c["v_norms"], length,
-        as_codespace(c["k_tables"]), as_codespace(c["v_tables"]), c["query"].shape[-1] ** -0.5,
-        c["residual_k"], c["residual_v"], c["k_outliers"], c["v_outliers"])
+        c["query"],
+        c["k_codes"],
+        c["k_norms"],
+        c["v_codes"],
+        c["v_norms"],
+        length,
+        as_codespace(c["k_tables"]),
+        as_codespace(c["v_tables"]),
+        c["query"].shape[-1] ** -0.5,
+        c["residual_k"],
+        c["residual_v"],
+        c["k_outliers"],
+        c["v_outliers"],
+    )
 
 
 def _kernel(c, length, **kw):
     from turboquant.kernels import decode_attention
 
-    return decode_attention(c["query"], c["k_codes"], c["k_norms"], c["v_codes"], c["v_norms"], length,
-                            c["k_tables"], c["v_tables"], c["query"].shape[-1] ** -0.5, c["residual_k"],
-                            c["residual_v"], k_outliers=c["k_outliers"], v_outliers=c["v_outliers"], **kw)
+    return decode_attention(
+        c["query"],
+        c["k_codes"],
+        c["k_norms"],
+        c["v_codes"],
+        c["v_norms"],
+        length,
+        c["k_tables"],
+        c["v_tables"],
+        c["query"].shape[-1] ** -0.5,
+        c["residual_k"],
+        c["residual_v"],
+        k_outliers=c["k_outliers"],
+        v_outliers=c["v_outliers"],
+        **kw,
+    )
 
 
 def _assert_attention_close(out, ref, atol=2e-3, rtol=1e-2, rel=2e-3):
@@ -108,7 +149,9 @@ def _assert_attention_close(out, ref, atol=2e-3, rtol=1e-2, rel=2e-3):
 # tables from the layout object
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.synthetic
-@pytest.mark.parametrize("spec", ["halves-3.5", "halves-2.5", "halves-1.5", "int-4", "int-3", "int-2"])
+@pytest.mark.parametrize(
+    "spec", ["halves-3.5", "halves-2.5", "halves-1.5", "int-4", "int-3", "int-2"]
+)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_halves_tables_from_layout_equal_the_bits_derivation(spec, d):
     """``KernelTables.from_layout`` reads segments, offsets and codebooks from the layout and lands
@@ -119,9 +162,14 @@ def test_halves_tables_from_layout_equal_the_bits_derivation(spec, d):
     t = KernelTables.from_layout(layout)
     segs = layout.segments
     books = [s.codebook for s in segs]
-    old = KernelTables.build(d, layout.code_bits, layout.groups[0].rotation.signs, books[0].centroids,
-                             books[-1].centroids if len(segs) > 1 else None,
-                             boundaries=(books[0].boundaries, books[-1].boundaries if len(segs) > 1 else None))
+    old = KernelTables.build(
+        d,
+        layout.code_bits,
+        layout.groups[0].rotation.signs,
+        books[0].centroids,
+        books[-1].centroids if len(segs) > 1 else None,
+        boundaries=(books[0].boundaries, books[-1].boundaries if len(segs) > 1 else None),
+    )
     assert t.seg == old.seg and t.code_nbytes == old.code_nbytes == layout.code_nbytes
     for f in ("signs", "boundaries", "centroids", "lut32", "rot"):
         assert torch.equal(getattr(t, f), getattr(old, f)), f
@@ -137,13 +185,19 @@ def test_outlier_layout_tables_follow_the_layout(spec):
 
     layout = build_layout(spec, 128, seed=1)
     t = KernelTables.from_layout(layout)
-    assert isinstance(t, CodeSpaceTables) and t.code_nbytes == layout.code_nbytes and t.num_norms == 2
+    assert (
+        isinstance(t, CodeSpaceTables) and t.code_nbytes == layout.code_nbytes and t.num_norms == 2
+    )
     ncol = 128 // 8
     off, stride, bits = t.meta[:ncol], t.meta[ncol : 2 * ncol], t.meta[2 * ncol : 3 * ncol]
     slot = t.meta[3 * ncol + 128 :]
     for s in layout.segments:
         k = s.start // 8
-        assert int(off[k]) == s.byte_start and int(stride[k]) == s.plane_nbytes and int(bits[k]) == s.bits
+        assert (
+            int(off[k]) == s.byte_start
+            and int(stride[k]) == s.plane_nbytes
+            and int(bits[k]) == s.bits
+        )
     g0 = layout.groups[0]
     assert slot[: g0.size].eq(0).all() and slot[g0.size :].eq(1).all()
     assert [(a, n) for a, n, _ in t.rotations] == [(g.start, g.size) for g in layout.groups]
@@ -169,10 +223,14 @@ def test_quantize_pack_equals_the_layout_quantizer(kdev, d, spec):
     diff = got_idx != ref_idx
     if diff.any():  # only coordinates sitting on a codebook boundary may differ
         y = q.rotate(x, ref.outliers.long().unsqueeze(-2))
-        yn = y / t.spread(t.group_norms(q.to_code_order(x, ref.outliers.long().unsqueeze(-2))).clamp_min(1e-30))
+        yn = y / t.spread(
+            t.group_norms(q.to_code_order(x, ref.outliers.long().unsqueeze(-2))).clamp_min(1e-30)
+        )
         bnd = torch.cat([s.codebook.boundaries.flatten() for s in layout.segments])
         dist = (yn.unsqueeze(-1) - bnd).abs().amin(-1)
-        assert float(dist[diff].max()) < 1e-5, f"{int(diff.sum())} codes differ away from boundaries"
+        assert float(dist[diff].max()) < 1e-5, (
+            f"{int(diff.sum())} codes differ away from boundaries"
+        )
     assert diff.float().mean() < 1e-3
     xd = q.dequantize(q.unpack(PackedLayout(codes.cpu(), norms.cpu(), ref.outliers)))
     assert float(xd[:, :, 0].abs().max()) == 0.0
@@ -192,7 +250,9 @@ def test_dequantize_equals_the_layout_quantizer(kdev, d, spec):
     got = dequantize(codes, norms, 11, t, torch.float32, outliers=out)
     tol = 1e-5 * float(ref.abs().max())
     torch.testing.assert_close(got.cpu(), ref[:, :, :11], atol=tol, rtol=0)
-    torch.testing.assert_close(dequantize_codespace_reference(codes, norms, t, out).cpu(), ref, atol=tol, rtol=0)
+    torch.testing.assert_close(
+        dequantize_codespace_reference(codes, norms, t, out).cpu(), ref, atol=tol, rtol=0
+    )
     buf = torch.full((2, 2, 20, d), 7.0, device=kdev)
     dequantize(codes, norms, 13, t, outliers=out, out=buf)
     torch.testing.assert_close(buf[:, :, :13].cpu(), ref, atol=tol, rtol=0)
@@ -216,14 +276,20 @@ def test_codespace_reference_equals_layout_dequantize_attention():
     d, hq, hkv, n, r = 64, 4, 2, 30, 3
     c = _case(torch.device("cpu"), d, "paper-3.5", "paper-2.5", hq, hkv, n, r, 1)
     ks, vs = [], []
-    for kind, codes, norms, out in (("k", c["k_codes"], c["k_norms"], c["k_outliers"]),
-                                    ("v", c["v_codes"], c["v_norms"], c["v_outliers"])):
+    for kind, codes, norms, out in (
+        ("k", c["k_codes"], c["k_norms"], c["k_outliers"]),
+        ("v", c["v_codes"], c["v_norms"], c["v_outliers"]),
+    ):
         q = TurboQuantLayout(c[f"{kind}_tables"].layout)
-        x = q.dequantize(q.unpack(PackedLayout(codes[:, :, :n], norms[:, :, :n], out.unsqueeze(-2))))
+        x = q.dequantize(
+            q.unpack(PackedLayout(codes[:, :, :n], norms[:, :, :n], out.unsqueeze(-2)))
+        )
         (ks if kind == "k" else vs).append(torch.cat([x, c[f"residual_{kind}"]], 2).double())
     k, v = ks[0].repeat_interleave(hq // hkv, 1), vs[0].repeat_interleave(hq // hkv, 1)
     p = torch.softmax((c["query"].double() @ k.transpose(-1, -2)) * d**-0.5, -1)
-    torch.testing.assert_close(_reference(c, n).double(), (p @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _reference(c, n).double(), (p @ v).transpose(1, 2), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.integration
@@ -247,8 +313,13 @@ def test_grouped_store_through_the_hook_matches_the_cache_reference(kdev):
     assert stores[0].norms.shape[-1] == 2 and stores[0].outliers.shape == (hkv, d // 4)
     gen = torch.Generator().manual_seed(3)
     rk, rv = (torch.randn(B, hkv, r, d, generator=gen).to(kdev) for _ in range(2))
-    layer = SimpleNamespace(key_store=stores[0], value_store=stores[1], num_heads=hkv,
-                            residual_keys=lambda: rk, residual_values=lambda: rv)
+    layer = SimpleNamespace(
+        key_store=stores[0],
+        value_store=stores[1],
+        num_heads=hkv,
+        residual_keys=lambda: rk,
+        residual_values=lambda: rv,
+    )
     q = torch.randn(B, hq, 1, d, generator=gen).to(kdev)
     out = fused_decode(q, layer, d**-0.5, None)
     assert out is not None, "the hook sent an outlier layout to the torch reference"
@@ -270,18 +341,38 @@ def _halves_case(dev, d=64, hq=4, hkv=2, n=45, r=5, b=2):
     gen = torch.Generator().manual_seed(9)
     q = torch.randn(b, hq, 1, d, generator=gen).to(dev)
     rk, rv = (torch.randn(b, hkv, r, d, generator=gen).to(dev) for _ in range(2))
-    return dict(query=q, k_codes=kc, k_norms=kn, v_codes=vc, v_norms=vn, k_tables=kt, v_tables=vt,
-                residual_k=rk, residual_v=rv, k_outliers=None, v_outliers=None)
+    return {
+        "query": q,
+        "k_codes": kc,
+        "k_norms": kn,
+        "v_codes": vc,
+        "v_norms": vn,
+        "k_tables": kt,
+        "v_tables": vt,
+        "residual_k": rk,
+        "residual_v": rv,
+        "k_outliers": None,
+        "v_outliers": None,
+    }
 
 
 def _per_sequence(c, lengths, rlens=None):
     """Int-length kernel calls one sequence at a time (the value device lengths must reproduce)."""
     outs = []
     for i, n in enumerate(lengths):
-        ci = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) and k not in ("k_outliers", "v_outliers") else v)
-              for k, v in c.items()}
+        ci = {
+            k: (
+                v[i : i + 1]
+                if isinstance(v, torch.Tensor) and k not in ("k_outliers", "v_outliers")
+                else v
+            )
+            for k, v in c.items()
+        }
         if rlens is not None:
-            ci["residual_k"], ci["residual_v"] = ci["residual_k"][:, :, : rlens[i]], ci["residual_v"][:, :, : rlens[i]]
+            ci["residual_k"], ci["residual_v"] = (
+                ci["residual_k"][:, :, : rlens[i]],
+                ci["residual_v"][:, :, : rlens[i]],
+            )
         outs.append(_kernel(ci, n))
     return torch.cat(outs)
 
@@ -291,7 +382,11 @@ def _per_sequence(c, lengths, rlens=None):
 def test_device_length_equals_int_length(kdev, kind):
     """``length`` as an int32 [B] / int64 [] device tensor with a fixed ``max_length`` grid (and a
     device ``residual_length``) gives the int-length results, per sequence."""
-    c = _halves_case(kdev) if kind == "halves" else _case(kdev, 64, "paper-3.5", "paper-2.5", 4, 2, 45, 5, 2)
+    c = (
+        _halves_case(kdev)
+        if kind == "halves"
+        else _case(kdev, 64, "paper-3.5", "paper-2.5", 4, 2, 45, 5, 2)
+    )
     cap = c["k_codes"].shape[2]
     lengths = [45, 17]
     want = _per_sequence(c, lengths)
@@ -300,8 +395,12 @@ def test_device_length_equals_int_length(kdev, kind):
     one = _kernel(c, torch.tensor(30, dtype=torch.int64, device=kdev), max_length=cap)
     torch.testing.assert_close(one, _kernel(c, 30), atol=1e-5, rtol=1e-5)
     rl = [5, 2]
-    got_r = _kernel(c, torch.tensor(lengths, dtype=torch.int32, device=kdev), max_length=cap,
-                    residual_length=torch.tensor(rl, dtype=torch.int32, device=kdev))
+    got_r = _kernel(
+        c,
+        torch.tensor(lengths, dtype=torch.int32, device=kdev),
+        max_length=cap,
+        residual_length=torch.tensor(rl, dtype=torch.int32, device=kdev),
+    )
     torch.testing.assert_close(got_r, _per_sequence(c, lengths, rl), atol=1e-5, rtol=1e-5)
 
 
@@ -311,7 +410,11 @@ def test_workspace_calls_allocate_nothing_new(kdev, kind):
     """Repeated calls with one ``DecodeWorkspace`` reuse its buffers (same addresses) and agree."""
     from turboquant.kernels import DecodeWorkspace
 
-    c = _halves_case(kdev) if kind == "halves" else _case(kdev, 64, "paper-2.5", "paper-3.5", 4, 2, 33, 2, 1)
+    c = (
+        _halves_case(kdev)
+        if kind == "halves"
+        else _case(kdev, 64, "paper-2.5", "paper-3.5", 4, 2, 33, 2, 1)
+    )
     ws = DecodeWorkspace()
     ln = torch.tensor(20, dtype=torch.int32, device=kdev)
     first = _kernel(c, ln, max_length=c["k_codes"].shape[2], workspace=ws).clone()
@@ -366,8 +469,12 @@ def test_layout_unsupported_names_the_reason():
 
     paper = build_layout("paper-3.5", 128)
     assert layout_unsupported(paper) is None
-    assert layout_unsupported(build_layout("halves-3.5", 64, rotation="dense")) is None  # code-space kernels
-    odd = dataclasses.replace(paper, groups=(dataclasses.replace(paper.groups[0], size=24), paper.groups[1]))
+    assert (
+        layout_unsupported(build_layout("halves-3.5", 64, rotation="dense")) is None
+    )  # code-space kernels
+    odd = dataclasses.replace(
+        paper, groups=(dataclasses.replace(paper.groups[0], size=24), paper.groups[1])
+    )
     assert "multiple of 16" in layout_unsupported(odd)
     assert "head_dim 96" in layout_unsupported(build_layout("halves-3.5", 96, rotation="dense"))
     assert "mode 'prod'" in layout_unsupported(paper, mode="prod")
@@ -386,7 +493,11 @@ def test_layout_unsupported_names_the_reason():
 def test_decode_attention_outlier_layouts_gpu(cuda, case):
     for dtype in (torch.float32, torch.bfloat16):
         c = _case(cuda, *case, dtype=dtype)
-        tol = dict(atol=2e-3, rtol=1e-2, rel=2e-3) if dtype == torch.float32 else dict(atol=1e-2, rtol=2e-2, rel=1e-2)
+        tol = (
+            {"atol": 2e-3, "rtol": 1e-2, "rel": 2e-3}
+            if dtype == torch.float32
+            else {"atol": 1e-2, "rtol": 2e-2, "rel": 1e-2}
+        )
         _assert_attention_close(_kernel(c, case[5]), _reference(c, case[5]), **tol)
 
 
@@ -405,8 +516,11 @@ def test_device_length_decode_replays_in_a_cuda_graph(cuda, kind):
     replayed after the length moved on the device it equals the eager int-length call."""
     from turboquant.kernels import DecodeWorkspace
 
-    c = _halves_case(cuda, d=256, hq=24, hkv=4, n=3000, r=64, b=2) if kind == "halves" else \
-        _case(cuda, 256, "paper-3.5", "paper-2.5", 24, 4, 3000, 64, 2)
+    c = (
+        _halves_case(cuda, d=256, hq=24, hkv=4, n=3000, r=64, b=2)
+        if kind == "halves"
+        else _case(cuda, 256, "paper-3.5", "paper-2.5", 24, 4, 3000, 64, 2)
+    )
     cap = c["k_codes"].shape[2]
     ws, ln = DecodeWorkspace(), torch.tensor([1000], dtype=torch.int32, device=cuda)
     _kernel(c, ln, max_length=cap, workspace=ws)  # compile + allocate outside the capture

@@ -12,7 +12,9 @@ the un-rotation + scatter of the attention output run outside them in torch (:me
 (coordinates ``8k .. 8k+7`` of one segment) has a plane-0 byte offset, a plane stride and a bit
 count (:attr:`CodeSpaceTables.meta`), so any mix of segments of 1-4 bits whose starts and sizes are
 multiples of 8 runs, with no alignment requirement on the rows. Each coordinate's centroid is a
-table load (``16 · segment + idx``) scaled by the norm of its group (``norm slot``).
+table load (``16 · segment + idx``) scaled by the norm of its group (``norm slot``, at most two
+groups: outliers + rest). So the per-group norms scale each group's share of the score and of
+the value accumulator, exactly ``Σ_g ||x_g|| (Π_g q_g)·c_g``.
 
 Reads top to bottom: tables and the rotation helpers, pure-torch references, Triton kernels,
 wrappers.
@@ -37,6 +39,7 @@ if HAS_TRITON:
 
 KERNEL_SEGMENT_BITS = (1, 2, 3, 4)
 KERNEL_ROTATIONS = ("hadamard", "dense")
+MAX_GROUPS = 2  # norm slots a vector the kernels select between
 _NORM_MAX = torch.finfo(torch.float16).max
 
 
@@ -47,18 +50,28 @@ def layout_reason(layout: CodeLayout) -> str | None:
     """Why no Triton kernel runs ``layout`` (device aside), or None."""
     if not isinstance(layout, CodeLayout):
         return f"a {type(layout).__name__}, not a turboquant.layout.CodeLayout"
+    if layout.num_norms > MAX_GROUPS:
+        return f"{layout.num_norms} channel groups (the kernels take at most {MAX_GROUPS}: outliers + rest)"
     if layout.d not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {layout.d} (the kernels tile whole rows of {SUPPORTED_HEAD_DIMS} channels)"
+        return (
+            f"head_dim {layout.d} (the kernels tile whole rows of {SUPPORTED_HEAD_DIMS} channels)"
+        )
     for g in layout.groups:
         if layout.is_grouped and g.size % GROUP_MULTIPLE:
-            return (f"channel group {g.channels!r} of {g.size} channels (the kernels need groups of a multiple "
-                    f"of {GROUP_MULTIPLE} channels)")
+            return (
+                f"channel group {g.channels!r} of {g.size} channels (the kernels need groups of a multiple "
+                f"of {GROUP_MULTIPLE} channels)"
+            )
         kind = getattr(g.rotation, "kind", None)
         if kind not in KERNEL_ROTATIONS:
-            return f"rotation {kind!r} of group {g.channels!r} (the kernels take {KERNEL_ROTATIONS})"
+            return (
+                f"rotation {kind!r} of group {g.channels!r} (the kernels take {KERNEL_ROTATIONS})"
+            )
         for s in g.segments:
             if s.bits not in KERNEL_SEGMENT_BITS:
-                return f"a {s.bits}-bit segment (the kernels unpack {KERNEL_SEGMENT_BITS} bits a code)"
+                return (
+                    f"a {s.bits}-bit segment (the kernels unpack {KERNEL_SEGMENT_BITS} bits a code)"
+                )
             if s.start % 8 or s.size % 8:
                 return f"segment [{s.start}, {s.stop}) (the kernels read whole bytes: multiples of 8 coordinates)"
     return None
@@ -103,7 +116,9 @@ class CodeSpaceTables:
         return self.layout.is_grouped
 
     @classmethod
-    def from_layout(cls, layout: CodeLayout, device: torch.device | str | None = None) -> "CodeSpaceTables":
+    def from_layout(
+        cls, layout: CodeLayout, device: torch.device | str | None = None
+    ) -> CodeSpaceTables:
         """Tables of ``layout`` on ``device`` (raises ``ValueError`` naming what the kernels cannot run)."""
         why = layout_reason(layout)
         if why is not None:
@@ -118,32 +133,50 @@ class CodeSpaceTables:
         for i, s in enumerate(segs):
             k0 = s.start // 8
             for k in range(k0, s.stop // 8):
-                col[:, k] = torch.tensor([s.byte_start + (k - k0), s.plane_nbytes, s.bits], dtype=torch.int32)
+                col[:, k] = torch.tensor(
+                    [s.byte_start + (k - k0), s.plane_nbytes, s.bits], dtype=torch.int32
+                )
             coord[0, s.start : s.stop] = 16 * i
             c = torch.as_tensor(s.codebook.centroids, dtype=torch.float32)
             cen[i, : c.numel()] = c
             bnd[i, : c.numel() - 1] = torch.as_tensor(s.codebook.boundaries, dtype=torch.float32)
         for g in layout.groups:
             coord[1, g.start : g.start + g.size] = g.norm_slot
-        rots = tuple((g.start, g.size, g.rotation.matrix().to(torch.float32).contiguous().to(device))
-                     for g in layout.groups)
-        return cls(layout=layout, d=d, code_nbytes=layout.code_nbytes, num_norms=layout.num_norms,
-                   max_bits=max(s.bits for s in segs), meta=torch.cat([col.reshape(-1), coord.reshape(-1)]).to(device),
-                   centroids=cen.reshape(-1).to(device), boundaries=bnd.reshape(-1).to(device), rotations=rots)
+        rots = tuple(
+            (g.start, g.size, g.rotation.matrix().to(torch.float32).contiguous().to(device))
+            for g in layout.groups
+        )
+        return cls(
+            layout=layout,
+            d=d,
+            code_nbytes=layout.code_nbytes,
+            num_norms=layout.num_norms,
+            max_bits=max(s.bits for s in segs),
+            meta=torch.cat([col.reshape(-1), coord.reshape(-1)]).to(device),
+            centroids=cen.reshape(-1).to(device),
+            boundaries=bnd.reshape(-1).to(device),
+            rotations=rots,
+        )
 
     # -- channel order and rotation (torch, outside the kernels) -------------------------------------
     def _perm(self, outliers: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         if not self.layout.is_grouped:
             return None
         if outliers is None:
-            raise ValueError(f"layout {self.layout.name!r} has outlier channels: pass `outliers` [H, n_out]")
+            raise ValueError(
+                f"layout {self.layout.name!r} has outlier channels: pass `outliers` [H, n_out]"
+            )
         if outliers.shape[-1] != self.layout.n_out:
-            raise ValueError(f"`outliers` has {outliers.shape[-1]} channels a head, layout {self.layout.name!r} "
-                             f"needs n_out={self.layout.n_out}")
+            raise ValueError(
+                f"`outliers` has {outliers.shape[-1]} channels a head, layout {self.layout.name!r} "
+                f"needs n_out={self.layout.n_out}"
+            )
         perm = channel_permutation(outliers.to(x.device).long(), self.d)  # [H, d]
         if x.dim() < 3 or perm.dim() != 2 or perm.shape[0] != x.shape[-3]:
-            raise ValueError(f"`outliers` [H, n_out] = {tuple(outliers.shape)} must match the head axis of "
-                             f"x [..., H, T, d] = {tuple(x.shape)}")
+            raise ValueError(
+                f"`outliers` [H, n_out] = {tuple(outliers.shape)} must match the head axis of "
+                f"x [..., H, T, d] = {tuple(x.shape)}"
+            )
         return perm.unsqueeze(-2).expand(x.shape)
 
     def rotate(self, x: torch.Tensor, outliers: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,7 +193,9 @@ class CodeSpaceTables:
 
     def group_norms(self, xc: torch.Tensor) -> torch.Tensor:
         """``||x_g||`` float32 [..., groups] of code-ordered ``xc`` [..., d]."""
-        return torch.stack([torch.linalg.vector_norm(xc[..., a : a + n], dim=-1) for a, n, _ in self.rotations], -1)
+        return torch.stack(
+            [torch.linalg.vector_norm(xc[..., a : a + n], dim=-1) for a, n, _ in self.rotations], -1
+        )
 
     def spread(self, norms: torch.Tensor) -> torch.Tensor:
         """Per-group values [..., groups] -> per code-space coordinate [..., d]."""
@@ -174,8 +209,10 @@ def as_codespace(tables, device: torch.device | None = None) -> CodeSpaceTables:
         return tables
     layout = getattr(tables, "layout", None)
     if layout is None:
-        raise ValueError("these KernelTables were built from raw parts (no layout): build them with "
-                         "KernelTables.from_layout to mix them with an outlier layout")
+        raise ValueError(
+            "these KernelTables were built from raw parts (no layout): build them with "
+            "KernelTables.from_layout to mix them with an outlier layout"
+        )
     cache = tables.__dict__.setdefault("_codespace", {})
     key = str(device or tables.device)
     if key not in cache:
@@ -191,19 +228,27 @@ def _norms_shape(tables: CodeSpaceTables, lead: tuple[int, ...]) -> tuple[int, .
 # ------------------------------------------------------------------------------------------------
 # references
 # ------------------------------------------------------------------------------------------------
-def unpack_codespace_reference(codes: torch.Tensor, norms: torch.Tensor, tables: CodeSpaceTables) -> torch.Tensor:
+def unpack_codespace_reference(
+    codes: torch.Tensor, norms: torch.Tensor, tables: CodeSpaceTables
+) -> torch.Tensor:
     """``y = [||x_g|| c_g[idx_g]]_g`` float32 [..., d] (code space) via ``packing.unpack_bits``."""
     parts = []
     for i, s in enumerate(tables.layout.segments):
-        idx = unpack_bits(codes[..., s.byte_start : s.byte_start + s.nbytes].contiguous(), s.bits, s.size).long()
+        idx = unpack_bits(
+            codes[..., s.byte_start : s.byte_start + s.nbytes].contiguous(), s.bits, s.size
+        ).long()
         parts.append(tables.centroids.to(codes.device)[16 * i + idx])
     nf = norms.float() if tables.grouped else norms.float().unsqueeze(-1)
     return torch.cat(parts, dim=-1) * tables.spread(nf)
 
 
-def dequantize_codespace_reference(codes: torch.Tensor, norms: torch.Tensor, tables: CodeSpaceTables,
-                                   outliers: torch.Tensor | None = None,
-                                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_codespace_reference(
+    codes: torch.Tensor,
+    norms: torch.Tensor,
+    tables: CodeSpaceTables,
+    outliers: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Raw-channel ``x̃`` [B, H, T, d] from codes [B, H, T, code_nbytes] and norms."""
     return tables.unrotate(unpack_codespace_reference(codes, norms, tables), outliers).to(dtype)
 
@@ -214,11 +259,21 @@ def dequantize_codespace_reference(codes: torch.Tensor, norms: torch.Tensor, tab
 if HAS_TRITON:
 
     @triton.jit
-    def _cs_values(row_ptr, nmask, norm_rows, meta_ptr, cent_ptr, D: tl.constexpr, MAX_BITS: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+    def _cs_values(
+        row_ptr,
+        nmask,
+        norm_rows,
+        meta_ptr,
+        cent_ptr,
+        D: tl.constexpr,
+        MAX_BITS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        NORMS: tl.constexpr,
+    ):
         """``||x_g|| c_g[idx]`` float32 [BLOCK_N, D] (code space) of ``BLOCK_N`` packed rows
         (``row_ptr``: uint8 pointers to the row starts; ``norm_rows``: float16 pointers to each
-        row's first norm). Reads each plane's bytes a column (``D/8`` loads a plane a row)."""
+        row's first norm, ``NORMS`` (1 or 2) of them). Reads each plane's bytes a column (``D/8``
+        loads a plane a row)."""
         C: tl.constexpr = D // 8
         offs_c = tl.arange(0, C)
         off = tl.load(meta_ptr + offs_c)
@@ -227,20 +282,40 @@ if HAS_TRITON:
         sh = tl.arange(0, 8)
         idx = tl.zeros((BLOCK_N, C, 8), dtype=tl.int32)
         for j in tl.static_range(MAX_BITS):
-            byte = tl.load(row_ptr[:, None] + off[None, :] + j * stride[None, :],
-                           mask=nmask[:, None] & (nbits > j)[None, :], other=0).to(tl.int32)
+            byte = tl.load(
+                row_ptr[:, None] + off[None, :] + j * stride[None, :],
+                mask=nmask[:, None] & (nbits > j)[None, :],
+                other=0,
+            ).to(tl.int32)
             idx += ((byte[:, :, None] >> sh[None, None, :]) & 1) << j
         codes = tl.reshape(idx, (BLOCK_N, D))
         offs_d = tl.arange(0, D)
         cbase = tl.load(meta_ptr + 3 * C + offs_d)
         slot = tl.load(meta_ptr + 3 * C + D + offs_d)
         cen = tl.load(cent_ptr + cbase[None, :] + codes)
-        nrm = tl.load(norm_rows[:, None] + slot[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-        return cen * nrm
+        n0 = tl.load(norm_rows, mask=nmask, other=0.0).to(tl.float32)
+        scale = n0[:, None]
+        if NORMS == 2:  # two groups: each coordinate takes its group's norm
+            n1 = tl.load(norm_rows + 1, mask=nmask, other=0.0).to(tl.float32)
+            scale = tl.where(slot[None, :] == 0, n0[:, None], n1[:, None])
+        return cen * scale
 
     @triton.jit
-    def _cs_quantize_kernel(y_ptr, codes_ptr, meta_ptr, bnd_ptr, n_rows, H, T, sc_b, sc_h, sc_t,
-                            D: tl.constexpr, MAX_BITS: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _cs_quantize_kernel(
+        y_ptr,
+        codes_ptr,
+        meta_ptr,
+        bnd_ptr,
+        n_rows,
+        H,
+        T,
+        sc_b,
+        sc_h,
+        sc_t,
+        D: tl.constexpr,
+        MAX_BITS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
         # rows of unit, rotated, code-space y (float32, contiguous) -> nearest centroid (number of
         # boundaries below y, ties to the lower code as torch.bucketize) -> bit planes by column.
         C: tl.constexpr = D // 8
@@ -266,13 +341,32 @@ if HAS_TRITON:
         row_ptr = codes_ptr + b * sc_b + h * sc_h + t * sc_t
         for j in tl.static_range(MAX_BITS):
             byte = tl.sum(((idx3 >> j) & 1) << sh[None, None, :], axis=2)
-            tl.store(row_ptr[:, None] + off[None, :] + j * stride[None, :], byte.to(tl.uint8),
-                     mask=rmask[:, None] & (nbits > j)[None, :])
+            tl.store(
+                row_ptr[:, None] + off[None, :] + j * stride[None, :],
+                byte.to(tl.uint8),
+                mask=rmask[:, None] & (nbits > j)[None, :],
+            )
 
     @triton.jit(do_not_specialize=["length"])
-    def _cs_dequantize_kernel(c_ptr, n_ptr, meta_ptr, cent_ptr, y_ptr, length, H,
-                              sc_b, sc_h, sc_t, sn_b, sn_h, sn_t,
-                              D: tl.constexpr, MAX_BITS: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _cs_dequantize_kernel(
+        c_ptr,
+        n_ptr,
+        meta_ptr,
+        cent_ptr,
+        y_ptr,
+        length,
+        H,
+        sc_b,
+        sc_h,
+        sc_t,
+        sn_b,
+        sn_h,
+        sn_t,
+        D: tl.constexpr,
+        MAX_BITS: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        NORMS: tl.constexpr,
+    ):
         # grid (cdiv(length, BLOCK_T), B·H): code-space y of BLOCK_T rows -> y_ptr [B·H, length, D] float32
         pid_t = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -280,23 +374,87 @@ if HAS_TRITON:
         h = (pid_bh % H).to(tl.int64)
         offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = offs_t < length
-        y = _cs_values(c_ptr + b * sc_b + h * sc_h + offs_t * sc_t, tmask, n_ptr + b * sn_b + h * sn_h + offs_t * sn_t,
-                       meta_ptr, cent_ptr, D, MAX_BITS, BLOCK_T)
+        y = _cs_values(
+            c_ptr + b * sc_b + h * sc_h + offs_t * sc_t,
+            tmask,
+            n_ptr + b * sn_b + h * sn_h + offs_t * sn_t,
+            meta_ptr,
+            cent_ptr,
+            D,
+            MAX_BITS,
+            BLOCK_T,
+            NORMS,
+        )
         offs_d = tl.arange(0, D)
-        tl.store(y_ptr + (pid_bh.to(tl.int64) * length + offs_t)[:, None] * D + offs_d[None, :], y, mask=tmask[:, None])
+        tl.store(
+            y_ptr + (pid_bh.to(tl.int64) * length + offs_t)[:, None] * D + offs_d[None, :],
+            y,
+            mask=tmask[:, None],
+        )
 
     @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r"])
     def _cs_partial_kernel(
-        qc_ptr, q_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, kmeta_ptr, kcent_ptr, vmeta_ptr, vcent_ptr, rk_ptr, rv_ptr,
-        m_ptr, l_ptr, acc_ptr, len_ptr, rlen_ptr,
-        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, len_sb, rlen_sb,
-        sqc_b, sqc_h, sq_b, sq_h,
-        skc_b, skc_h, skc_n, skn_b, skn_h, skn_n,
-        svc_b, svc_h, svc_n, svn_b, svn_h, svn_n,
-        srk_b, srk_h, srk_n, srv_b, srv_h, srv_n,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, K_MAXB: tl.constexpr, V_MAXB: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RES_IEEE: tl.constexpr,
-        LEN_TENSOR: tl.constexpr, RLEN_TENSOR: tl.constexpr,
+        qc_ptr,
+        q_ptr,
+        kc_ptr,
+        kn_ptr,
+        vc_ptr,
+        vn_ptr,
+        kmeta_ptr,
+        kcent_ptr,
+        vmeta_ptr,
+        vcent_ptr,
+        rk_ptr,
+        rv_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        len_ptr,
+        rlen_ptr,
+        length,
+        chunk,
+        S_C,
+        S,
+        R,
+        chunk_r,
+        Hkv,
+        qk_scale,
+        len_sb,
+        rlen_sb,
+        sqc_b,
+        sqc_h,
+        sq_b,
+        sq_h,
+        skc_b,
+        skc_h,
+        skc_n,
+        skn_b,
+        skn_h,
+        skn_n,
+        svc_b,
+        svc_h,
+        svc_n,
+        svn_b,
+        svn_h,
+        svn_n,
+        srk_b,
+        srk_h,
+        srk_n,
+        srv_b,
+        srv_h,
+        srv_n,
+        G: tl.constexpr,
+        G_PAD: tl.constexpr,
+        D: tl.constexpr,
+        K_MAXB: tl.constexpr,
+        V_MAXB: tl.constexpr,
+        K_NORMS: tl.constexpr,
+        V_NORMS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        RES_IEEE: tl.constexpr,
+        LEN_TENSOR: tl.constexpr,
+        RLEN_TENSOR: tl.constexpr,
     ):
         # Programs [0, S_C): `chunk` packed tokens of one KV head, all G query heads of its group,
         #   scored with the code-space query (qc_ptr: Π_g q_g per group, scaling · log2 e folded in);
@@ -319,24 +477,45 @@ if HAS_TRITON:
             start = pid_s * chunk
             end = tl.minimum(start + chunk, length)
             offs_d = tl.arange(0, D)
-            qc = tl.load(qc_ptr + b * sqc_b + (h * G + g)[:, None] * sqc_h + offs_d[None, :], mask=gmask[:, None],
-                         other=0.0).to(tl.float16)
+            qc = tl.load(
+                qc_ptr + b * sqc_b + (h * G + g)[:, None] * sqc_h + offs_d[None, :],
+                mask=gmask[:, None],
+                other=0.0,
+            ).to(tl.float16)
             m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((G_PAD,), dtype=tl.float32)
             acc = tl.zeros((G_PAD, D), dtype=tl.float32)
             for n0 in range(start, end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < end
-                kv = _cs_values(kc_ptr + b * skc_b + h * skc_h + offs_n * skc_n, nmask,
-                                kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n, kmeta_ptr, kcent_ptr, D, K_MAXB, BLOCK_N)
+                kv = _cs_values(
+                    kc_ptr + b * skc_b + h * skc_h + offs_n * skc_n,
+                    nmask,
+                    kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n,
+                    kmeta_ptr,
+                    kcent_ptr,
+                    D,
+                    K_MAXB,
+                    BLOCK_N,
+                    K_NORMS,
+                )
                 sc = tl.dot(qc, tl.trans(kv.to(tl.float16)))  # [G_PAD, BLOCK_N], log2 units
                 sc = tl.where(nmask[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(sc - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                vv = _cs_values(vc_ptr + b * svc_b + h * svc_h + offs_n * svc_n, nmask,
-                                vn_ptr + b * svn_b + h * svn_h + offs_n * svn_n, vmeta_ptr, vcent_ptr, D, V_MAXB, BLOCK_N)
+                vv = _cs_values(
+                    vc_ptr + b * svc_b + h * svc_h + offs_n * svc_n,
+                    nmask,
+                    vn_ptr + b * svn_b + h * svn_h + offs_n * svn_n,
+                    vmeta_ptr,
+                    vcent_ptr,
+                    D,
+                    V_MAXB,
+                    BLOCK_N,
+                    V_NORMS,
+                )
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vv.to(tl.float16))
                 m_i = m_new
             tl.store(m_ptr + part, m_i, mask=gmask)
@@ -344,12 +523,48 @@ if HAS_TRITON:
             tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
         else:
             q_rows = q_ptr + b * sq_b + (h * G + g) * sq_h
-            _residual_part(q_rows, gmask, part, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr, b, h, pid_s, S_C, R, chunk_r,
-                           qk_scale, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, G_PAD, D, BLOCK_R, RES_IEEE)
+            _residual_part(
+                q_rows,
+                gmask,
+                part,
+                rk_ptr,
+                rv_ptr,
+                m_ptr,
+                l_ptr,
+                acc_ptr,
+                b,
+                h,
+                pid_s,
+                S_C,
+                R,
+                chunk_r,
+                qk_scale,
+                srk_b,
+                srk_h,
+                srk_n,
+                srv_b,
+                srv_h,
+                srv_n,
+                G_PAD,
+                D,
+                BLOCK_R,
+                RES_IEEE,
+            )
 
     @triton.jit(do_not_specialize=["S_C", "S"])
-    def _cs_combine_kernel(m_ptr, l_ptr, acc_ptr, outc_ptr, outr_ptr, S_C, S, Hq,
-                           G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _cs_combine_kernel(
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        outc_ptr,
+        outr_ptr,
+        S_C,
+        S,
+        Hq,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
         # One program per (sequence, query head): merges the S splits with one softmax denominator;
         # writes the compressed part (V code space) and the residual part (raw channels) apart,
         # each divided by the total weight (the caller un-rotates the first and adds the second).
@@ -364,7 +579,9 @@ if HAS_TRITON:
         m_all = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
             sm = s0 + offs_s < S
-            m_all = tl.maximum(m_all, tl.load(m_ptr + (bh * S + s0 + offs_s) * G + g, mask=sm, other=float("-inf")))
+            m_all = tl.maximum(
+                m_all, tl.load(m_ptr + (bh * S + s0 + offs_s) * G + g, mask=sm, other=float("-inf"))
+            )
         m_tot = tl.max(m_all, axis=0)
         l_tot = tl.zeros((BLOCK_S,), dtype=tl.float32)
         acc_c = tl.zeros((D,), dtype=tl.float32)
@@ -373,8 +590,9 @@ if HAS_TRITON:
             sidx = s0 + offs_s
             sm = sidx < S
             part = (bh * S + sidx) * G + g
-            w = tl.where(sm, tl.exp2(tl.load(m_ptr + part, mask=sm, other=float("-inf")) - m_tot), 0.0)
-            w = tl.where(w == w, w, 0.0)  # an empty split next to an empty total: no NaN weight
+            w = tl.where(
+                sm, tl.exp2(tl.load(m_ptr + part, mask=sm, other=float("-inf")) - m_tot), 0.0
+            )
             l_tot += w * tl.load(l_ptr + part, mask=sm, other=0.0)
             a = tl.load(acc_ptr + part[:, None] * D + offs_d[None, :], mask=sm[:, None], other=0.0)
             comp = sidx < S_C
@@ -416,12 +634,19 @@ def quantize_pack_codespace(
         out_codes = torch.empty(*lead, tables.code_nbytes, dtype=torch.uint8, device=x.device)
     if out_norms is None:
         out_norms = torch.empty(nshape, dtype=torch.float16, device=x.device)
-    if tuple(out_codes.shape) != (*lead, tables.code_nbytes) or out_codes.dtype != torch.uint8 \
-            or out_codes.stride(-1) != 1:
-        raise ValueError(f"`out_codes` must be uint8 {(*lead, tables.code_nbytes)} with a unit last stride, got "
-                         f"{out_codes.dtype} {tuple(out_codes.shape)}")
+    if (
+        tuple(out_codes.shape) != (*lead, tables.code_nbytes)
+        or out_codes.dtype != torch.uint8
+        or out_codes.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"`out_codes` must be uint8 {(*lead, tables.code_nbytes)} with a unit last stride, got "
+            f"{out_codes.dtype} {tuple(out_codes.shape)}"
+        )
     if tuple(out_norms.shape) != nshape or out_norms.dtype != torch.float16:
-        raise ValueError(f"`out_norms` must be float16 {nshape}, got {out_norms.dtype} {tuple(out_norms.shape)}")
+        raise ValueError(
+            f"`out_norms` must be float16 {nshape}, got {out_norms.dtype} {tuple(out_norms.shape)}"
+        )
     if x.numel() == 0:
         return out_codes, out_norms
     perm = tables._perm(outliers, x)
@@ -435,24 +660,50 @@ def quantize_pack_codespace(
     n_rows = B * H * T
     block_m = 16 if tables.d <= 128 else 8
     _cs_quantize_kernel[(triton.cdiv(n_rows, block_m),)](
-        y, out_codes, tables.meta, tables.boundaries, n_rows, H, T,
-        out_codes.stride(0), out_codes.stride(1), out_codes.stride(2),
-        D=tables.d, MAX_BITS=tables.max_bits, BLOCK_M=block_m, num_warps=4,
+        y,
+        out_codes,
+        tables.meta,
+        tables.boundaries,
+        n_rows,
+        H,
+        T,
+        out_codes.stride(0),
+        out_codes.stride(1),
+        out_codes.stride(2),
+        D=tables.d,
+        MAX_BITS=tables.max_bits,
+        BLOCK_M=block_m,
+        num_warps=4,
     )
     out_norms.copy_(norms.to(torch.float16) if tables.grouped else norms[..., 0].to(torch.float16))
     return out_codes, out_norms
 
 
-def _check_codes(name: str, codes: torch.Tensor, norms: torch.Tensor, tables: CodeSpaceTables, B: int) -> None:
-    if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.shape[0] != B or codes.shape[-1] != tables.code_nbytes:
-        raise ValueError(f"`{name}_codes` must be uint8 [B={B}, H, capacity, {tables.code_nbytes}] for layout "
-                         f"{tables.layout.name!r}, got {codes.dtype} {tuple(codes.shape)}")
+def _check_codes(
+    name: str, codes: torch.Tensor, norms: torch.Tensor, tables: CodeSpaceTables, B: int
+) -> None:
+    if (
+        codes.dtype != torch.uint8
+        or codes.dim() != 4
+        or codes.shape[0] != B
+        or codes.shape[-1] != tables.code_nbytes
+    ):
+        raise ValueError(
+            f"`{name}_codes` must be uint8 [B={B}, H, capacity, {tables.code_nbytes}] for layout "
+            f"{tables.layout.name!r}, got {codes.dtype} {tuple(codes.shape)}"
+        )
     if codes.stride(-1) != 1:
         raise ValueError(f"`{name}_codes` must have a unit stride in its last dim")
     want = _norms_shape(tables, tuple(codes.shape[:3]))
-    if norms.dtype != torch.float16 or tuple(norms.shape) != want or (tables.grouped and norms.stride(-1) != 1):
-        raise ValueError(f"`{name}_norms` must be float16 {want} (unit stride over groups) for layout "
-                         f"{tables.layout.name!r}, got {norms.dtype} {tuple(norms.shape)}")
+    if (
+        norms.dtype != torch.float16
+        or tuple(norms.shape) != want
+        or (tables.grouped and norms.stride(-1) != 1)
+    ):
+        raise ValueError(
+            f"`{name}_norms` must be float16 {want} (unit stride over groups) for layout "
+            f"{tables.layout.name!r}, got {norms.dtype} {tuple(norms.shape)}"
+        )
     if codes.device != tables.device:
         raise ValueError(f"`{name}` tables live on {tables.device}, the codes on {codes.device}")
 
@@ -475,14 +726,31 @@ def dequantize_codespace(
     _check_codes("store", codes, norms, tables, B)
     _, H, cap, _ = codes.shape
     if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= cap:
-        raise ValueError(f"`length` must be an int in [0, {cap}] (the store capacity), got {length!r}")
+        raise ValueError(
+            f"`length` must be an int in [0, {cap}] (the store capacity), got {length!r}"
+        )
     y = torch.empty(B, H, length, tables.d, dtype=torch.float32, device=codes.device)
     if length:
         nt = norms if tables.grouped else norms.unsqueeze(-1)
         _cs_dequantize_kernel[(triton.cdiv(length, block_t), B * H)](
-            codes, nt, tables.meta, tables.centroids, y, length, H,
-            codes.stride(0), codes.stride(1), codes.stride(2), nt.stride(0), nt.stride(1), nt.stride(2),
-            D=tables.d, MAX_BITS=tables.max_bits, BLOCK_T=block_t, num_warps=4,
+            codes,
+            nt,
+            tables.meta,
+            tables.centroids,
+            y,
+            length,
+            H,
+            codes.stride(0),
+            codes.stride(1),
+            codes.stride(2),
+            nt.stride(0),
+            nt.stride(1),
+            nt.stride(2),
+            D=tables.d,
+            MAX_BITS=tables.max_bits,
+            BLOCK_T=block_t,
+            NORMS=tables.num_norms,
+            num_warps=4,
         )
     x = tables.unrotate(y, outliers)
     if out is None:
@@ -526,7 +794,9 @@ def decode_attention_codespace(
 
     _need_triton("decode_attention")
     if query.dim() != 4 or query.shape[2] != 1:
-        raise ValueError(f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}")
+        raise ValueError(
+            f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}"
+        )
     B, Hq, _, d = query.shape
     if k_tables.d != d or v_tables.d != d:
         raise ValueError(f"tables built for d={k_tables.d}/{v_tables.d}, query has d={d}")
@@ -540,16 +810,29 @@ def decode_attention_codespace(
     cap = min(k_codes.shape[2], v_codes.shape[2])
     ln = resolve_length(length, max_length, B, cap, dev)
     R = 0 if residual_k is None else residual_k.shape[2]
-    if R and (residual_v is None or residual_v.shape != residual_k.shape or residual_k.stride(-1) != 1
-              or residual_v.stride(-1) != 1 or residual_v.dtype != residual_k.dtype
-              or tuple(residual_k.shape[:2]) != (B, Hkv) or residual_k.shape[-1] != d):
-        raise ValueError(f"`residual_k`/`residual_v` must both be [B={B}, H_kv={Hkv}, R, d={d}], one dtype, "
-                         "contiguous last dim")
+    if R and (
+        residual_v is None
+        or residual_v.shape != residual_k.shape
+        or residual_k.stride(-1) != 1
+        or residual_v.stride(-1) != 1
+        or residual_v.dtype != residual_k.dtype
+        or tuple(residual_k.shape[:2]) != (B, Hkv)
+        or residual_k.shape[-1] != d
+    ):
+        raise ValueError(
+            f"`residual_k`/`residual_v` must both be [B={B}, H_kv={Hkv}, R, d={d}], one dtype, "
+            "contiguous last dim"
+        )
     if R and residual_k.dtype == torch.bfloat16 and residual_k.device.type == "cpu":
-        raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
-                         "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
-    rl = LengthArgs(R, R, None, 0) if residual_length is None else \
-        resolve_length(residual_length, R, B, R, dev, "residual_length")
+        raise ValueError(
+            "a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
+            "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA"
+        )
+    rl = (
+        LengthArgs(R, R, None, 0)
+        if residual_length is None
+        else resolve_length(residual_length, R, B, R, dev, "residual_length")
+    )
     if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     qk_scale = float(scaling) * LOG2E
@@ -577,19 +860,72 @@ def decode_attention_codespace(
     lt = ln.tensor if ln.tensor is not None else k_tables.meta
     rt = rl.tensor if rl.tensor is not None else k_tables.meta
     _cs_partial_kernel[(S, B * Hkv)](
-        qc, query, k_codes, kn, v_codes, vn, k_tables.meta, k_tables.centroids, v_tables.meta, v_tables.centroids,
-        rk, rv, m_part, l_part, acc_part, lt, rt,
-        ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, qk_scale, ln.stride, rl.stride,
-        qc.stride(0), qc.stride(1), query.stride(0), query.stride(1),
-        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
-        v_codes.stride(0), v_codes.stride(1), v_codes.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d, K_MAXB=k_tables.max_bits, V_MAXB=v_tables.max_bits,
-        BLOCK_N=block_n, BLOCK_R=32 if d <= 128 else 16, RES_IEEE=bool(R) and rk.dtype == torch.float32,
-        LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None, num_warps=num_warps,
+        qc,
+        query,
+        k_codes,
+        kn,
+        v_codes,
+        vn,
+        k_tables.meta,
+        k_tables.centroids,
+        v_tables.meta,
+        v_tables.centroids,
+        rk,
+        rv,
+        m_part,
+        l_part,
+        acc_part,
+        lt,
+        rt,
+        ln.value,
+        chunk,
+        S_C,
+        S,
+        rl.value,
+        chunk_r,
+        Hkv,
+        qk_scale,
+        ln.stride,
+        rl.stride,
+        qc.stride(0),
+        qc.stride(1),
+        query.stride(0),
+        query.stride(1),
+        k_codes.stride(0),
+        k_codes.stride(1),
+        k_codes.stride(2),
+        kn.stride(0),
+        kn.stride(1),
+        kn.stride(2),
+        v_codes.stride(0),
+        v_codes.stride(1),
+        v_codes.stride(2),
+        vn.stride(0),
+        vn.stride(1),
+        vn.stride(2),
+        rk.stride(0),
+        rk.stride(1),
+        rk.stride(2),
+        rv.stride(0),
+        rv.stride(1),
+        rv.stride(2),
+        G=G,
+        G_PAD=max(16, triton.next_power_of_2(G)),
+        D=d,
+        K_MAXB=k_tables.max_bits,
+        V_MAXB=v_tables.max_bits,
+        K_NORMS=k_tables.num_norms,
+        V_NORMS=v_tables.num_norms,
+        BLOCK_N=block_n,
+        BLOCK_R=32 if d <= 128 else 16,
+        RES_IEEE=bool(R) and rk.dtype == torch.float32,
+        LEN_TENSOR=ln.tensor is not None,
+        RLEN_TENSOR=rl.tensor is not None,
+        num_warps=num_warps,
     )
-    _cs_combine_kernel[(B * Hq,)](m_part, l_part, acc_part, out_c, out_r, S_C, S, Hq, G=G, D=d, BLOCK_S=16,
-                                  num_warps=4)
+    _cs_combine_kernel[(B * Hq,)](
+        m_part, l_part, acc_part, out_c, out_r, S_C, S, Hq, G=G, D=d, BLOCK_S=16, num_warps=4
+    )
     out = v_tables.unrotate(out_c, _per_query_head(v_outliers, G)) + out_r
     return out.transpose(1, 2).to(query.dtype)
 
@@ -611,10 +947,14 @@ def decode_attention_codespace_reference(
 ) -> torch.Tensor:
     """Materialising float32 reference: dequantize ``[0, length)`` to raw channels, append the
     residual window, GQA softmax attention. [B, H_q, 1, d] -> [B, 1, H_q, d] (query dtype)."""
-    B, Hq, _, d = query.shape
+    Hq = query.shape[1]
     Hkv = k_codes.shape[1]
-    k = dequantize_codespace_reference(k_codes[:, :, :length], k_norms[:, :, :length], k_tables, k_outliers)
-    v = dequantize_codespace_reference(v_codes[:, :, :length], v_norms[:, :, :length], v_tables, v_outliers)
+    k = dequantize_codespace_reference(
+        k_codes[:, :, :length], k_norms[:, :, :length], k_tables, k_outliers
+    )
+    v = dequantize_codespace_reference(
+        v_codes[:, :, :length], v_norms[:, :, :length], v_tables, v_outliers
+    )
     if residual_k is not None and residual_k.shape[2] > 0:
         k = torch.cat([k, residual_k.float()], dim=2)
         v = torch.cat([v, residual_v.float()], dim=2)

@@ -36,8 +36,14 @@ def _check_int(v: object, name: str) -> int:
     return v
 
 
-def resolve_length(length: int | torch.Tensor, max_length: int | None, batch: int, capacity: int,
-                   device: torch.device, name: str = "length") -> LengthArgs:
+def resolve_length(
+    length: int | torch.Tensor,
+    max_length: int | None,
+    batch: int,
+    capacity: int,
+    device: torch.device,
+    name: str = "length",
+) -> LengthArgs:
     """Validate ``length`` (an int, or an int32/int64 tensor of shape ``[]``, ``[1]`` or ``[B]``
     on ``device``) against ``max_length`` and the buffer ``capacity``; no host sync on CUDA.
 
@@ -45,23 +51,33 @@ def resolve_length(length: int | torch.Tensor, max_length: int | None, batch: in
     clamp it to ``max_length`` instead (never reading past the buffers). A CPU tensor is checked."""
     if isinstance(length, torch.Tensor):
         if max_length is None:
-            raise ValueError(f"`{name}` as a tensor needs `max_length` (an int): the launch grid is sized "
-                             "by it, not by the (device-side) length")
+            raise ValueError(
+                f"`{name}` as a tensor needs `max_length` (an int): the launch grid is sized "
+                "by it, not by the (device-side) length"
+            )
         max_length = _check_int(max_length, "max_length")
         if length.dtype not in LENGTH_DTYPES:
             raise TypeError(f"`{name}` tensor must be int32 or int64, got {length.dtype}")
         if length.dim() > 1 or length.numel() not in (1, batch):
-            raise ValueError(f"`{name}` tensor must have shape [], [1] or [B]=[{batch}], got {tuple(length.shape)}")
+            raise ValueError(
+                f"`{name}` tensor must have shape [], [1] or [B]=[{batch}], got {tuple(length.shape)}"
+            )
         if length.device != device:
             raise ValueError(f"`{name}` tensor is on {length.device}, the query on {device}")
         if not 0 <= max_length <= capacity:
-            raise ValueError(f"`max_length`={max_length} must be in [0, {capacity}] (the buffer capacity)")
+            raise ValueError(
+                f"`max_length`={max_length} must be in [0, {capacity}] (the buffer capacity)"
+            )
         if length.device.type == "cpu" and length.numel():
             lo, hi = int(length.min()), int(length.max())
             if lo < 0 or hi > max_length:
-                raise ValueError(f"`{name}` tensor holds {lo if lo < 0 else hi}, outside [0, max_length={max_length}]")
+                raise ValueError(
+                    f"`{name}` tensor holds {lo if lo < 0 else hi}, outside [0, max_length={max_length}]"
+                )
         stride = 0 if length.numel() == 1 else int(length.stride(0))
-        return LengthArgs(max_length, max_length, length.reshape(-1) if length.dim() == 0 else length, stride)
+        return LengthArgs(
+            max_length, max_length, length.reshape(-1) if length.dim() == 0 else length, stride
+        )
     length = _check_int(length, name)
     if not 0 <= length <= capacity:
         raise ValueError(f"`{name}`={length} must be in [0, {capacity}] (the buffer capacity)")
@@ -69,7 +85,9 @@ def resolve_length(length: int | torch.Tensor, max_length: int | None, batch: in
         return LengthArgs(length, length, None, 0)
     max_length = _check_int(max_length, "max_length")
     if not length <= max_length <= capacity:
-        raise ValueError(f"`max_length`={max_length} must be in [{name}={length}, capacity={capacity}]")
+        raise ValueError(
+            f"`max_length`={max_length} must be in [{name}={length}, capacity={capacity}]"
+        )
     return LengthArgs(max_length, length, None, 0)
 
 
@@ -84,7 +102,9 @@ class DecodeWorkspace:
 
     buffers: dict = field(default_factory=dict)
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         t = self.buffers.get(name)
         if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
             t = torch.empty(shape, dtype=dtype, device=device)
@@ -95,13 +115,20 @@ class DecodeWorkspace:
         return sum(t.numel() * t.element_size() for t in self.buffers.values())
 
 
-def buffer(workspace: DecodeWorkspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-           device: torch.device) -> torch.Tensor:
+def buffer(
+    workspace: DecodeWorkspace | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     """``workspace.get(...)`` or a fresh ``torch.empty`` when there is no workspace."""
     if workspace is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if not isinstance(workspace, DecodeWorkspace):
-        raise TypeError(f"`workspace` must be a DecodeWorkspace (or None), got {type(workspace).__name__}")
+        raise TypeError(
+            f"`workspace` must be a DecodeWorkspace (or None), got {type(workspace).__name__}"
+        )
     return workspace.get(name, shape, dtype, device)
 
 
