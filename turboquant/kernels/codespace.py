@@ -198,9 +198,10 @@ class CodeSpaceTables:
         )
 
     def spread(self, norms: torch.Tensor) -> torch.Tensor:
-        """Per-group values [..., groups] -> per code-space coordinate [..., d]."""
-        sizes = torch.tensor([n for _, n, _ in self.rotations], device=norms.device)
-        return torch.repeat_interleave(norms, sizes, dim=-1)
+        """Per-group values [..., groups] -> per code-space coordinate [..., d] (an index_select
+        with the coordinates' norm slots: no host sync, unlike a tensor-count repeat_interleave)."""
+        slots = self.meta[3 * (self.d // 8) + self.d :].to(device=norms.device, dtype=torch.long)
+        return norms.index_select(-1, slots)
 
 
 def as_codespace(tables, device: torch.device | None = None) -> CodeSpaceTables:
