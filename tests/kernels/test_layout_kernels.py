@@ -532,3 +532,32 @@ def test_device_length_decode_replays_in_a_cuda_graph(cuda, kind):
         ln.fill_(n)
         graph.replay()
         torch.testing.assert_close(out, _kernel(c, n), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("spec", ["halves-3.5", "paper-2.5"])
+def test_quantize_pack_at_device_positions_equals_slice_writes(kdev, spec):
+    """``quantize_pack(..., positions=<device tensor [B]>)`` writes ``x`` at each sequence's own
+    offset of the whole buffers (the static cache's append, no host sync), byte-equal to writing
+    the slices; rows before and after stay untouched; a CPU offset past the capacity is refused."""
+    from turboquant.kernels import KernelTables, quantize_pack
+
+    layout = build_layout(spec, 64, seed=8)
+    t = KernelTables.from_layout(layout, kdev)
+    B, H, T, cap = 2, 2, 5, 16
+    x = _data((B, H, T, 64), 4).to(kdev)
+    out = select_outliers(x, layout.n_out).to(kdev) if layout.is_grouped else None
+    ntrail = (layout.num_norms,) if layout.is_grouped else ()
+    codes = torch.zeros(B, H, cap, layout.code_nbytes, dtype=torch.uint8, device=kdev)
+    norms = torch.zeros(B, H, cap, *ntrail, dtype=torch.float16, device=kdev)
+    pos = torch.tensor([3, 10], dtype=torch.int32, device=kdev)
+    quantize_pack(x, t, out_codes=codes, out_norms=norms, outliers=out, positions=pos)
+    for b, p in enumerate((3, 10)):
+        want_c, want_n = quantize_pack(x[b : b + 1], t, outliers=out)
+        assert torch.equal(codes[b : b + 1, :, p : p + T], want_c)
+        assert torch.equal(norms[b : b + 1, :, p : p + T], want_n)
+        assert int(codes[b, :, :p].count_nonzero()) == 0 and int(codes[b, :, p + T :].count_nonzero()) == 0
+    if kdev.type == "cpu":
+        with pytest.raises(ValueError, match=r"`positions` \+ T=5 must stay in \[0, capacity=16\]"):
+            quantize_pack(x, t, out_codes=codes, out_norms=norms, outliers=out,
+                          positions=torch.tensor([3, 12], dtype=torch.int32))

@@ -90,31 +90,27 @@ def layout_unsupported(layout, device: torch.device | str | None = None, mode: s
     return None
 
 
-__all__ = [
-    # availability
+__all__ = [  # availability, tables, ops, the attention hook (sorted)
+    "DEVICE_LENGTH",
     "HAS_TRITON",
-    "kernels_available",
-    "interpreting",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_KERNEL_BITS",
-    # tables and what runs
-    "KernelTables",
     "CodeSpaceTables",
-    "layout_unsupported",
-    "DEVICE_LENGTH",
     "DecodeWorkspace",
-    "store_tables",
-    # ops
-    "quantize_pack",
-    "quantize_pack_reference",
-    "dequantize",
-    "dequantize_reference",
+    "KernelTables",
+    "KeyQJL",
+    "compressed_attention_cuda",
     "decode_attention",
+    "decode_attention_codespace_reference",
     "decode_attention_reference",
     "decode_attention_store",
-    "decode_attention_codespace_reference",
+    "dequantize",
     "dequantize_codespace_reference",
-    "KeyQJL",
-    # the attention hook (turboquant.attention dispatches here on CUDA)
-    "compressed_attention_cuda",
+    "dequantize_reference",
+    "interpreting",
+    "kernels_available",
+    "layout_unsupported",
+    "quantize_pack",
+    "quantize_pack_reference",
+    "store_tables",
 ]

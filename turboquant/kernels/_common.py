@@ -95,7 +95,7 @@ class KernelTables:
         centroids_lo: torch.Tensor | list[float] | None = None,
         device: torch.device | str | None = None,
         boundaries: tuple | None = None,
-    ) -> "KernelTables":
+    ) -> KernelTables:
         """Tables from raw parts (no layout object: the halves byte layout of ``bits``).
         ``centroids_hi``: ascending centroids of the ``ceil(bits)``-bit codebook (segment A);
         ``centroids_lo``: of the ``floor(bits)``-bit one (segment B, fractional widths only).
@@ -121,7 +121,7 @@ class KernelTables:
 
     @classmethod
     def _assemble(cls, d: int, bits: float, seg, code_nbytes: int, cents: list, bnds, signs,
-                  device: torch.device | str | None, layout=None) -> "KernelTables":
+                  device: torch.device | str | None, layout=None) -> KernelTables:
         """Device tables from the two kernel segments' ``(bits, base, stride)``, codebooks and signs."""
         for (nb, _, _), c in zip(seg, cents):
             if c.numel() != 2**nb:

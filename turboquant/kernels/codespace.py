@@ -303,22 +303,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _cs_quantize_kernel(
-        y_ptr,
-        codes_ptr,
-        meta_ptr,
-        bnd_ptr,
-        n_rows,
-        H,
-        T,
-        sc_b,
-        sc_h,
-        sc_t,
-        D: tl.constexpr,
-        MAX_BITS: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-    ):
+        y_ptr, nsrc_ptr, codes_ptr, norms_ptr, meta_ptr, bnd_ptr, pos_ptr,
+        n_rows, H, T, cap, pos_sb,
+        sc_b, sc_h, sc_t, sn_b, sn_h, sn_t,
+        D: tl.constexpr, MAX_BITS: tl.constexpr, NORMS: tl.constexpr, BLOCK_M: tl.constexpr,
+        HAS_POS: tl.constexpr,
+    ):  # fmt: skip
         # rows of unit, rotated, code-space y (float32, contiguous) -> nearest centroid (number of
-        # boundaries below y, ties to the lower code as torch.bucketize) -> bit planes by column.
+        # boundaries below y, ties to the lower code as torch.bucketize) -> bit planes by column;
+        # the float16 group norms (nsrc, [rows, NORMS]) are stored beside. HAS_POS: row t of
+        # sequence b goes to t + pos[b] (a device write offset), rows past `cap` are dropped.
         C: tl.constexpr = D // 8
         pid = tl.program_id(0)
         rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -327,6 +321,11 @@ if HAS_TRITON:
         bh = rows // T
         h = bh % H
         b = bh // H
+        tw = t
+        wmask = rmask
+        if HAS_POS:
+            tw = t + tl.load(pos_ptr + b * pos_sb, mask=rmask, other=0).to(tl.int64)
+            wmask = rmask & (tw < cap)
         offs_d = tl.arange(0, D)
         y = tl.load(y_ptr + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None], other=0.0)
         cbase = tl.load(meta_ptr + 3 * C + offs_d)
@@ -339,14 +338,14 @@ if HAS_TRITON:
         nbits = tl.load(meta_ptr + 2 * C + offs_c)
         idx3 = tl.reshape(idx, (BLOCK_M, C, 8))
         sh = tl.arange(0, 8)
-        row_ptr = codes_ptr + b * sc_b + h * sc_h + t * sc_t
+        row_ptr = codes_ptr + b * sc_b + h * sc_h + tw * sc_t
         for j in tl.static_range(MAX_BITS):
             byte = tl.sum(((idx3 >> j) & 1) << sh[None, None, :], axis=2)
-            tl.store(
-                row_ptr[:, None] + off[None, :] + j * stride[None, :],
-                byte.to(tl.uint8),
-                mask=rmask[:, None] & (nbits > j)[None, :],
-            )
+            tl.store(row_ptr[:, None] + off[None, :] + j * stride[None, :], byte.to(tl.uint8),
+                     mask=wmask[:, None] & (nbits > j)[None, :])
+        nrow = norms_ptr + b * sn_b + h * sn_h + tw * sn_t
+        for gi in tl.static_range(NORMS):
+            tl.store(nrow + gi, tl.load(nsrc_ptr + rows * NORMS + gi, mask=rmask, other=0.0), mask=wmask)
 
     @triton.jit(do_not_specialize=["length"])
     def _cs_dequantize_kernel(
@@ -619,6 +618,7 @@ def quantize_pack_codespace(
     out_codes: torch.Tensor | None = None,
     out_norms: torch.Tensor | None = None,
     check_range: bool = True,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize and pack ``x`` [B, H, T, d] with any layout: gather + per-group norms and rotation
     in torch, nearest centroid + bit-plane packing in the kernel. Returns ``(codes uint8
@@ -630,6 +630,11 @@ def quantize_pack_codespace(
     if x.dim() != 4 or x.shape[-1] != tables.d:
         raise ValueError(f"`x` must be [B, H, T, d={tables.d}], got {tuple(x.shape)}")
     lead = tuple(x.shape[:-1])
+    pos, pos_sb, cap = None, 0, 0
+    if positions is not None:
+        from turboquant.kernels.quantize_pack import check_positions
+
+        pos, pos_sb, cap, lead = check_positions(positions, x, out_codes, out_norms)
     nshape = _norms_shape(tables, lead)
     if out_codes is None:
         out_codes = torch.empty(*lead, tables.code_nbytes, dtype=torch.uint8, device=x.device)
@@ -660,23 +665,16 @@ def quantize_pack_codespace(
     B, H, T, _ = x.shape
     n_rows = B * H * T
     block_m = 16 if tables.d <= 128 else 8
+    n16 = norms.to(torch.float16).contiguous()  # [B, H, T, groups]
+    nt = out_norms if tables.grouped else out_norms.unsqueeze(-1)
     _cs_quantize_kernel[(triton.cdiv(n_rows, block_m),)](
-        y,
-        out_codes,
-        tables.meta,
-        tables.boundaries,
-        n_rows,
-        H,
-        T,
-        out_codes.stride(0),
-        out_codes.stride(1),
-        out_codes.stride(2),
-        D=tables.d,
-        MAX_BITS=tables.max_bits,
-        BLOCK_M=block_m,
-        num_warps=4,
-    )
-    out_norms.copy_(norms.to(torch.float16) if tables.grouped else norms[..., 0].to(torch.float16))
+        y, n16, out_codes, nt, tables.meta, tables.boundaries, tables.meta if pos is None else pos,
+        n_rows, H, T, cap, pos_sb,
+        out_codes.stride(0), out_codes.stride(1), out_codes.stride(2),
+        nt.stride(0), nt.stride(1), nt.stride(2),
+        D=tables.d, MAX_BITS=tables.max_bits, NORMS=tables.num_norms, BLOCK_M=block_m,
+        HAS_POS=pos is not None, num_warps=4,
+    )  # fmt: skip
     return out_codes, out_norms
 
 

@@ -484,8 +484,9 @@ def layout_defines(k_tables: KernelTables, v_tables: KernelTables) -> dict:
         raise ValueError(f"the CUDA kernel needs head_dim in {CUDA_HEAD_DIMS} and two d/2 segments, got D={d}, D2={d2}")
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-    return dict(D=d, LOG2_D=d.bit_length() - 1, D2=d2, KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-                VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb)
+    names = ("KBA", "KPA", "KSA", "KBB", "KPB", "KSB", "VBA", "VPA", "VSA", "VBB", "VPB", "VSB")
+    segs = (kba, kpa, ksa, kbb, kpb, ksb, vba, vpa, vsa, vbb, vpb, vsb)
+    return {"D": d, "LOG2_D": d.bit_length() - 1, "D2": d2, **dict(zip(names, segs))}
 
 
 def _cache(t: KernelTables) -> dict:
@@ -514,7 +515,7 @@ def _byte_tables(t: KernelTables):
             ent = torch.cat([c, torch.zeros(8 - c.numel(), dtype=torch.float16)])
         bits = ent.view(torch.int16).to(torch.int32) & 0xFFFF
         lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
-        word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24  # noqa: E731
+        word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24
         out.append([word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])])
     return out
 
@@ -644,4 +645,4 @@ def kernel_info() -> list[dict]:
     return out
 
 
-__all__ = ["supports", "variant", "COMPILE_FAILURES", "launch_partial", "kernel_info", "kernel_source", "launch_shape", "CUDA_HEAD_DIMS"]
+__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "kernel_info", "kernel_source", "launch_partial", "launch_shape", "supports", "variant"]

@@ -78,7 +78,7 @@ class KeyQJL:
     scale: float
 
     @classmethod
-    def from_store(cls, store) -> "KeyQJL":
+    def from_store(cls, store) -> KeyQJL:
         """From a prod-mode ``PackedStore`` (``.qjl``, ``.rnorms``, ``.codec.S``, ``.codec.qjl_scale``)."""
         codec = getattr(store, "codec", None)
         if getattr(codec, "S", None) is None:
@@ -129,7 +129,7 @@ def decode_attention_reference(
     """Materialising float32 reference: dequantize ``[0, length)``, append the residual window,
     GQA softmax attention. ``query`` [B, H_q, 1, d] -> [B, 1, H_q, d] (query dtype). With
     ``k_qjl`` (prod keys) ``k̃ = ||k|| Π^T c[idx] + √(π/2)/d · ||r|| · S^T z``."""
-    B, Hq, Tq, d = query.shape
+    Hq = query.shape[1]
     Hkv = k_codes.shape[1]
     dev = query.device
     k = unpack_rotated_reference(k_codes[:, :, :length], k_norms[:, :, :length], k_tables) @ k_tables.rot.to(dev)
@@ -450,7 +450,7 @@ _SIDE_STREAMS: dict = {}
 LAST_LAUNCH: dict = {}  # last compiled kernel handles (register / spill reports in benchmarks)
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """One extra stream a device, for the residual-window splits beside the CUDA kernel."""
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
