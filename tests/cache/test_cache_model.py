@@ -258,8 +258,15 @@ def test_c08_every_recipe_with_the_verdict_on_the_paper_recipe(lm, prefill_2048,
     """Every recipe of ``turboquant.eval.recipes`` reported (measured bits, distortion, IP error,
     bytes vs the layout's ideal); the C08 thresholds applied to the paper's own recipe (§4.3:
     outlier channels at more bits), ``paper-3.5`` and ``paper-2.5``."""
-    from turboquant.eval.recipe_metrics import RECIPES, fill_exact_prefill, kv_errors, make_cache, measured_bits, unit_queries
-    from turboquant.eval.recipe_metrics import user_recipe
+    from turboquant.eval.recipe_metrics import (
+        RECIPES,
+        fill_exact_prefill,
+        kv_errors,
+        make_cache,
+        measured_bits,
+        unit_queries,
+        user_recipe,
+    )
 
     recipes = [*RECIPES, *user_recipe(tq_options)]  # + the --kv_layout/--key_layout/--value_layout row
 
