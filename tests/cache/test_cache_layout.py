@@ -186,7 +186,7 @@ def test_explicit_triton_backend_runs_the_paper_layout_like_torch(models):
     """paper-3.5 / paper-2.5 run in the Triton kernels (code-space quantize_pack and dequantize):
     same codes and reconstructions as the pure-torch store, up to float32 rounding at a boundary."""
     m = models["llama"]
-    kw = dict(key_layout="paper-3.5", value_layout="paper-2.5", residual_length=0)
+    kw = {"key_layout": "paper-3.5", "value_layout": "paper-2.5", "residual_length": 0}
     kern = TurboQuantCache(m.config, append_backend="triton", **kw)
     ref = TurboQuantCache(m.config, append_backend="torch", **kw)
     k, v = _kv(1, 2, 9, 64, 0) * 3, _kv(1, 2, 9, 64, 1)
