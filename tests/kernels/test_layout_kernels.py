@@ -561,3 +561,20 @@ def test_quantize_pack_at_device_positions_equals_slice_writes(kdev, spec):
         with pytest.raises(ValueError, match=r"`positions` \+ T=5 must stay in \[0, capacity=16\]"):
             quantize_pack(x, t, out_codes=codes, out_norms=norms, outliers=out,
                           positions=torch.tensor([3, 12], dtype=torch.int32))
+
+
+@pytest.mark.synthetic
+def test_codespace_rotation_round_trips_and_follows_changed_outliers():
+    """``rotate``/``unrotate`` invert each other (GQA ``repeat`` too); the cached channel
+    permutation follows an in-place change of the outlier indices (no stale cache)."""
+    from turboquant.kernels import CodeSpaceTables
+
+    t = CodeSpaceTables.from_layout(build_layout("paper-3.5", 64, seed=2))
+    out = torch.stack([torch.arange(16), torch.arange(16) + 16])
+    x = torch.randn(1, 4, 3, 64, generator=torch.Generator().manual_seed(0))
+    y = t.rotate(x, out, repeat=2)
+    torch.testing.assert_close(t.unrotate(y, out, repeat=2), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, t.rotate(x, out.repeat_interleave(2, 0)), atol=0, rtol=0)
+    out[0, 0] = 40
+    assert not torch.equal(t.rotate(x, out, repeat=2), y)
+    torch.testing.assert_close(t.rotate(x, out, repeat=2), t.rotate(x, out.clone().repeat_interleave(2, 0)))

@@ -22,7 +22,7 @@ wrappers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,6 +101,7 @@ class CodeSpaceTables:
     centroids: torch.Tensor
     boundaries: torch.Tensor
     rotations: tuple
+    _perms: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -159,7 +160,13 @@ class CodeSpaceTables:
         )
 
     # -- channel order and rotation (torch, outside the kernels) -------------------------------------
-    def _perm(self, outliers: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    def _perm(
+        self, outliers: torch.Tensor | None, x: torch.Tensor, repeat: int = 1
+    ) -> torch.Tensor | None:
+        """Code-order permutation of ``x`` [..., H, T, d] from ``outliers`` [H / repeat, n_out]
+        (each head's for ``repeat`` consecutive heads of ``x``: GQA query heads), expanded to
+        ``x``'s shape; cached per outliers tensor (a store's are fixed after its first update), so
+        a decode step spends no sort on it."""
         if not self.layout.is_grouped:
             return None
         if outliers is None:
@@ -171,7 +178,19 @@ class CodeSpaceTables:
                 f"`outliers` has {outliers.shape[-1]} channels a head, layout {self.layout.name!r} "
                 f"needs n_out={self.layout.n_out}"
             )
-        perm = channel_permutation(outliers.to(x.device).long(), self.d)  # [H, d]
+        key = (id(outliers), repeat, x.device)
+        hit = self._perms.get(key)
+        version = _version(outliers)
+        if hit is not None and hit[0] is outliers and version is not None and hit[1] == version:
+            perm = hit[2]
+        else:
+            perm = channel_permutation(outliers.to(x.device).long(), self.d)  # [H, d]
+            if repeat > 1:
+                perm = perm.repeat_interleave(repeat, dim=0)
+            if len(self._perms) >= 64:
+                self._perms.clear()
+            # the entry holds `outliers`, so its id stays unique while cached
+            self._perms[key] = (outliers, version, perm)
         if x.dim() < 3 or perm.dim() != 2 or perm.shape[0] != x.shape[-3]:
             raise ValueError(
                 f"`outliers` [H, n_out] = {tuple(outliers.shape)} must match the head axis of "
@@ -179,16 +198,20 @@ class CodeSpaceTables:
             )
         return perm.unsqueeze(-2).expand(x.shape)
 
-    def rotate(self, x: torch.Tensor, outliers: torch.Tensor | None = None) -> torch.Tensor:
+    def rotate(
+        self, x: torch.Tensor, outliers: torch.Tensor | None = None, repeat: int = 1
+    ) -> torch.Tensor:
         """Code-space ``[Π_g x_g]_g`` float32 of raw ``x`` [..., H, T, d] (``outliers`` [H, n_out])."""
-        perm = self._perm(outliers, x)
+        perm = self._perm(outliers, x, repeat)
         xc = x.float() if perm is None else torch.gather(x.float(), -1, perm)
         return torch.cat([xc[..., a : a + n] @ p.T for a, n, p in self.rotations], dim=-1)
 
-    def unrotate(self, y: torch.Tensor, outliers: torch.Tensor | None = None) -> torch.Tensor:
+    def unrotate(
+        self, y: torch.Tensor, outliers: torch.Tensor | None = None, repeat: int = 1
+    ) -> torch.Tensor:
         """Inverse of :meth:`rotate`: per group ``Π_g^T``, then scattered back to the raw channels."""
         x = torch.cat([y[..., a : a + n].float() @ p for a, n, p in self.rotations], dim=-1)
-        perm = self._perm(outliers, y)
+        perm = self._perm(outliers, y, repeat)
         return x if perm is None else torch.empty_like(x).scatter_(-1, perm, x)
 
     def group_norms(self, xc: torch.Tensor) -> torch.Tensor:
@@ -202,6 +225,14 @@ class CodeSpaceTables:
         with the coordinates' norm slots: no host sync, unlike a tensor-count repeat_interleave)."""
         slots = self.meta[3 * (self.d // 8) + self.d :].to(device=norms.device, dtype=torch.long)
         return norms.index_select(-1, slots)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place version counter of ``t`` (None for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def as_codespace(tables, device: torch.device | None = None) -> CodeSpaceTables:
@@ -341,11 +372,16 @@ if HAS_TRITON:
         row_ptr = codes_ptr + b * sc_b + h * sc_h + tw * sc_t
         for j in tl.static_range(MAX_BITS):
             byte = tl.sum(((idx3 >> j) & 1) << sh[None, None, :], axis=2)
-            tl.store(row_ptr[:, None] + off[None, :] + j * stride[None, :], byte.to(tl.uint8),
-                     mask=wmask[:, None] & (nbits > j)[None, :])
+            tl.store(
+                row_ptr[:, None] + off[None, :] + j * stride[None, :],
+                byte.to(tl.uint8),
+                mask=wmask[:, None] & (nbits > j)[None, :],
+            )
         nrow = norms_ptr + b * sn_b + h * sn_h + tw * sn_t
         for gi in tl.static_range(NORMS):
-            tl.store(nrow + gi, tl.load(nsrc_ptr + rows * NORMS + gi, mask=rmask, other=0.0), mask=wmask)
+            tl.store(
+                nrow + gi, tl.load(nsrc_ptr + rows * NORMS + gi, mask=rmask, other=0.0), mask=wmask
+            )
 
     @triton.jit(do_not_specialize=["length"])
     def _cs_dequantize_kernel(
@@ -758,11 +794,6 @@ def dequantize_codespace(
     return out[:, :, :length]
 
 
-def _per_query_head(outliers: torch.Tensor | None, G: int) -> torch.Tensor | None:
-    """KV-head outlier channels [H_kv, n_out] -> [H_q, n_out] (each KV head's for its G query heads)."""
-    return None if outliers is None else outliers.repeat_interleave(G, dim=0)
-
-
 def decode_attention_codespace(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -844,7 +875,7 @@ def decode_attention_codespace(
         chunk, S_C = block_n, 0
     chunk_r = 64
     S = S_C + triton.cdiv(R, chunk_r)
-    qc = k_tables.rotate(query, _per_query_head(k_outliers, G)) * qk_scale  # [B, H_q, 1, d] float32
+    qc = k_tables.rotate(query, k_outliers, repeat=G) * qk_scale  # [B, H_q, 1, d] float32
     m_part = buffer(workspace, "m", (B * Hkv, S, G), torch.float32, dev)
     l_part = buffer(workspace, "l", (B * Hkv, S, G), torch.float32, dev)
     acc_part = buffer(workspace, "acc", (B * Hkv, S, G, d), torch.float32, dev)
@@ -925,7 +956,7 @@ def decode_attention_codespace(
     _cs_combine_kernel[(B * Hq,)](
         m_part, l_part, acc_part, out_c, out_r, S_C, S, Hq, G=G, D=d, BLOCK_S=16, num_warps=4
     )
-    out = v_tables.unrotate(out_c, _per_query_head(v_outliers, G)) + out_r
+    out = v_tables.unrotate(out_c, v_outliers, repeat=G) + out_r
     return out.transpose(1, 2).to(query.dtype)
 
 
