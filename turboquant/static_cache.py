@@ -105,24 +105,19 @@ class StaticStore(PackedStore):
         """``x`` [B, H, T, D] -> the stored fields of its T tokens, plus a device flag ``"ok"``
         (every norm inside float16's normal range). Torch path: raises at once instead (host sync;
         CPU). Triton ``quantize_pack`` (CUDA): no host sync, the flag is checked later."""
-        tables = self._encode_tables(x)
+        engine = self._engine(x.device, "encode this update")  # PackedStore's backend choice
+        tables = getattr(engine, "tables", None)
         if tables is None:
             parts = {f: p for f, p in zip(self.FIELDS, self.codec.encode(x, self.outliers)) if p is not None}
             parts["ok"] = None
             return parts
         from turboquant.kernels import quantize_pack
 
-        codes, norms = quantize_pack(x, tables, check_range=False)
+        self.kernel_appends += 1
+        kw = {"outliers": self.outliers} if self.codec.grouped else {}
+        codes, norms = quantize_pack(x, tables, check_range=False, **kw)
         ok = torch.isfinite(norms).all() & ~((norms > 0) & (norms < torch.finfo(NORM_DTYPE).tiny)).any()
         return {"codes": codes, "norms": norms, "ok": ok}
-
-    def _encode_tables(self, x: torch.Tensor):
-        """The Triton encoder's tables where ``append_backend`` and the codec allow it, else None
-        (the reasons and the ``'triton'`` refusal are :class:`PackedStore`'s)."""
-        if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
-            return None
-        return self._tables_for((x.device, x.dtype, x.dim()), x.device, lambda: self.kernel_unsupported(x),
-                                "encode this update")
 
     def write(self, parts: dict[str, torch.Tensor], slots: torch.Tensor) -> None:
         """Store encoded tokens at absolute positions ``slots`` (int64 device tensor [T])."""
@@ -340,24 +335,33 @@ class StaticTurboQuantLayer(CacheLayerMixin):
             return "an attention mask (the kernel reads lengths; build the cache with unpadded_decode=True " \
                    "when no batch row is padded)"
         for store in (self.key_store, self.value_store):
-            why = store._codec_unsupported(query.device)
+            if store.codec.mode != "mse":
+                return f"mode {store.codec.mode!r} (the device-length path decodes mse codes)"
+            why = tk.layout_unsupported(store.codec.layout, query.device)
             if why is not None:
                 return why
         return None
 
     def _attend_kernel(self, query: torch.Tensor, scaling: float, attention_mask) -> torch.Tensor | None:
+        """``decode_attention`` with device lengths: codes ``[0, F)``, ring slots ``[0, L - F)``,
+        grid sized by ``max_cache_len``, one workspace a layer (no host sync, no allocation)."""
         if self.kernel_unsupported(query, attention_mask) is not None:
             return None
         from turboquant.kernels import KernelTables, decode_attention
+        from turboquant.kernels.workspace import DecodeWorkspace
 
         ks, vs = self.key_store, self.value_store
-        if "tables" not in ks._kernel:
-            ks._kernel["tables"] = KernelTables.from_quantizer(ks.codec.quantizer, query.device)
-            vs._kernel["tables"] = KernelTables.from_quantizer(vs.codec.quantizer, query.device)
+        if not ks._kernel:
+            for st in (ks, vs):
+                st._kernel["tables"] = KernelTables.from_quantizer(st.codec.quantizer, query.device)
+            ks._kernel["workspace"] = DecodeWorkspace()
         length, flushed, _ = self._window_slots()
         return decode_attention(query, ks.codes, ks.norms, vs.codes, vs.norms, flushed.to(torch.int32),
                                 ks._kernel["tables"], vs._kernel["tables"], scaling, self._rk, self._rv,
-                                max_length=self.max_cache_len, residual_length=(length - flushed).to(torch.int32))
+                                k_outliers=ks.outliers if ks.codec.grouped else None,
+                                v_outliers=vs.outliers if vs.codec.grouped else None,
+                                max_length=self.max_cache_len, residual_length=(length - flushed).to(torch.int32),
+                                workspace=ks._kernel["workspace"])
 
     def _attend_torch(self, query: torch.Tensor, scaling: float, attention_mask) -> torch.Tensor:
         """Scores over all ``N`` code slots and ``R`` ring slots; a device-side validity mask keeps

@@ -209,11 +209,26 @@ def test_bad_sizes_are_named(models, kw, match):
         StaticTurboQuantCache(models["llama"].config, **kw)
 
 
-def test_kernel_path_reason_is_named_on_cpu(models):
-    """Without the device-length kernel the torch path runs; the reason is inspectable."""
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_device_length_kernel_path_equals_torch_path(models, recipe):
+    """The CUDA path's call (``decode_attention`` with device lengths F and L - F, ``max_length``,
+    a workspace) under ``TRITON_INTERPRET=1`` on CPU gives the torch path's output; calls it
+    cannot serve are named."""
+    from turboquant.kernels import kernels_available
+
+    if not kernels_available(torch.device("cpu")):
+        pytest.skip("needs Triton with TRITON_INTERPRET=1 (the root conftest sets it without CUDA)")
     m = models["llama"]
-    cache = _static(m, "halves-3.5")
-    with torch.no_grad():
-        m(input_ids=_prompt(), past_key_values=cache)
-    why = cache.layers[0].kernel_unsupported(torch.zeros(BATCH, 4, 1, 64), None)
-    assert isinstance(why, str) and why
+    cache = _static(m, recipe)
+    ids = _prompt()
+    with turboquant_attention(m), torch.no_grad():
+        m(input_ids=torch.cat([ids, ids], 1)[:, :2 * WINDOW + 3], past_key_values=cache)  # F = 32, window 3
+        m(input_ids=ids[:, :1], past_key_values=cache)
+    layer = cache.layers[0]
+    q = torch.randn(BATCH, 4, 1, 64, generator=torch.Generator().manual_seed(1))
+    assert layer.kernel_unsupported(q, None) is None
+    got, ref = layer._attend_kernel(q, 0.125, None), layer._attend_torch(q, 0.125, None)
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-4
+    assert "query tokens" in layer.kernel_unsupported(torch.zeros(BATCH, 4, 2, 64), None)
+    assert "unpadded_decode" in layer.kernel_unsupported(q, torch.ones(BATCH, 1, 1, MAX_LEN, dtype=torch.bool))
