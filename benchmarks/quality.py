@@ -36,6 +36,7 @@ from turboquant.eval.longbench import build_prompt_ids
 from turboquant.eval.quality import (
     measured_bits,
     needle_run,
+    package_versions,
     paired_scores,
     qa_run,
     save_result,
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None, lm=None) -> dict:
         "meta": {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu {platform.processor()} "
                  f"({torch.get_num_threads()} threads)", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                 "packages": package_versions(("optimum-quanto", "hqq", "scipy")),
                  "model": args.model_id or "SmolLM2-135M-Instruct (embedded GGUF)", "seed": args.seed,
                  "needle_grid": {"lengths": lengths, "depths": depths, "trials": trials},
                  "qa_set": {"source": "data/squad_qa (SQuAD v2 dev, CC BY-SA 4.0)", "lengths": qa_lengths,
