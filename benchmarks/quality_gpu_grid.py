@@ -56,7 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--qa-per-cell", type=int, default=10, help="x 4 lengths x 5 positions")
     ap.add_argument("--kl-prompts", type=int, default=64)
     ap.add_argument("--kl-tokens", type=int, default=16)
-    ap.add_argument("--no-seed-logs", action="store_true", help="do not import the earlier H200 needle logs")
+    ap.add_argument("--seed-logs", nargs="*", default=[str(p) for p in OLD_LOGS],
+                    help="runner logs whose needle lines are imported once (default: the earlier H200 run's)")
+    ap.add_argument("--name", default="quality_gpu", help="result file stem under --out")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads a worker")
     return ap.parse_args(argv)
 
 
@@ -68,14 +71,14 @@ def spec_from_args(args: argparse.Namespace) -> grid.GridSpec:
                          kl_prompts=args.kl_prompts, kl_tokens=args.kl_tokens)
 
 
-def prepare(state: Path, spec: grid.GridSpec, seed_logs: bool) -> dict[str, int]:
-    """Create / check the state; import the old logs once (marker file ``seeded``)."""
+def prepare(state: Path, spec: grid.GridSpec, logs: list[str]) -> dict[str, int]:
+    """Create / check the state; import the logs' needle lines once (marker file ``seeded``)."""
     grid.init_state(state, spec)
     marker = state / "seeded"
-    if not seed_logs or marker.is_file():
+    if not logs or marker.is_file():
         return {}
-    counts = grid.seed_from_logs(state, spec, OLD_LOGS)
-    marker.write_text(json.dumps({"logs": [p.name for p in OLD_LOGS], "imported": counts}))
+    counts = grid.seed_from_logs(state, spec, [Path(p) for p in logs])
+    marker.write_text(json.dumps({"logs": [Path(p).name for p in logs], "imported": counts}))
     return counts
 
 
@@ -86,8 +89,8 @@ def start_workers(args: argparse.Namespace, state: Path, call: str, deadline: fl
     procs = []
     for i in range(args.workers):
         fh = (log_dir / f"worker{i:02d}.log").open("a")
-        cmd = [sys.executable, "-m", "turboquant.eval.grid", "--state", str(state), "--call", call,
-               "--deadline", f"{deadline:.1f}", "--device", args.device]
+        cmd = [sys.executable, "-m", "turboquant.eval.grid_worker", "--state", str(state), "--call", call,
+               "--deadline", f"{deadline:.1f}", "--device", args.device, "--threads", str(args.threads)]
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT), fh))
     return procs
 
@@ -115,9 +118,10 @@ def meta(args: argparse.Namespace, call: str, seconds: float) -> dict:
         f"cpu {platform.processor()}"
     return {"device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
             "transformers": transformers.__version__, "packages": package_versions(("optimum-quanto", "hqq", "triton")),
-            "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)", "last_call": call,
+            "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)", "threads": args.threads, "last_call": call,
             "last_call_seconds": round(seconds, 1), "workers": args.workers,
-            "needle_seed_logs": [f"results/quality_gpu_logs/{p.name}" for p in OLD_LOGS]}
+            "needle_seed_logs": [str(Path(p).resolve().relative_to(ROOT)) if Path(p).resolve().is_relative_to(ROOT)
+                                 else str(p) for p in args.seed_logs]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     state, out = Path(args.state), Path(args.out)
     spec = spec_from_args(args)  # unknown recipe names raise listing the valid ones
-    imported = prepare(state, spec, not args.no_seed_logs)
+    imported = prepare(state, spec, args.seed_logs)
     if imported:
         print(f"imported from the earlier logs: {imported}", flush=True)
     call = time.strftime("%Y%m%d-%H%M%S")
@@ -141,14 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
     from turboquant.eval.quality import save_result
 
     out.mkdir(parents=True, exist_ok=True)
-    save_result(result, out / "quality_gpu.json")
-    (out / "quality_gpu_table.md").write_text(quality_merge.readme_table(result) + "\n")
+    save_result(result, out / f"{args.name}.json")
+    (out / f"{args.name}_table.md").write_text(quality_merge.readme_table(result) + "\n")
     with tarfile.open(out / "quality_grid_state.tar.gz", "w:gz") as tar:
         tar.add(state, arcname="quality_grid", filter=lambda ti: None if "/claims" in ti.name else ti)
     done = grid.progress(state, spec)
     left = {t: {s: len(spec.keys(t)) - n for s, n in by.items() if n < len(spec.keys(t))} for t, by in done.items()}
     print(json.dumps({"progress": done, "left": left, "skipped": result["skipped"]}, indent=1))
-    print(f"wrote {out}/quality_gpu.json ({time.time() - t0:.0f} s)")
+    print(f"wrote {out}/{args.name}.json ({time.time() - t0:.0f} s)")
     return result
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from turboquant.eval import grid
+from turboquant.eval import grid, grid_worker
 
 pytestmark = pytest.mark.synthetic
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,11 +46,14 @@ def fake_evaluate(calls: list | None = None, fail: str | None = None):
     """Scores that depend on (setting, key) only: full finds every needle, halves-2.5 loses the
     needles of trial 0, fp8 none; QA F1 1.0 / 0.5; KL grows as bits fall."""
 
-    def evaluate(src, task, setting, key):
+    def evaluate(src, task, settings, key):
+        if fail in settings:
+            raise RuntimeError(f"{fail} cannot build its extension here")
+        return {s: one(task, s, key) for s in settings}
+
+    def one(task, setting, key):
         if calls is not None:
             calls.append((task, setting, key))
-        if setting == fail:
-            raise RuntimeError(f"{setting} cannot build its extension here")
         if task == "needle":
             length, depth, trial = key[1:].split("-")
             lost = setting == "halves-2.5" and trial == "t0"
@@ -68,13 +71,14 @@ def fake_evaluate(calls: list | None = None, fail: str | None = None):
 
 def test_grid_plan_runs_qa_then_kl_then_needles_with_the_paper_recipes_last() -> None:
     spec = _spec(names=("paper-3.5", "halves-3.5"))
-    tasks = [(c.task, c.setting) for c in grid.plan(spec)]
-    first_needle = tasks.index(("needle", "full"))
-    assert tasks[0] == ("qa", "full") and tasks.index(("kl", "paper-3.5")) < first_needle
-    assert ("kl", "full") not in tasks, "KL computes its full-precision reference in the same call"
-    needles = [s for t, s in tasks if t == "needle"]
-    assert needles.index("paper-3.5") > max(i for i, s in enumerate(needles) if s == "halves-3.5")
-    assert sum(len(c.keys) for c in grid.plan(spec) if (c.task, c.setting) == ("needle", "full")) == 6
+    chunks = grid.plan(spec)
+    order = [(c.task, c.settings) for c in chunks]
+    assert order[0] == ("qa", ("full", "paper-3.5", "halves-3.5"))
+    assert ("kl", ("paper-3.5", "halves-3.5")) in order, "KL computes its full reference in the same call"
+    needles = [c.settings for c in chunks if c.task == "needle"]
+    assert needles[:3] == [("full", "halves-3.5")] * 3 and needles[3:] == [("paper-3.5",)] * 3
+    assert [c.task for c in chunks] == sorted([c.task for c in chunks], key=grid.TASKS.index)
+    assert sum(len(c.keys) for c in chunks if c.task == "needle" and "full" in c.settings) == 6
 
 
 def test_needle_cases_are_trial_major_so_a_cut_run_covers_every_length() -> None:
@@ -108,17 +112,17 @@ def test_worker_stops_at_the_deadline_and_a_second_call_finishes_without_recompu
     ticking = iter(range(10**6))
     budget = 7
 
-    def evaluate(src, task, setting, key):  # each case "takes" one tick of the deadline clock
+    def evaluate(src, task, settings, key):  # each case "takes" one tick of the deadline clock
         next(ticking)
-        return fake_evaluate(calls)(src, task, setting, key)
+        return fake_evaluate(calls)(src, task, settings, key)
 
     start = time.time()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grid.time, "time", lambda: start + len(calls) / 100)
-        n1 = grid.run_worker(model, None, tmp_path, "call1", start + budget / 100, log=lambda s: None,
-                             evaluate=evaluate)
-    assert n1 == budget == len(calls)
-    n2 = grid.run_worker(model, None, tmp_path, "call2", time.time() + 60, log=lambda s: None,
+        mp.setattr(grid_worker.time, "time", lambda: start + len(calls) / 100)
+        n1 = grid_worker.run_worker(model, None, tmp_path, "call1", start + budget / 100, log=lambda s: None,
+                                    evaluate=evaluate)
+    assert n1 == len(calls) and budget <= n1 < budget + 3, "stops at the first case after the deadline"
+    n2 = grid_worker.run_worker(model, None, tmp_path, "call2", time.time() + 60, log=lambda s: None,
                          evaluate=fake_evaluate(calls))
     assert n1 + n2 == total and len(calls) == total
     assert len(set(calls)) == total, "a finished case was computed twice"
@@ -131,8 +135,9 @@ def test_a_chunk_claimed_by_another_worker_of_the_same_call_is_left_to_it(tmp_pa
     first = grid.plan(spec)[0]
     assert grid.claim(tmp_path, "c", first) and not grid.claim(tmp_path, "c", first)
     calls: list = []
-    grid.run_worker(model, None, tmp_path, "c", time.time() + 60, log=lambda s: None, evaluate=fake_evaluate(calls))
-    assert not any((t, s) == (first.task, first.setting) and k in first.keys for t, s, k in calls)
+    grid_worker.run_worker(model, None, tmp_path, "c", time.time() + 60, log=lambda s: None, evaluate=fake_evaluate(calls))
+    assert not any(t == first.task and k in first.keys for t, s, k in calls)
+    assert any(t == first.task for t, s, k in calls), "the other chunks of the task did run"
 
 
 def test_a_line_cut_by_a_killed_worker_is_dropped(tmp_path: Path) -> None:
@@ -147,10 +152,11 @@ def test_merge_of_a_grid_pairs_by_key_and_a_failing_baseline_is_a_skip_row_with_
                                                                                           model) -> None:
     spec = _spec()
     grid.init_state(tmp_path, spec)
-    grid.run_worker(model, None, tmp_path, "c", time.time() + 60, log=lambda s: None,
+    grid_worker.run_worker(model, None, tmp_path, "c", time.time() + 60, log=lambda s: None,
                     evaluate=fake_evaluate(fail="fp8-e4m3"))
     res = quality_merge.merge_grid(tmp_path, {"device": "test"})
     assert "fp8-e4m3" in res["skipped"] and "cannot build its extension" in res["skipped"]["fp8-e4m3"]
+    assert (tmp_path / "failed" / "needle__fp8-e4m3.txt").is_file(), "each task's first error is kept"
     row = res["recipes"]["halves-2.5"]
     assert res["n_needles"] == 6 and res["n_qa"] == 10 and row["n_needles"] == 6 and row["n_qa"] == 10
     assert row["needle_acc"] == pytest.approx(4 / 6) and row["full_needle_acc"] == 1.0
@@ -170,7 +176,7 @@ def test_a_recipe_not_run_yet_has_no_verdict(tmp_path: Path, model) -> None:
     grid.init_state(tmp_path, spec)
     for key in spec.keys("qa"):
         for s in ("full", "halves-2.5"):
-            grid.append_record(tmp_path / "qa" / s / "00000.jsonl", fake_evaluate()(None, "qa", s, key))
+            grid.append_record(tmp_path / "qa" / s / "00000.jsonl", fake_evaluate()(None, "qa", [s], key)[s])
     row = quality_merge.merge_grid(tmp_path)["recipes"]["halves-2.5"]
     assert row["n_needles"] == 0 and row["needle_verdict"] is None and row["needle_acc"] is None
     assert row["kl"] is None and row["qa_verdict"] == "WARN"
@@ -183,7 +189,7 @@ def test_unavailable_recipes_are_skip_rows_with_the_reason(tmp_path: Path) -> No
     spec = _spec()
     grid.init_state(tmp_path, spec)
     calls: list = []
-    grid.run_worker(hybrid, None, tmp_path, "c", time.time() + 60, log=lambda s: None, evaluate=fake_evaluate(calls))
+    grid_worker.run_worker(hybrid, None, tmp_path, "c", time.time() + 60, log=lambda s: None, evaluate=fake_evaluate(calls))
     assert not any(s == "fp8-e4m3" for _, s, _ in calls)
     res = quality_merge.merge_grid(tmp_path)
     assert "full-attention" in res["skipped"]["fp8-e4m3"] and "fp8-e4m3" not in res["recipes"]
@@ -202,7 +208,7 @@ def test_earlier_runner_logs_are_imported_once_and_not_rerun(tmp_path: Path, mod
     assert counts == {"full": 2, "halves-2.5": 2}, "depth 0.9 is not in this grid"
     assert grid.seed_from_logs(state, spec, [log]) == {}, "imported twice"
     calls: list = []
-    grid.run_worker(model, None, state, "c", time.time() + 60, log=lambda s: None, evaluate=fake_evaluate(calls))
+    grid_worker.run_worker(model, None, state, "c", time.time() + 60, log=lambda s: None, evaluate=fake_evaluate(calls))
     assert ("needle", "full", "L1024-d0.5-t0") not in calls and ("needle", "full", "L2048-d0.5-t0") in calls
     rec = grid.setting_records(state, "needle", "halves-2.5")["L1024-d0.5-t1"]
     assert rec["score"] == 1.0 and rec["source"] == "part1.log"
@@ -212,9 +218,9 @@ def test_launcher_resume_reuses_the_state_and_imports_the_logs_once(tmp_path: Pa
     launcher = _load("quality_gpu_grid")
     args = launcher.parse_args(["--state", str(tmp_path), "--recipes", "halves-3.5", "--needle-trials", "2"])
     spec = launcher.spec_from_args(args)
-    first = launcher.prepare(tmp_path, spec, seed_logs=True)
+    first = launcher.prepare(tmp_path, spec, args.seed_logs)
     assert first == {"full": 40, "halves-3.5": 40}, "2 trials x 4 lengths x 5 depths from the H200 logs"
-    assert launcher.prepare(tmp_path, spec, seed_logs=True) == {}
+    assert launcher.prepare(tmp_path, spec, args.seed_logs) == {}
     assert json.loads((tmp_path / "seeded").read_text())["imported"] == first
     with pytest.raises(KeyError, match="valid"):
         launcher.spec_from_args(launcher.parse_args(["--recipes", "halves-3.5,int3"]))

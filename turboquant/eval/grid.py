@@ -8,12 +8,14 @@ The grid (:class:`GridSpec`) is a list of cases per task, each with a stable str
   trial-major order (a run cut short covers every cell with fewer trials);
 * ``qa``: the SQuAD multi-document QA set (:mod:`turboquant.eval.squad_qa`), key its ``_id``,
   interleaved over (length, gold position) cells;
-* ``kl``: evenly spaced QA prompts, key ``p{index}``: teacher-forced next-token KL and top-1 of one
-  recipe against full precision (:func:`turboquant.eval.quality.teacher_forced_kl`).
+* ``kl``: evenly spaced QA prompts, key ``p{index}``: teacher-forced next-token KL and top-1 of
+  each recipe against full precision (:func:`turboquant.eval.quality.teacher_forced_kl`).
 
-A *chunk* is ``chunk_size`` consecutive cases of one task under one setting (``full`` included for
-needles and QA; KL computes its full-precision reference in the same call). Pairing is by case key
-at merge time (:mod:`benchmarks.quality_merge`), so the full-precision run happens once a grid.
+A *chunk* is ``chunk_size`` consecutive cases of one task under a group of settings, run together
+case by case so that they share one prefill (``full`` included for needles and QA; KL computes its
+full-precision reference in the same call). A worker (:mod:`turboquant.eval.grid_worker`) claims
+chunks; records are kept per setting, and paired with full precision by case key at merge time
+(``benchmarks/quality_merge.py --grid``).
 
 State directory (plain files, safe to copy between machines)::
 
@@ -21,7 +23,7 @@ State directory (plain files, safe to copy between machines)::
     <task>/<setting>/<start>.jsonl     one JSON record a finished case (a chunk's file)
     <task>/<setting>/log.jsonl         cases imported from an earlier run's log (seed_from_logs)
     claims/<call>/<chunk>              chunks claimed during one call (O_CREAT | O_EXCL)
-    failed/<task>__<setting>.txt       first error of a setting: its remaining chunks are skipped
+    failed/<task>__<setting>.txt       first error of a setting: its remaining cases are skipped
     skipped/<setting>.txt              why a recipe cannot run on the model
 """
 
@@ -29,9 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,6 @@ from turboquant.eval import squad_qa
 from turboquant.eval.recipes import FULL, get_recipe
 
 TASKS: tuple[str, ...] = ("qa", "kl", "needle")
-NEEDLE_TASK = "niah_single"
-QA_MAX_PROMPT_TOKENS = 7500
 # recipes whose needle chunks come after every other needle chunk (slowest on CUDA, and their
 # first 238 / 241 needles are already in the H200 logs)
 LATE_NEEDLES: tuple[str, ...] = ("paper-3.5", "paper-2.5")
@@ -130,30 +128,32 @@ class GridSpec:
 
 @dataclass(frozen=True)
 class Chunk:
+    """Cases ``keys`` (from index ``start``) of ``task``, each under every setting of ``settings``."""
+
     task: str
-    setting: str
+    group: int
+    settings: tuple[str, ...]
     start: int
     keys: tuple[str, ...]
 
     @property
     def name(self) -> str:
-        return f"{self.task}__{slug(self.setting)}__{self.start:05d}"
+        return f"{self.task}__g{self.group}__{self.start:05d}"
 
 
 def plan(spec: GridSpec) -> list[Chunk]:
-    """Every chunk, in priority order: QA (all settings), KL, needles, then :data:`LATE_NEEDLES`
-    needles; within a task, chunk ``k`` of every setting before chunk ``k + 1``."""
+    """Every chunk, in priority order: QA (every setting), KL (every recipe), needles (every setting
+    but :data:`LATE_NEEDLES`), then the :data:`LATE_NEEDLES` needles."""
     out: list[Chunk] = []
     for task in TASKS:
         keys = spec.keys(task)
         size = spec.chunk_sizes[task]
         groups = [spec.settings(task)]
         if task == "needle":
-            early = [s for s in groups[0] if s not in LATE_NEEDLES]
-            groups = [early, [s for s in groups[0] if s in LATE_NEEDLES]]
-        for group in groups:
-            for start in range(0, len(keys), size):
-                out += [Chunk(task, s, start, tuple(keys[start : start + size])) for s in group]
+            groups = [[s for s in groups[0] if s not in LATE_NEEDLES], [s for s in groups[0] if s in LATE_NEEDLES]]
+        for gi, group in enumerate(g for g in groups if g):
+            out += [Chunk(task, gi, tuple(group), start, tuple(keys[start : start + size]))
+                    for start in range(0, len(keys), size)]
     return out
 
 
@@ -218,7 +218,7 @@ def skip_reason(state: Path, setting: str) -> str | None:
     return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
-def _write_reason(state: Path, kind: str, name: str, text: str) -> None:
+def write_reason(state: Path, kind: str, name: str, text: str) -> None:
     path = _reason_file(state, kind, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -296,159 +296,3 @@ def seed_from_logs(state: Path, spec: GridSpec, logs: Sequence[Path]) -> dict[st
                     have[key] = {}
                     counts[setting] = counts.get(setting, 0) + 1
     return counts
-
-
-# ---------------------------------------------------------------------------------------------
-# the worker
-
-
-class CaseSource:
-    """Builds the inputs of a case from its key (needle prompts are made on demand)."""
-
-    def __init__(self, model: Any, tokenizer: Any, spec: GridSpec) -> None:
-        from turboquant.eval.needle import model_max_positions
-
-        self.model, self.tokenizer, self.spec = model, tokenizer, spec
-        self.limit = model_max_positions(model)
-        self._qa: dict[str, Any] | None = None
-        self._kl: list[Any] | None = None
-
-    def needle(self, key: str) -> Any:
-        from turboquant.eval.ruler import get_task
-
-        length, depth, trial = key[1:].split("-")
-        return get_task(NEEDLE_TASK).make(self.tokenizer, int(length), float(depth[1:]), int(trial[1:]),
-                                          seed=self.spec.seed, max_positions=self.limit)
-
-    def qa(self, key: str) -> Any:
-        if self._qa is None:
-            self._qa = {ex.id: ex for ex in self.spec.qa_examples()}
-        return self._qa[key]
-
-    def kl_prompt(self, key: str) -> tuple[str, list[int]]:
-        from turboquant.eval.longbench import build_prompt_ids
-
-        if self._kl is None:
-            self._kl = self.spec.kl_examples()
-        ex = self._kl[int(key[1:])]
-        return ex.id, build_prompt_ids(self.tokenizer, ex, QA_MAX_PROMPT_TOKENS)[0]
-
-
-def evaluate_case(src: CaseSource, task: str, setting: str, key: str) -> dict:
-    """One case under one setting -> its record (scores, output, timings)."""
-    from turboquant.eval.recipes import recipe_cache_factory
-    from turboquant.eval.runner import generate_settings
-
-    model, tok = src.model, src.tokenizer
-    t0 = time.perf_counter()
-    if task == "needle":
-        from turboquant.eval.ruler import get_task
-
-        case = src.needle(key)
-        run = generate_settings(model, tok, case.input_ids, [setting], recipe_cache_factory(model),
-                                get_task(NEEDLE_TASK).max_new_tokens)
-        gen = run.generations[setting]
-        rec = {"length": case.context_tokens, "depth": case.depth, "trial": case.trial, "n_tokens": case.n_tokens,
-               "output": gen.text, "score": case.score(gen.text)}
-    elif task == "qa":
-        from turboquant.eval.longbench import MAX_NEW_TOKENS, build_prompt_ids
-        from turboquant.eval.metrics import score_example
-
-        ex = src.qa(key)
-        ids, truncated = build_prompt_ids(tok, ex, QA_MAX_PROMPT_TOKENS)
-        max_new = MAX_NEW_TOKENS[ex.dataset]
-        if src.limit is not None and len(ids) + max_new > src.limit:
-            raise ValueError(f"{key}: prompt of {len(ids)} tokens + {max_new} exceeds the context {src.limit}")
-        run = generate_settings(model, tok, ids, [setting], recipe_cache_factory(model), max_new)
-        gen = run.generations[setting]
-        rec = {"n_tokens": len(ids), "truncated": truncated, "output": gen.text, "answers": list(ex.answers),
-               "official": score_example(ex.dataset, gen.text, ex.answers, ex.all_classes),
-               "containment": score_example(ex.dataset, gen.text, ex.answers, ex.all_classes, metric="containment")}
-    elif task == "kl":
-        from turboquant.eval.quality import teacher_forced_kl
-
-        example_id, ids = src.kl_prompt(key)
-        res = teacher_forced_kl(model, [ids], [setting], n_tokens=src.spec.kl_tokens)[setting]
-        rec = {"example": example_id, "n_tokens": len(ids), "kl": res["kl"], "top1": res["top1"],
-               "bits_measured": res["bits_measured"], "positions": res["n_positions"]}
-    else:
-        raise ValueError(f"unknown grid task {task!r}; valid: {list(TASKS)}")
-    return {"key": key, "setting": setting, **rec, "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def pending(state: Path, chunks: Sequence[Chunk]) -> Iterator[tuple[Chunk, list[str]]]:
-    """Chunks with cases not yet recorded (and whose setting has not failed), with those keys."""
-    cache: dict[tuple[str, str], set[str]] = {}
-    for chunk in chunks:
-        if failure(state, chunk.task, chunk.setting) is not None or skip_reason(state, chunk.setting):
-            continue
-        ident = (chunk.task, chunk.setting)
-        if ident not in cache:
-            cache[ident] = set(setting_records(state, *ident))
-        missing = [k for k in chunk.keys if k not in cache[ident]]
-        if missing:
-            yield chunk, missing
-
-
-def run_worker(model: Any, tokenizer: Any, state: Path, call: str, deadline: float,
-               log: Callable[[str], None] = print, evaluate: Callable[..., dict] = evaluate_case) -> int:
-    """Claim pending chunks of this call in plan order and record their cases until ``deadline``
-    (epoch seconds; checked before every case). Returns the number of cases recorded."""
-    from turboquant.eval.recipes import available
-
-    state = Path(state)
-    spec = load_spec(state)
-    _, skipped = available(list(spec.names), model.config)
-    for name, reason in skipped.items():
-        _write_reason(state, "skipped", slug(name), reason)
-    src = CaseSource(model, tokenizer, spec)
-    done = 0
-    for chunk, missing in pending(state, plan(spec)):
-        if time.time() >= deadline:
-            break
-        if not claim(state, call, chunk):
-            continue
-        path = state / chunk.task / slug(chunk.setting) / f"{chunk.start:05d}.jsonl"
-        for key in missing:
-            if time.time() >= deadline:
-                log(f"[deadline] {chunk.name} stopped before {key}")
-                return done
-            try:
-                rec = evaluate(src, chunk.task, chunk.setting, key)
-            except Exception as exc:  # noqa: BLE001  (a setting that cannot run here: record why)
-                _write_reason(state, "failed", f"{chunk.task}__{slug(chunk.setting)}",
-                              f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
-                log(f"[failed] {chunk.name} at {key}: {type(exc).__name__}: {exc}")
-                break
-            append_record(path, rec)
-            done += 1
-            score = rec.get("score", rec.get("official", rec.get("kl")))
-            log(f"[{chunk.task}] {chunk.setting} {key} {score:.4f} {rec['seconds']:.2f}s")
-    return done
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m turboquant.eval.grid --state DIR --call ID --deadline EPOCH [--device cuda]``:
-    one worker (loads the embedded model, then :func:`run_worker`)."""
-    import argparse
-
-    import torch
-
-    ap = argparse.ArgumentParser(description="one worker of the resumable quality grid")
-    ap.add_argument("--state", required=True)
-    ap.add_argument("--call", required=True)
-    ap.add_argument("--deadline", type=float, required=True, help="epoch seconds")
-    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    ap.add_argument("--model-id", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    from turboquant.models import load_model
-
-    lm = load_model(args.model_id, device=args.device)
-    n = run_worker(lm.model, lm.tokenizer, Path(args.state), args.call, args.deadline,
-                   log=lambda s: print(s, flush=True))
-    print(f"[worker done] {n} cases", flush=True)
-
-
-if __name__ == "__main__":
-    main()
