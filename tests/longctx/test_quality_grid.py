@@ -29,9 +29,9 @@ quality_merge = _load("quality_merge")
 
 
 def _spec(**kw) -> grid.GridSpec:
-    base = dict(names=("halves-2.5", "fp8-e4m3"), needle_lengths=(1024, 2048), needle_depths=(0.5,),
-                needle_trials=3, qa_lengths=(1024,), qa_per_cell=2, kl_prompts=4, kl_tokens=2,
-                chunk_sizes={"needle": 2, "qa": 4, "kl": 2})
+    base = {"names": ("halves-2.5", "fp8-e4m3"), "needle_lengths": (1024, 2048), "needle_depths": (0.5,),
+            "needle_trials": 3, "qa_lengths": (1024,), "qa_per_cell": 2, "kl_prompts": 4, "kl_tokens": 2,
+            "chunk_sizes": {"needle": 2, "qa": 4, "kl": 2}}
     return grid.GridSpec(**{**base, **kw})
 
 
@@ -70,13 +70,14 @@ def fake_evaluate(calls: list | None = None, fail: str | None = None):
 
 
 def test_grid_plan_runs_qa_then_kl_then_needles_with_the_paper_recipes_last() -> None:
-    spec = _spec(names=("paper-3.5", "halves-3.5"))
+    spec = _spec(names=("paper-3.5", "halves-3.5", "quanto-int4"))
     chunks = grid.plan(spec)
     order = [(c.task, c.settings) for c in chunks]
     assert order[0] == ("qa", ("full", "paper-3.5", "halves-3.5"))
+    assert order[3] == ("qa", ("quanto-int4",)), "a setting that may compile an extension runs apart"
     assert ("kl", ("paper-3.5", "halves-3.5")) in order, "KL computes its full reference in the same call"
     needles = [c.settings for c in chunks if c.task == "needle"]
-    assert needles[:3] == [("full", "halves-3.5")] * 3 and needles[3:] == [("paper-3.5",)] * 3
+    assert needles == [("full", "halves-3.5")] * 3 + [("quanto-int4",)] * 3 + [("paper-3.5",)] * 3
     assert [c.task for c in chunks] == sorted([c.task for c in chunks], key=grid.TASKS.index)
     assert sum(len(c.keys) for c in chunks if c.task == "needle" and "full" in c.settings) == 6
 

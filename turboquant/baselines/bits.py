@@ -4,9 +4,8 @@ rotation signs excluded, as they do not grow with the context)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import torch
 

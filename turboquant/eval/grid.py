@@ -43,6 +43,10 @@ TASKS: tuple[str, ...] = ("qa", "kl", "needle")
 # recipes whose needle chunks come after every other needle chunk (slowest on CUDA, and their
 # first 238 / 241 needles are already in the H200 logs)
 LATE_NEEDLES: tuple[str, ...] = ("paper-3.5", "paper-2.5")
+# settings that may compile a native extension at first use (quanto builds its CUDA kernels with
+# nvcc): chunks of their own after the task's other chunks, so a build or its failure holds up no
+# other setting
+ISOLATED: tuple[str, ...] = ("quanto-int4", "quanto-int2")
 
 
 def slug(setting: str) -> str:
@@ -142,15 +146,16 @@ class Chunk:
 
 
 def plan(spec: GridSpec) -> list[Chunk]:
-    """Every chunk, in priority order: QA (every setting), KL (every recipe), needles (every setting
-    but :data:`LATE_NEEDLES`), then the :data:`LATE_NEEDLES` needles."""
+    """Every chunk, in priority order: QA, KL, needles, then the :data:`LATE_NEEDLES` needles; in
+    each task the :data:`ISOLATED` settings come in chunks of their own after the others."""
     out: list[Chunk] = []
     for task in TASKS:
         keys = spec.keys(task)
         size = spec.chunk_sizes[task]
-        groups = [spec.settings(task)]
-        if task == "needle":
-            groups = [[s for s in groups[0] if s not in LATE_NEEDLES], [s for s in groups[0] if s in LATE_NEEDLES]]
+        settings = spec.settings(task)
+        late = LATE_NEEDLES if task == "needle" else ()
+        groups = [[s for s in settings if s not in ISOLATED and s not in late],
+                  [s for s in settings if s in ISOLATED], [s for s in settings if s in late]]
         for gi, group in enumerate(g for g in groups if g):
             out += [Chunk(task, gi, tuple(group), start, tuple(keys[start : start + size]))
                     for start in range(0, len(keys), size)]
