@@ -16,7 +16,7 @@ Usage::
 
     python benchmarks/quality_merge.py --out results/quality_gpu.json part1.json part2.json
     python benchmarks/quality_merge.py --grid runs/quality_grid --out results/quality_gpu.json
-    python benchmarks/quality_merge.py --readme-table results/quality_gpu.json
+    python benchmarks/quality_merge.py --readme-table results/quality_gpu.json --readme README.md
 """
 
 from __future__ import annotations
@@ -189,17 +189,34 @@ def readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def replace_marked(text: str, marker: str, table: str) -> str:
+    """``text`` with the lines between ``<!-- {marker}:begin -->`` and ``<!-- {marker}:end -->``
+    replaced by ``table`` (both markers must be present, once)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"`--readme`: expected one {begin} ... {end} block")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", default=None, help="a turboquant.eval.grid state directory")
     ap.add_argument("--meta", default="{}", help="JSON object merged into meta (device, date, versions)")
     ap.add_argument("--readme-table", default=None, metavar="RESULT_JSON", help="print its Markdown table")
+    ap.add_argument("--readme", default=None, help="with --readme-table: rewrite the marked block of this file")
+    ap.add_argument("--marker", default="quality-gpu-table", help="the block's marker name")
     ap.add_argument("parts", nargs="*")
     args = ap.parse_args(argv)
     if args.readme_table:
         result = json.loads(Path(args.readme_table).read_text())
-        print(readme_table(result))
+        table = readme_table(result)
+        if args.readme:
+            path = Path(args.readme)
+            path.write_text(replace_marked(path.read_text(), args.marker, table))
+        print(table)
         return result
     if not args.out or bool(args.grid) == bool(args.parts):
         ap.error("give --out and either --grid DIR or part files")

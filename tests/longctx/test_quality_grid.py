@@ -225,3 +225,22 @@ def test_launcher_resume_reuses_the_state_and_imports_the_logs_once(tmp_path: Pa
     assert json.loads((tmp_path / "seeded").read_text())["imported"] == first
     with pytest.raises(KeyError, match="valid"):
         launcher.spec_from_args(launcher.parse_args(["--recipes", "halves-3.5,int3"]))
+
+
+def test_plots_of_a_small_result_are_written_as_png(tmp_path: Path, model) -> None:
+    from turboquant.eval.quality import save_result
+
+    state = tmp_path / "state"
+    grid.init_state(state, _spec())
+    grid_worker.run_worker(model, None, state, "c", time.time() + 60, log=lambda s: None, evaluate=fake_evaluate())
+    save_result(quality_merge.merge_grid(state, {"device": "test", "date": "2026-12-01"}), tmp_path / "q.json")
+    for name in ("q_needle_heatmap.png", "q_vs_bits.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, f"{name}: {len(data)} bytes"
+
+
+def test_readme_block_is_replaced_between_its_markers_only() -> None:
+    text = "intro\n<!-- t:begin -->\nold\n<!-- t:end -->\nrest\n"
+    assert quality_merge.replace_marked(text, "t", "| new |") == "intro\n<!-- t:begin -->\n| new |\n<!-- t:end -->\nrest\n"
+    with pytest.raises(ValueError, match="expected one <!-- u:begin -->"):
+        quality_merge.replace_marked(text, "u", "x")
