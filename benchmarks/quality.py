@@ -10,12 +10,9 @@ CPU (small grid, minutes)::
 
     python benchmarks/quality.py --n-needles 9 --n-qa 20 --kl-prompts 4
 
-GPU tier (the full grid; ``--recipes`` splits it over processes that share the GPU, and
-``benchmarks/quality_merge.py`` joins their files: the full-precision run is repeated in each, the
-same deterministic numbers)::
-
-    python benchmarks/quality.py --device cuda --n-needles 500 --n-qa 200 --kl-prompts 64 \\
-        --out results/quality_gpu.json
+GPU tier: ``benchmarks/quality_gpu_grid.py`` (the same cases and rules, resumable, parallel
+workers on one GPU; ``benchmarks/quality_merge.py`` joins files of this script split by
+``--recipes`` too).
 """
 
 from __future__ import annotations
