@@ -71,7 +71,7 @@ class GridSpec:
     kl_prompts: int = 64
     kl_tokens: int = 16
     seed: int = 0
-    chunk_sizes: dict[str, int] = field(default_factory=lambda: {"needle": 25, "qa": 10, "kl": 8})
+    chunk_sizes: dict[str, int] = field(default_factory=lambda: {"needle": 10, "qa": 5, "kl": 4})
 
     def __post_init__(self) -> None:
         for n in self.names:
