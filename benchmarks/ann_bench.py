@@ -34,9 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from turboquant.ann import ANNDataset, UnsupportedConfig, evaluate, make_index, synthetic_dataset  # noqa: E402
-from turboquant.ann.faiss_indexes import faiss_pq  # noqa: E402
-from turboquant.ann.plot import plot_recall_vs_bits  # noqa: E402
+from turboquant.ann import ANNDataset, UnsupportedConfig, evaluate, make_index, synthetic_dataset
+from turboquant.ann.faiss_indexes import faiss_pq
+from turboquant.ann.plot import plot_recall_vs_bits
 
 METHODS = ["turboquant-mse", "turboquant-prod", "faiss-tqmse", "faiss-tq", "faiss-sq", "faiss-rabitq", "faiss-pq"]
 

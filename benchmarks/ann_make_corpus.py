@@ -35,9 +35,9 @@ def sentences(text: str) -> list[str]:
             continue
         for s in _SPLIT.split(para):
             s = s.strip().strip('"')
-            if 40 <= len(s) <= 300 and s[0].isupper() and s.count(" ") >= 6 and not _CODE.search(s):
-                if s[-1] in ".!?":
-                    out.append(s)
+            long_prose = 40 <= len(s) <= 300 and s[0].isupper() and s.count(" ") >= 6
+            if long_prose and not _CODE.search(s) and s[-1] in ".!?":
+                out.append(s)
     return out
 
 
@@ -51,13 +51,13 @@ def stdlib_docstrings() -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 mod = importlib.import_module(name)
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - a stdlib module that cannot import here has no docstrings to add
             continue
         texts.append(inspect.getdoc(mod) or "")
         for _, obj in sorted(vars(mod).items()):
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                if getattr(obj, "__module__", None) == name:
-                    texts.append(inspect.getdoc(obj) or "")
+            defined_here = getattr(obj, "__module__", None) == name
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and defined_here:
+                texts.append(inspect.getdoc(obj) or "")
     return texts
 
 

@@ -25,9 +25,9 @@ from turboquant.models import tiny_config
 from turboquant.report import device_description
 
 SHAPES = {
-    64: ("llama", dict(head_dim=64, num_layers=4, num_kv_heads=3, num_heads=9, hidden_size=576)),
-    128: ("llama", dict(head_dim=128, num_layers=4, num_kv_heads=8, num_heads=32, hidden_size=256)),
-    256: ("qwen3_5_text", dict(head_dim=256, num_layers=8, num_kv_heads=4, num_heads=24, hidden_size=240)),
+    64: ("llama", {"head_dim": 64, "num_layers": 4, "num_kv_heads": 3, "num_heads": 9, "hidden_size": 576}),
+    128: ("llama", {"head_dim": 128, "num_layers": 4, "num_kv_heads": 8, "num_heads": 32, "hidden_size": 256}),
+    256: ("qwen3_5_text", {"head_dim": 256, "num_layers": 8, "num_kv_heads": 4, "num_heads": 24, "hidden_size": 240}),
 }
 TOKENS = (2048, 8192)
 BITS = (3.5, 2.5)

@@ -105,7 +105,7 @@ def _compat_layer_kwargs(cfg) -> None:
     dict a layer for this script (reported to the cache owner)."""
     import inspect
 
-    import turboquant.cache as tc
+    import turboquant.cache.model_cache as tc
     from transformers import cache_utils
 
     orig = cache_utils.get_layer_types_and_kwargs

@@ -24,26 +24,26 @@ from turboquant.quantizer import (
 from turboquant.rotation import DenseRotation, HadamardRotation, fwht, make_rotation
 
 __all__ = [
-    # rotations
-    "fwht",
-    "HadamardRotation",
-    "DenseRotation",
-    "make_rotation",
-    # codebooks
-    "Codebook",
-    "lloyd_max_codebook",
     # quantizers
     "SUPPORTED_BITS",
-    "parse_bits",
-    "TurboQuantMSE",
-    "TurboQuantProd",
-    "ScalarQuantizer",
+    # codebooks
+    "Codebook",
+    "DenseRotation",
+    "HadamardRotation",
     "MSEQuantized",
-    "ProdQuantized",
     "PackedMSE",
     "PackedProd",
+    "ProdQuantized",
+    "ScalarQuantizer",
+    "TurboQuantMSE",
+    "TurboQuantProd",
+    # rotations
+    "fwht",
+    "lloyd_max_codebook",
+    "make_rotation",
     # packing
     "pack_bits",
-    "unpack_bits",
     "packed_nbytes",
+    "parse_bits",
+    "unpack_bits",
 ]

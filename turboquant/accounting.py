@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 GIB = 2**30
 FULL, LINEAR, SLIDING = "full_attention", "linear_attention", "sliding_attention"
@@ -46,7 +47,7 @@ class KVLayout:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, config: dict | str | Path) -> "KVLayout":
+    def from_config(cls, config: dict | str | Path) -> KVLayout:
         """Read a ``config.json`` (path or dict); multimodal configs use their ``text_config``."""
         if isinstance(config, (str, Path)):
             path = Path(config)
@@ -137,9 +138,29 @@ class MemoryRow:
     total_ratio: float
 
 
-def memory_table(layout: KVLayout, contexts: list[int], bits: float, weights_gib: float,
-                 base_bits: float = 16, metadata_bits_per_vector: float = 0, batch: int = 1) -> list[MemoryRow]:
-    """KV and model+KV memory at each context, full precision vs ``bits`` (the seed's C06 table)."""
+def code_layout_bits(code_layout: Any, head_dim: int) -> tuple[float, float]:
+    """``(bits, metadata_bits_per_vector)`` of one stored vector read from a code layout: its
+    code bits a coordinate and its float16 norms (``turboquant.layout.CodeLayout``; a name or
+    bits is built at ``head_dim``). Outlier indices are per (layer, head), not per token."""
+    from turboquant.layout import CodeLayout, build_layout
+
+    lay = code_layout if isinstance(code_layout, CodeLayout) else build_layout(code_layout, head_dim, rotation="dense")
+    if lay.d != head_dim:
+        raise ValueError(f"`code_layout` is for d={lay.d}, the model's head_dim is {head_dim}")
+    return lay.code_bits, 8 * lay.norm_nbytes
+
+
+def memory_table(layout: KVLayout, contexts: list[int], bits: float | None, weights_gib: float,
+                 base_bits: float = 16, metadata_bits_per_vector: float = 0, batch: int = 1,
+                 code_layout: Any = None) -> list[MemoryRow]:
+    """KV and model+KV memory at each context, full precision vs ``bits`` (the seed's C06 table),
+    or vs the bytes of ``code_layout`` (codes + norms of one vector, :func:`code_layout_bits`)."""
+    if code_layout is not None:
+        if bits is not None or metadata_bits_per_vector:
+            raise ValueError("give `bits` (and `metadata_bits_per_vector`) or `code_layout`, not both")
+        bits, metadata_bits_per_vector = code_layout_bits(code_layout, layout.head_dim)
+    elif bits is None:
+        raise ValueError("`bits` or `code_layout` is required")
     rows = []
     for t in contexts:
         full = layout.kv_bytes(t, base_bits, batch) / GIB

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from turboquant.cache import PackedStore, TurboQuantLayer
+    from turboquant.store_protocol import CodeStore, CompressedLayer
 
 ATTENTION_NAME = "turboquant"
 # Keys are scored this many tokens at a time: the transient centroid block is [B, H, CHUNK, D].
@@ -319,7 +319,7 @@ def _sign_lut(device: torch.device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # the reference / CPU attention
 # ------------------------------------------------------------------------------------------------
-def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: "PackedStore", start: int, stop: int) -> torch.Tensor:
+def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: "CodeStore", start: int, stop: int) -> torch.Tensor:
     """Scores ``<q, k̃_j>`` for stored keys ``j in [start, stop)``: q [B, H, M, D] (``qr = Π q``) -> [B, H, M, n]."""
     codec = store.codec
     s = None
@@ -351,7 +351,7 @@ def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: "PackedStore"
     return s
 
 
-def _store_values(p: torch.Tensor, store: "PackedStore", start: int, stop: int) -> torch.Tensor:
+def _store_values(p: torch.Tensor, store: "CodeStore", start: int, stop: int) -> torch.Tensor:
     """``Σ_j p_j ṽ_j`` over stored values ``j in [start, stop)``: ``p`` [B, H, M, n] -> [B, H, M, D]."""
     codec = store.codec
     out = None
@@ -402,7 +402,7 @@ def _expand_mask(mask: torch.Tensor | None, n_rep: int, kv_len: int, tq: int) ->
 
 def compressed_attention_reference(
     query: torch.Tensor,
-    layer: "TurboQuantLayer",
+    layer: "CompressedLayer",
     scaling: float,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -419,7 +419,7 @@ def compressed_attention_reference(
 
 def _compressed_attention(
     query: torch.Tensor,
-    layer: "TurboQuantLayer",
+    layer: "CompressedLayer",
     scaling: float,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -461,7 +461,7 @@ def _compressed_attention(
 
 def compressed_attention(
     query: torch.Tensor,
-    layer: "TurboQuantLayer",
+    layer: "CompressedLayer",
     scaling: float,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -506,7 +506,7 @@ class _Handoff(threading.local):
 _HANDOFF = _Handoff()
 
 
-def handoff(layer: "TurboQuantLayer | None", layer_idx: int = -1, key: torch.Tensor | None = None) -> None:
+def handoff(layer: "CompressedLayer | None", layer_idx: int = -1, key: torch.Tensor | None = None) -> None:
     """Called by the cache's ``update``: the next attention call for ``layer_idx`` whose ``key``
     argument *is* ``key`` reads ``layer``'s compressed storage. ``handoff(None)`` drops a record
     that no attention call took (e.g. a forward that raised in between), so it cannot be taken
@@ -514,7 +514,7 @@ def handoff(layer: "TurboQuantLayer | None", layer_idx: int = -1, key: torch.Ten
     _HANDOFF.record = None if layer is None else (layer, layer_idx, key)
 
 
-def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> "TurboQuantLayer | None":
+def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> "CompressedLayer | None":
     """Return the layer recorded for this attention call, or ``None`` (plain attention).
 
     Raises if the cache prepared a compressed call for this layer but the model changed the key

@@ -97,7 +97,7 @@ def _law(d: int, law: str):
     return _GaussianCoordinateLaw(d)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lloyd_max_codebook(bits: int, d: int, law: str = "beta", tol: float = 1e-12, max_iter: int = 5000) -> Codebook:
     """The b-bit Lloyd-Max codebook for the coordinate law in dimension ``d`` (cached per arguments).
 

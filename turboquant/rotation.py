@@ -13,7 +13,6 @@ import torch
 
 from turboquant.validation import check_power_of_two
 
-
 _SYLVESTER: dict = {}
 
 

@@ -3,6 +3,7 @@ one contract for every method, metrics, and bad input."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -195,7 +196,7 @@ def test_recall_rises_with_bits(variant):
         idx = TurboQuantIndex(128, b, variant)
         idx.add(ds.base)
         recalls.append(recall_at_k(idx.search(ds.queries, 10).ids, ds.gt, 10))
-    assert all(b > a for a, b in zip(recalls, recalls[1:])), f"TQ-{variant} recall@10 by bits 1..4: {recalls}"
+    assert all(b > a for a, b in itertools.pairwise(recalls)), f"TQ-{variant} recall@10 by bits 1..4: {recalls}"
     assert recalls[-1] > 0.8, f"TQ-{variant} 4-bit recall@10 {recalls[-1]:.3f} <= 0.8"
 
 

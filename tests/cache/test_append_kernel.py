@@ -19,7 +19,12 @@ import sys
 import pytest
 import torch
 
-from turboquant.cache import TurboQuantCache, TurboQuantCacheConfig, TurboQuantLayer, turboquant_attention
+from turboquant.cache import (
+    TurboQuantCache,
+    TurboQuantCacheConfig,
+    TurboQuantLayer,
+    turboquant_attention,
+)
 from turboquant.models import tiny_config, tiny_model
 from turboquant.quantizer import PackedMSE
 
@@ -188,8 +193,8 @@ def test_append_backend_is_validated():
 
 
 @pytest.mark.synthetic
-@pytest.mark.parametrize("override,why", [(dict(key_mode="prod", value_mode="prod"), "mode 'prod'"),
-                                          (dict(rotation="dense"), "rotation 'dense'")])
+@pytest.mark.parametrize("override,why", [({"key_mode": "prod", "value_mode": "prod"}, "mode 'prod'"),
+                                          ({"rotation": "dense"}, "rotation 'dense'")])
 def test_triton_backend_refuses_what_the_kernel_cannot_encode(override, why):
     cfg = tiny_config("qwen3_5_text", head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64)
     cache = TurboQuantCache(cfg, key_bits=3, value_bits=3, residual_length=0, append_backend="triton", **override)

@@ -186,7 +186,7 @@ def test_explicit_triton_backend_raises_naming_the_outlier_layout(models):
 def test_auto_backend_falls_back_to_torch_with_one_warning_for_an_outlier_layout():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: append_backend='auto' considers the kernels on CUDA only")
-    import turboquant.cache as cache_mod
+    import turboquant.cache.backends as cache_mod
 
     m = tiny_model("llama", seed=0, **SHAPES["llama"]).cuda()
     cache_mod._WARNED_LAYOUTS.discard("paper-3.5")

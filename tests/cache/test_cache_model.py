@@ -254,17 +254,27 @@ def test_c08_attention_output_kl_mse_vs_prod_asymmetric(lm, prefill_2048, claim)
 
 
 @pytest.mark.claim("C08", "real KV proxy")
-def test_c08_every_recipe_with_the_verdict_on_the_paper_recipe(lm, prefill_2048, claim):
+def test_c08_every_recipe_with_the_verdict_on_the_paper_recipe(lm, prefill_2048, tq_options, claim):
     """Every recipe of ``turboquant.eval.recipes`` reported (measured bits, distortion, IP error,
     bytes vs the layout's ideal); the C08 thresholds applied to the paper's own recipe (§4.3:
     outlier channels at more bits), ``paper-3.5`` and ``paper-2.5``."""
-    from turboquant.eval.recipe_metrics import RECIPES, fill_exact_prefill, kv_errors, make_cache, measured_bits, unit_queries
+    from turboquant.eval.recipe_metrics import (
+        RECIPES,
+        fill_exact_prefill,
+        kv_errors,
+        make_cache,
+        measured_bits,
+        unit_queries,
+        user_recipe,
+    )
+
+    recipes = [*RECIPES, *user_recipe(tq_options)]  # + the --kv_layout/--key_layout/--value_layout row
 
     tokens = prefill_2048.input_ids.shape[1]
     d = lm.model.config.get_text_config(decoder=True).head_dim
     queries = unit_queries(64, d, 0)
     rows = {}
-    for r in RECIPES:
+    for r in recipes:
         cache = fill_exact_prefill(make_cache(lm.model.config, r), prefill_2048)
         err, bits = kv_errors(prefill_2048, cache, queries), measured_bits(cache)
         pinned, ideal = cache_nbytes(cache).kv_pinned(), ideal_kv_nbytes(cache, tokens)
@@ -272,7 +282,7 @@ def test_c08_every_recipe_with_the_verdict_on_the_paper_recipe(lm, prefill_2048,
                         "distortion": round((err["distortion_k"] + err["distortion_v"]) / 2, 5),
                         "distortion_k": round(err["distortion_k"], 5), "distortion_v": round(err["distortion_v"], 5),
                         "ip_sqerr": err["attn_ip_sqerr"], "measured_over_ideal": round(pinned / ideal - 1, 4)}
-    claim.setting(model=lm.name, seq=tokens, head_dim=d, queries=64, seed=0, recipes=[r.name for r in RECIPES],
+    claim.setting(model=lm.name, seq=tokens, head_dim=d, queries=64, seed=0, recipes=[r.name for r in recipes],
                   verdict_on=["paper-3.5", "paper-2.5"])
     claim.measured(recipes=rows)
     p35, p25 = rows["paper-3.5"], rows["paper-2.5"]

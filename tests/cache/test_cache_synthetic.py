@@ -22,8 +22,8 @@ pytestmark = pytest.mark.synthetic
 
 ARCHS = ["llama", "qwen3_5_text"]
 SHAPES = {  # 4 layers: qwen3_5_text = 3 Gated DeltaNet + 1 full attention (Qwen3.6's pattern)
-    "llama": dict(head_dim=64, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64),
-    "qwen3_5_text": dict(head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64),
+    "llama": {"head_dim": 64, "num_layers": 2, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
+    "qwen3_5_text": {"head_dim": 64, "num_layers": 4, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
 }
 
 
@@ -80,7 +80,7 @@ def test_fused_attention_equals_dequantized_sdpa(models, arch, bits):
 @pytest.mark.parametrize("mode", ["mse", "prod"])
 def test_prod_and_asymmetric_modes_match_dequantized(models, mode):
     m, ids = models["llama"], _ids(60, seed=2)
-    kw = dict(key_bits=4, value_bits=2.5, key_mode=mode, value_mode="mse", residual_length=8)
+    kw = {"key_bits": 4, "value_bits": 2.5, "key_mode": mode, "value_mode": "mse", "residual_length": 8}
     a = _teacher_forced_logits(m, TurboQuantCache(m.config, **kw), ids, 30)
     with turboquant_attention(m):
         b = _teacher_forced_logits(m, TurboQuantCache(m.config, **kw), ids, 30)
@@ -140,7 +140,7 @@ def test_generate_batch_left_padding(models, arch):
     batch[0], batch[1, 8:] = a[0], b[0]
     mask = torch.ones(2, 30, dtype=torch.long)
     mask[1, :8] = 0
-    kw = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    kw = {"max_new_tokens": 8, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad(), turboquant_attention(m):
         both = m.generate(input_ids=batch, attention_mask=mask, past_key_values=TurboQuantCache(m.config, key_bits=4, value_bits=4, residual_length=4), **kw)
         single = m.generate(input_ids=b, past_key_values=TurboQuantCache(m.config, key_bits=4, value_bits=4, residual_length=4), **kw)
@@ -154,7 +154,7 @@ def test_generate_batch_left_padding(models, arch):
 def test_beam_search_and_reorder_are_exact(models):
     m = models["llama"]
     ids = _ids(20, seed=5)
-    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    kw = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False}
     with torch.no_grad(), turboquant_attention(m):
         ref = m.generate(input_ids=ids, past_key_values=DynamicCache(config=m.config), **kw)
         got = m.generate(input_ids=ids, past_key_values=TurboQuantCache(m.config, key_bits=16, value_bits=16), **kw)

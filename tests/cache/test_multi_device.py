@@ -17,8 +17,8 @@ from turboquant.models import tiny_model
 pytestmark = pytest.mark.gpu
 
 SHAPES = {
-    "llama": dict(head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64),
-    "qwen3_5_text": dict(head_dim=64, num_layers=8, num_kv_heads=2, num_heads=4, hidden_size=64),
+    "llama": {"head_dim": 64, "num_layers": 4, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
+    "qwen3_5_text": {"head_dim": 64, "num_layers": 8, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
 }
 NEW_TOKENS = 24
 

@@ -81,13 +81,13 @@ def test_update_with_another_batch_size_is_refused_before_writing():
 
 # -- settings -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,err,match", [
-    (dict(seed=1.7), TypeError, "`seed` must be an int, got 1.7"),
-    (dict(seed="x"), TypeError, "`seed` must be an int"),
-    (dict(seed=True), TypeError, "`seed` must be an int"),
-    (dict(law="foo"), ValueError, r"`law` must be one of \('beta', 'gaussian'\)"),
-    (dict(protected_layers=(1.7,)), TypeError, "`protected_layers` entries must be ints"),
-    (dict(protected_layers=(True,)), TypeError, "`protected_layers` entries must be ints"),
-    (dict(protected_layers=None), TypeError, "`protected_layers` must be an int or a tuple of ints"),
+    ({"seed": 1.7}, TypeError, "`seed` must be an int, got 1.7"),
+    ({"seed": "x"}, TypeError, "`seed` must be an int"),
+    ({"seed": True}, TypeError, "`seed` must be an int"),
+    ({"law": "foo"}, ValueError, r"`law` must be one of \('beta', 'gaussian'\)"),
+    ({"protected_layers": (1.7,)}, TypeError, "`protected_layers` entries must be ints"),
+    ({"protected_layers": (True,)}, TypeError, "`protected_layers` entries must be ints"),
+    ({"protected_layers": None}, TypeError, "`protected_layers` must be an int or a tuple of ints"),
 ])
 def test_bad_cache_settings_are_refused_at_construction(kw, err, match):
     with pytest.raises(err, match=match):

@@ -45,6 +45,6 @@ def run(model_dir: str) -> dict:
 
 if __name__ == "__main__":
     result = run(sys.argv[1])
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(sys.argv[2], "w") as f:
             json.dump(result, f)

@@ -172,12 +172,16 @@ def test_kv_accounting_reproduces_the_seed_table(claim, repo_root):
     seed_rows = memory_table(layout, [r[0] for r in SEED_C06], 2.5, weights_gib=55.6)
     own_rows = memory_table(layout, [r[0] for r in SEED_C06], 2.5, weights_gib=weights_gib)
     norm_rows = memory_table(layout, [r[0] for r in SEED_C06], 2.5, weights_gib=weights_gib, metadata_bits_per_vector=16)
+    # the bytes the paper's recipe really stores at this head_dim, read from its CodeLayout
+    paper_rows = {name: memory_table(layout, [r[0] for r in SEED_C06], None, weights_gib=weights_gib, code_layout=name)
+                  for name in ("paper-2.5", "halves-2.5")}
     claim.setting(config=str(cfg.relative_to(repo_root)), full_attention_layers=layout.n_full,
                   linear_attention_layers=layout.n_linear, kv_heads=layout.num_kv_heads, head_dim=layout.head_dim)
     claim.measured(
         seed_weights_rows=[r.__dict__ for r in seed_rows],
         config_weights_rows=[r.__dict__ for r in own_rows],
         with_fp16_norm_rows=[r.__dict__ for r in norm_rows],
+        layout_rows={name: [r.__dict__ for r in rows] for name, rows in paper_rows.items()},
         text_model_parameters=params, weights_bf16_gib=weights_gib,
         linear_attention_state_mib=layout.linear_state_bytes() / 2**20,
     )
@@ -189,6 +193,11 @@ def test_kv_accounting_reproduces_the_seed_table(claim, repo_root):
         assert abs(row.total_full_gib - tot) < 0.01 and abs(row.total_quant_gib - tot25) < 0.01
         assert abs(row.total_ratio - ratio) < 0.01, f"{tokens}: ratio {row.total_ratio:.3f} vs {ratio}"
     assert abs(params / 1e9 - 26.9) < 0.05 and abs(weights_gib - 50.1) < 0.05
+    # head_dim 256: paper-2.5 = 64 channels at 3 bits + 192 at 2 + two float16 norms = 76 bytes
+    # (2.375 bits a coordinate); halves-2.5 = 128 x 3 + 128 x 2 bits + one norm = 82 bytes (2.5625)
+    for name, nbytes in (("paper-2.5", 76), ("halves-2.5", 82)):
+        per_token = 2 * layout.num_kv_heads * nbytes * layout.n_full
+        assert paper_rows[name][0].kv_quant_gib == per_token * SEED_C06[0][0] / GIB, name
 
 
 # ---- C14 ---------------------------------------------------------------------------------------

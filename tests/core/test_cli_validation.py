@@ -48,6 +48,9 @@ BAD_VALUES = [
     ("--attn_implementation", "flash", "sdpa, eager"),
     ("--suite", "fast", "synthetic, model, gpu, all"),
     ("-n", "0", "integer >= 1, auto or logical"),
+    ("--kv_layout", "paper-4", "halves-3.5, halves-2.5, halves-1.5, paper-3.5, paper-2.5"),
+    ("--key_layout", "outliers-20-4-3", "outliers-<n_out>-<b_hi>-<b_lo>"),
+    ("--value_layout", "halves-5", "paper-3.5"),
 ]
 
 
@@ -188,3 +191,35 @@ def test_pytest_tests_receive_parsed_option_values(inner_suite):
     assert doc["claims"][0]["measured"] == {"positions": [0.25, 0.75]}
     assert doc["meta"]["options"]["needle_positions"] == [0.25, 0.75]
 
+
+
+def test_help_lists_every_layout_with_its_measured_bits(capsys):
+    """``--help`` names each layout preset with the bits a coordinate its bytes hold (norms
+    included), read from the layout: paper-3.5 is 3.5 bits at head_dim 128 (52 code bytes + 2
+    float16 norms), 3.75 at head_dim 64."""
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("--kv_layout", "--key_layout", "--value_layout", "paper-3.5 (3.75 / 3.5)",
+                     "paper-2.5 (2.75 / 2.5)", "halves-3.5 (3.75 / 3.62)"):
+        assert fragment in text, f"{fragment!r} missing from verify --help"
+
+
+def test_layout_options_pick_the_verdict_recipe_and_build_its_cache():
+    """``--kv_layout paper-3.5 --value_layout halves-2.5`` -> the C09/C10 verdict recipe
+    ``Kpaper-3.5/Vhalves-2.5``, a TurboQuantCache with exactly those layouts; no layout option ->
+    the paper's recipe at the required bits."""
+    from types import SimpleNamespace
+
+    from turboquant.eval.recipes import claim_recipe, get_recipe
+    from turboquant.models import tiny_config
+
+    cfg = tiny_config("llama", head_dim=64, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64)
+    values = parse_suite_options({"kv_layout": "paper-3.5", "value_layout": "halves-2.5"}, lambda o: o.name)
+    opts = SimpleNamespace(**values)
+    name, note = claim_recipe(opts, "3.5", cfg)
+    assert name == "Kpaper-3.5/Vhalves-2.5" and "user layouts" in note
+    cache = get_recipe(name).build(cfg)
+    assert (cache.settings.key_layout, cache.settings.value_layout) == ("paper-3.5", "halves-2.5")
+    plain = SimpleNamespace(**parse_suite_options({}, lambda o: o.name))
+    assert claim_recipe(plain, "2.5", cfg) == ("paper-2.5", None)

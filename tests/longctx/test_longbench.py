@@ -28,7 +28,7 @@ from turboquant.eval.quality import (
     shuffled_control,
     teacher_forced_kl,
 )
-from turboquant.eval.recipes import RECIPES, available, get_recipe, verdict_recipe
+from turboquant.eval.recipes import RECIPES, available, claim_recipe, get_recipe
 from turboquant.eval.runner import default_cache_factory
 
 DEFAULT_MAX_PROMPT_TOKENS = 7500  # LongBench truncates to the model's window; SmolLM2 has 8192
@@ -112,7 +112,7 @@ def _qa_data(opts: SimpleNamespace, tier: str):
 def _qa_claim(claim, lm: SimpleNamespace, opts: SimpleNamespace, tier: str, recipes: tuple[str, ...]) -> None:
     config = lm.model.config
     bits = f"{float(opts.longbench_required_bits):g}"
-    primary, note = verdict_recipe(bits, config)
+    primary, note = claim_recipe(opts, bits, config)
     names, skipped = available(list(dict.fromkeys([primary, *recipes])), config)
     data, source = _qa_data(opts, tier)
     max_prompt = int(opts.longbench_max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS)

@@ -28,7 +28,7 @@ from turboquant.eval.needle import (
     score_all,
 )
 from turboquant.eval.quality import measured_bits, needle_run, paired_scores, shuffled_control
-from turboquant.eval.recipes import RECIPES, available, get_recipe, verdict_recipe
+from turboquant.eval.recipes import RECIPES, available, claim_recipe, get_recipe
 from turboquant.eval.runner import needle_settings, run_task_grid
 
 # Grids declared once. CPU: one key/value per cell (9 per setting) because the compressed decode
@@ -122,7 +122,7 @@ def _needle_claim(claim, lm: SimpleNamespace, opts: SimpleNamespace, grid: dict,
     interval) on the paper's recipe at the required bits when it runs, else on halves-<bits>."""
     config = lm.model.config
     bits = f"{float(opts.needle_required_bits):g}"
-    primary, note = verdict_recipe(bits, config)
+    primary, note = claim_recipe(opts, bits, config)
     names, skipped = available(list(dict.fromkeys([primary, *recipes])), config)
     claim.setting(
         seed=SEED, grid=name, task="niah_single", lengths=grid["lengths"], depths=grid["depths"],

@@ -14,7 +14,15 @@ Every index obeys one contract (FAISS style): ``train(x)`` (a no-op for online m
 
 from turboquant.ann import plot as _plot  # noqa: F401  (registers the C12 plot)
 from turboquant.ann.base import ANNIndex, SearchResult, UnsupportedConfig
-from turboquant.ann.bench import METHODS, RECALL_1_KS, MethodResult, evaluate, make_index, run_grid, table
+from turboquant.ann.bench import (
+    METHODS,
+    RECALL_1_KS,
+    MethodResult,
+    evaluate,
+    make_index,
+    run_grid,
+    table,
+)
 from turboquant.ann.datasets import ANNDataset, anisotropic, gaussian, synthetic_dataset
 from turboquant.ann.faiss_indexes import FaissIndex, faiss_available
 from turboquant.ann.metrics import exact_topk, recall_1_at_k, recall_at_k
@@ -22,33 +30,33 @@ from turboquant.ann.pq import PQKMeansIndex, pq_layout
 from turboquant.ann.tq_index import FlatIndex, ScalarIndex, TurboQuantIndex
 
 __all__ = [
-    # contract
-    "ANNIndex",
-    "SearchResult",
-    "UnsupportedConfig",
-    # indexes
-    "TurboQuantIndex",
-    "ScalarIndex",
-    "PQKMeansIndex",
-    "pq_layout",
-    "FaissIndex",
-    "faiss_available",
-    "FlatIndex",
     # harness
     "METHODS",
     "RECALL_1_KS",
-    "MethodResult",
-    "make_index",
-    "evaluate",
-    "run_grid",
-    "table",
-    # metrics
-    "exact_topk",
-    "recall_at_k",
-    "recall_1_at_k",
     # data
     "ANNDataset",
-    "synthetic_dataset",
-    "gaussian",
+    # contract
+    "ANNIndex",
+    "FaissIndex",
+    "FlatIndex",
+    "MethodResult",
+    "PQKMeansIndex",
+    "ScalarIndex",
+    "SearchResult",
+    # indexes
+    "TurboQuantIndex",
+    "UnsupportedConfig",
     "anisotropic",
+    "evaluate",
+    # metrics
+    "exact_topk",
+    "faiss_available",
+    "gaussian",
+    "make_index",
+    "pq_layout",
+    "recall_1_at_k",
+    "recall_at_k",
+    "run_grid",
+    "synthetic_dataset",
+    "table",
 ]

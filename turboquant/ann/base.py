@@ -13,8 +13,8 @@ Input checks live here once, so every index fails the same way on bad input:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

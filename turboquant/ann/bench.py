@@ -8,8 +8,8 @@ factory raises :class:`~turboquant.ann.base.UnsupportedConfig` when the method h
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 import torch
 

@@ -38,7 +38,7 @@ class ANNDataset:
     @classmethod
     def from_vectors(
         cls, name: str, base: torch.Tensor, queries: torch.Tensor, gt_k: int = 100, meta: dict | None = None
-    ) -> "ANNDataset":
+    ) -> ANNDataset:
         base = base.to(torch.float32).contiguous()
         queries = queries.to(torch.float32).contiguous()
         gt = exact_topk(base, queries, min(gt_k, base.shape[0]))

@@ -194,3 +194,34 @@ def recipe_cache_factory(model: Any) -> Callable[[str], Any]:
         return recipe.build(model.config)
 
     return factory
+
+
+def layout_recipe(key_layout: str, value_layout: str) -> str:
+    """Register (once) and name the TurboQuant recipe of a key and a value code layout
+    (``turboquant.layout`` names, e.g. from ``--kv_layout`` / ``--key_layout`` /
+    ``--value_layout``): ``paper-3.5`` when both are that preset, else ``K<key>/V<value>``."""
+    from turboquant.layout import layout_name
+
+    k, v = layout_name(key_layout), layout_name(value_layout)
+    name = k if k == v else f"K{k}/V{v}"
+    if name not in RECIPES:
+        from turboquant.layout import build_layout
+
+        bits = (build_layout(k, 128, rotation="dense").bits_per_coordinate
+                + build_layout(v, 128, rotation="dense").bits_per_coordinate) / 2
+        RECIPES[name] = Recipe(name, "turboquant", bits, f"TurboQuant-mse, keys {k}, values {v} (user layouts)",
+                               _turboquant(key_layout=k, value_layout=v), _needs_layouts)
+    return name
+
+
+def claim_recipe(opts: Any, bits: str, config: Any) -> tuple[str, str | None]:
+    """The recipe a C09/C10 verdict is taken on: the user's ``--kv_layout`` / ``--key_layout`` /
+    ``--value_layout`` when given (each side falling back to ``--kv_layout``, then to
+    ``paper-<bits>``), else :func:`verdict_recipe`."""
+    kv = getattr(opts, "kv_layout", None)
+    key, value = getattr(opts, "key_layout", None) or kv, getattr(opts, "value_layout", None) or kv
+    if key is None and value is None:
+        return verdict_recipe(bits, config)
+    default = f"paper-{bits}"
+    name = layout_recipe(key or default, value or default)
+    return name, f"verdict on the recipe of the layout options: {RECIPES[name].description}"
