@@ -99,6 +99,8 @@ def test_grid_names_and_chunk_sizes_are_checked() -> None:
 def test_a_resumed_grid_must_be_the_same_grid(tmp_path: Path) -> None:
     grid.init_state(tmp_path, _spec())
     grid.init_state(tmp_path, _spec())  # same grid: fine
+    grid.init_state(tmp_path, _spec(chunk_sizes={"needle": 5, "qa": 5, "kl": 5}))  # only splits the work
+    assert grid.load_spec(tmp_path).chunk_sizes == _spec().chunk_sizes, "the stored split is kept"
     with pytest.raises(ValueError, match=r"another grid \(differs in \['needle_trials'\]\)"):
         grid.init_state(tmp_path, _spec(needle_trials=4))
     with pytest.raises(FileNotFoundError, match="not a grid state directory"):

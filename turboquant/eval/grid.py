@@ -230,14 +230,16 @@ def write_reason(state: Path, kind: str, name: str, text: str) -> None:
 
 
 def init_state(state: Path, spec: GridSpec) -> None:
-    """Write ``spec.json``, or check that an existing one describes the same grid."""
+    """Write ``spec.json``, or check that an existing one describes the same cases (chunk sizes
+    may differ: they only split the work; the stored ones are kept)."""
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     path = state / "spec.json"
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != spec.to_json():
-            diff = sorted(k for k in set(old) | set(spec.to_json()) if old.get(k) != spec.to_json().get(k))
+        old = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k != "chunk_sizes"}
+        new = {k: v for k, v in spec.to_json().items() if k != "chunk_sizes"}
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"{path} holds another grid (differs in {diff}); resume with the same grid "
                              f"or use a fresh --state directory")
         return
