@@ -10,12 +10,9 @@ CPU (small grid, minutes)::
 
     python benchmarks/quality.py --n-needles 9 --n-qa 20 --kl-prompts 4
 
-GPU tier (the full grid; ``--recipes`` splits it over processes that share the GPU, and
-``benchmarks/quality_merge.py`` joins their files: the full-precision run is repeated in each, the
-same deterministic numbers)::
-
-    python benchmarks/quality.py --device cuda --n-needles 500 --n-qa 200 --kl-prompts 64 \\
-        --out results/quality_gpu.json
+GPU tier: ``benchmarks/quality_gpu_grid.py`` (the same cases and rules, resumable, parallel
+workers on one GPU; ``benchmarks/quality_merge.py`` joins files of this script split by
+``--recipes`` too).
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ from turboquant.eval.longbench import build_prompt_ids
 from turboquant.eval.quality import (
     measured_bits,
     needle_run,
+    package_versions,
     paired_scores,
     qa_run,
     save_result,
@@ -125,6 +123,7 @@ def main(argv: list[str] | None = None, lm=None) -> dict:
         "meta": {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu {platform.processor()} "
                  f"({torch.get_num_threads()} threads)", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                 "packages": package_versions(("optimum-quanto", "hqq", "scipy")),
                  "model": args.model_id or "SmolLM2-135M-Instruct (embedded GGUF)", "seed": args.seed,
                  "needle_grid": {"lengths": lengths, "depths": depths, "trials": trials},
                  "qa_set": {"source": "data/squad_qa (SQuAD v2 dev, CC BY-SA 4.0)", "lengths": qa_lengths,

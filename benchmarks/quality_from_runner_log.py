@@ -13,30 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from turboquant.verdicts import decide  # noqa: E402
+from turboquant.verdicts import decide
 
 NEEDLE_MARGIN = 0.02
-LINE = re.compile(r"^\[(\d+)/(\d+)\] niah_single len=(\d+) depth=([\d.]+) trial=(\d+) prefill=\S+ (.*)$")
-
-
 def parse(text: str) -> dict[str, dict[tuple, float]]:
-    """``{setting: {(length, depth, trial): score}}`` from runner lines."""
+    """``{setting: {(length, depth, trial): score}}`` from runner lines
+    (:func:`turboquant.eval.grid.parse_runner_log`, keyed by tuples here)."""
+    from turboquant.eval.grid import parse_runner_log
+
     out: dict[str, dict[tuple, float]] = {}
-    for line in text.splitlines():
-        m = LINE.match(line.strip())
-        if not m:
-            continue
-        case = (int(m.group(3)), float(m.group(4)), int(m.group(5)))
-        for item in m.group(6).split():
-            name, _, score = item.rpartition("=")
-            out.setdefault(name, {})[case] = float(score)
+    for name, scores in parse_runner_log(text).items():
+        for key, score in scores.items():
+            length, depth, trial = key[1:].split("-")
+            out.setdefault(name, {})[(int(length), float(depth[1:]), int(trial[1:]))] = score
     return out
 
 

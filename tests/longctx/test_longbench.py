@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from turboquant.eval import squad_qa
+from turboquant.eval.claim_rows import decide_and_file, skip_rows
 from turboquant.eval.longbench import build_prompt_ids, evaluate, load_longbench_e
 from turboquant.eval.metrics import score_example
 from turboquant.eval.quality import (
@@ -138,10 +139,11 @@ def _qa_claim(claim, lm: SimpleNamespace, opts: SimpleNamespace, tier: str, reci
     verdicts = {}
     for n in names:
         comp, full = paired_scores(records, n, "official")
-        verdicts[n] = claim.decide(
-            n, [100 * c for c in comp], [100 * f for f in full], MARGIN_POINTS, kind="continuous", score_range=100.0,
+        verdicts[n] = decide_and_file(
+            claim, n, [100 * c for c in comp], [100 * f for f in full], MARGIN_POINTS, kind="continuous", score_range=100.0,
             primary=n == primary, qa_f1=summary[n]["official_avg"], kl=kl[n]["kl"], top1=kl[n]["top1"],
             bits_measured=bits_measured[n], family=get_recipe(n).family)
+    skip_rows(claim.record.measured, skipped)
     # negative control: each output scored against another example's answers must score low
     shuffled = shuffled_control(records, lambda out, answers, row: score_example(row["dataset"], out, answers),
                                 "answers")

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from turboquant.eval.claim_rows import decide_and_file, skip_rows
 from turboquant.eval.needle import (
     NEEDLE,
     check_context_tokens,
@@ -152,9 +153,10 @@ def _needle_claim(claim, lm: SimpleNamespace, opts: SimpleNamespace, grid: dict,
     verdicts = {}
     for n in names:
         comp, full_scores = paired_scores(records, n)
-        verdicts[n] = claim.decide(n, comp, full_scores, REQUIRED_MARGIN, kind="binary", primary=n == primary,
-                                   needle_acc=acc[n], bits_measured=bits_measured[n],
-                                   family=get_recipe(n).family)
+        verdicts[n] = decide_and_file(claim, n, comp, full_scores, REQUIRED_MARGIN, kind="binary",
+                                      primary=n == primary, needle_acc=acc[n], bits_measured=bits_measured[n],
+                                      family=get_recipe(n).family)
+    skip_rows(claim.record.measured, skipped)
     out = opts.out_dir / f"C09_needle_records_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

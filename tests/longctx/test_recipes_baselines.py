@@ -140,3 +140,27 @@ def test_teacher_forced_kl_is_zero_for_full_and_positive_when_compressed(tiny) -
     assert res["halves-2.5"]["kl"] > 0, "a 2.5-bit cache must change the next-token distribution"
     assert res["halves-2.5"]["kl"] > res["fp8-e4m3"]["kl"], "fp8 must be closer to full than 2.5 bits"
     assert res["halves-2.5"]["n_positions"] == 8 and res["halves-2.5"]["bits_measured"] == pytest.approx(2.75)
+
+
+def test_claim_records_file_baselines_apart_and_skip_rows_carry_the_reason() -> None:
+    from turboquant.eval.claim_rows import file_row, skip_rows
+
+    measured = {"recipes": {"halves-3.5": {"status": "WARN"}, "fp8-e4m3": {"status": "PASS"}}}
+    for name in ("halves-3.5", "fp8-e4m3"):
+        file_row(measured, name)
+    skip_rows(measured, {"quanto-int4": "needs `pip install optimum-quanto`", "paper-2.5": "no layouts"})
+    assert set(measured["recipes"]) == {"halves-3.5", "paper-2.5"}
+    assert measured["baselines"]["fp8-e4m3"] == {"status": "PASS"}
+    assert measured["baselines"]["quanto-int4"] == {"status": "SKIP", "reason": "needs `pip install optimum-quanto`"}
+    with pytest.raises(ValueError, match="without a reason"):
+        skip_rows(measured, {"hqq-int2": ""})
+    with pytest.raises(KeyError, match="valid: "):
+        skip_rows(measured, {"int4": "?"})
+
+
+def test_hqq_baselines_skip_with_the_install_hint_when_hqq_is_absent(tiny, monkeypatch) -> None:
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_hqq_available", lambda: False)
+    names, skipped = available(["hqq-int4", "hqq-int2"], tiny.config)
+    assert names == [] and all("pip install hqq" in r for r in skipped.values())

@@ -3,8 +3,9 @@
 * ``fp8-e4m3``: fp8 e4m3 with a per-token float16 scale (:class:`~.codecs.Fp8Codec`)
 * ``rot-int-<b>``: signed Hadamard + per-vector absmax round-to-nearest int at ``b`` bits, the same
   bytes as TurboQuant at ``b`` bits (:class:`~.codecs.RotatedIntCodec`)
-* ``quanto-int<b>``: transformers' own ``QuantizedCache`` (quanto backend, its defaults: group 64,
-  residual 128), where ``optimum-quanto`` is installed and the model is dense
+* ``quanto-int<b>`` / ``hqq-int<b>``: transformers' own ``QuantizedCache`` (quanto / HQQ backend,
+  its defaults: group 64, residual 128), where ``optimum-quanto`` / ``hqq`` is installed and the
+  model is dense
 
 :func:`turboquant.baselines.bits.kv_bits` measures bits a coordinate from the bytes any of them
 (or a ``TurboQuantCache``) holds.

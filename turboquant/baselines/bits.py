@@ -4,9 +4,20 @@ rotation signs excluded, as they do not grow with the context)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+
+def _quantized_part(q: Any) -> tuple[int, int]:
+    """(bytes, coordinates) of one stored part of a ``QuantizedLayer``: a quanto ``QTensor``, or
+    HQQ's ``(packed codes, meta)`` (meta holds the original ``shape``, ``scale`` and ``zero``)."""
+    if isinstance(q, (tuple, list)) and len(q) == 2 and isinstance(q[1], dict):
+        codes, meta = q
+        nbytes = _tensor_bytes(codes) + _tensor_bytes(meta.get("scale")) + _tensor_bytes(meta.get("zero"))
+        return nbytes, math.prod(meta["shape"])
+    return _tensor_bytes(q), q.numel()
 
 
 def _tensor_bytes(t: Any) -> int:
@@ -28,7 +39,7 @@ _NOT_CODES = ("residual", "metadata", "exact_kv", "linear_state", "shared_tables
 def kv_bits(cache: Any) -> dict:
     """``{"bits_per_coordinate", "code_bytes", "coordinates"}`` of the compressed part of a
     ``TurboQuantCache``, a :class:`~turboquant.baselines.layers.CodecCache` or a transformers
-    ``QuantizedCache``; ``bits_per_coordinate`` is 16 for a cache that compresses nothing
+    ``QuantizedCache`` (quanto or HQQ backend); ``bits_per_coordinate`` is 16 for a cache that compresses nothing
     (``DynamicCache``: bf16/fp16 reference) and None when nothing is compressed yet."""
     from transformers.cache_utils import QuantizedLayer
 
@@ -47,8 +58,9 @@ def kv_bits(cache: Any) -> dict:
             kind = "quantized"
             for q in (layer._quantized_keys, layer._quantized_values):
                 if q is not None:
-                    nbytes += _tensor_bytes(q)
-                    coords += q.numel()
+                    part_bytes, part_coords = _quantized_part(q)
+                    nbytes += part_bytes
+                    coords += part_coords
         elif hasattr(layer, "key_store"):  # TurboQuantLayer: tokens in the stores, window excluded
             kind = "turboquant"
             if getattr(layer, "is_initialized", False) and layer.key_store.length:

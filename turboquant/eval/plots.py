@@ -67,7 +67,8 @@ def needle_heatmap_plot(record: dict, out_dir: Path) -> list[Path]:
 def draw_quality_vs_bits(result: dict, path: Path) -> Path:
     """Three panels over measured bits a coordinate (one point per recipe / baseline): needle
     accuracy and QA F1 with the 95% interval of the paired difference as error bars (drawn around
-    the recipe's score), and next-token KL against full precision (log scale)."""
+    the recipe's score), and next-token KL against full precision (log scale). A row without
+    measured bits is drawn hollow at its nominal bits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,6 +83,8 @@ def draw_quality_vs_bits(result: dict, path: Path) -> Path:
     for ax, (key, diff_key, label) in zip(axes, panels):
         for name, row in rows.items():
             x, y = row.get("bits_measured"), row.get(key)
+            nominal = x is None  # not measured yet (no KL prompt run): drawn hollow at the nominal bits
+            x = row.get("nominal_bits") if nominal else x
             if x is None or y is None:
                 continue
             if key == "kl" and y <= 0:
@@ -90,8 +93,10 @@ def draw_quality_vs_bits(result: dict, path: Path) -> Path:
             if diff_key and row.get(diff_key + "_ci95"):  # the diff's interval, moved onto the score
                 lo, hi = row[diff_key + "_ci95"]
                 err = [[max(0.0, row[diff_key] - lo)], [max(0.0, hi - row[diff_key])]]
-            ax.errorbar(x, y, yerr=err, fmt=markers.get(row["family"], "o"), capsize=3, label=name)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.errorbar(x, y, yerr=err, fmt=markers.get(row["family"], "o"), capsize=3, label=name,
+                        mfc="none" if nominal else None)
+            ax.annotate(name + (" (nominal bits)" if nominal else ""), (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
         ax.set_xscale("log", base=2)
         if key == "kl":
             ax.set_yscale("log")

@@ -162,6 +162,19 @@ def measured_bits(model: Any, prompt: Sequence[int], names: Sequence[str]) -> di
     return {n: kv_bits(transplant(prefilled, factory(n)))["bits_per_coordinate"] for n in names}
 
 
+def package_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """Installed version of each distribution (None when absent), e.g. the baselines' packages."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out
+
+
 def save_result(result: dict, out: str | Path) -> None:
     """Write a quality result (``benchmarks/quality.py``'s JSON) and its two plots beside it:
     ``<stem>_needle_heatmap.png`` (one panel a recipe) and ``<stem>_vs_bits.png``."""

@@ -11,7 +11,8 @@ Every entry builds a fresh transformers ``Cache`` for a model (usable as ``past_
   ``b + 1`` bits, the rest at ``b``), enabled when ``TurboQuantCacheConfig`` has ``key_layout``
 
 Baselines (DESIGN.md, "Baselines"): ``fp8-e4m3``, ``rot-int-3.5`` / ``rot-int-2.5`` (rotation + plain
-int at TurboQuant's bytes), ``quanto-int4`` / ``quanto-int2`` (transformers' ``QuantizedCache``).
+int at TurboQuant's bytes), ``quanto-int4`` / ``quanto-int2`` and ``hqq-int4`` / ``hqq-int2``
+(transformers' ``QuantizedCache``, quanto / HQQ backend, its defaults: group 64, residual 128).
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def _needs_quanto(config: Any) -> str | None:
     return _dense_only(config)
 
 
+def _needs_hqq(config: Any) -> str | None:
+    from transformers.utils import is_hqq_available
+
+    if not is_hqq_available():
+        return ("transformers' QuantizedCache HQQ backend needs `pip install hqq` (0.2.8: build its wheel with "
+                "DISABLE_CUDA=1 for the pure-torch backend)")
+    return _dense_only(config)
+
+
 def _full(config: Any) -> Any:
     from transformers import DynamicCache
 
@@ -96,11 +106,11 @@ def _codec_cache(kind: str, bits: float | None = None) -> Callable[[Any], Any]:
     return build
 
 
-def _quanto(nbits: int) -> Callable[[Any], Any]:
+def _quantized(backend: str, nbits: int) -> Callable[[Any], Any]:
     def build(config: Any) -> Any:
         from transformers import QuantizedCache
 
-        return QuantizedCache(backend="quanto", config=config, nbits=nbits)
+        return QuantizedCache(backend=backend, config=config, nbits=nbits)
 
     return build
 
@@ -125,9 +135,13 @@ def _table() -> dict[str, Recipe]:
         Recipe("rot-int-2.5", "baseline", 2.5, "signed Hadamard + per-vector absmax int, halves at 3 + 2 bits",
                _codec_cache("int", 2.5), _dense_only),
         Recipe("quanto-int4", "baseline", 4.0, "transformers QuantizedCache, quanto int4 (group 64, residual 128)",
-               _quanto(4), _needs_quanto),
+               _quantized("quanto", 4), _needs_quanto),
         Recipe("quanto-int2", "baseline", 2.0, "transformers QuantizedCache, quanto int2 (group 64, residual 128)",
-               _quanto(2), _needs_quanto),
+               _quantized("quanto", 2), _needs_quanto),
+        Recipe("hqq-int4", "baseline", 4.0, "transformers QuantizedCache, HQQ int4 (group 64, residual 128)",
+               _quantized("hqq", 4), _needs_hqq),
+        Recipe("hqq-int2", "baseline", 2.0, "transformers QuantizedCache, HQQ int2 (group 64, residual 128)",
+               _quantized("hqq", 2), _needs_hqq),
     ]
     return {r.name: r for r in rows}
 
