@@ -489,7 +489,8 @@ class StaticTurboQuantCache(TurboQuantCache):
         if overrides:
             settings = TurboQuantCacheConfig(**{**asdict(settings or TurboQuantCacheConfig()), **overrides})
         super().__init__(config, settings, tp_size=tp_size)
-        self.max_cache_len, self.max_batch_size = max_cache_len, max_batch_size
+        # transformers 5.17's Cache has read-only max_cache_len / max_batch_size properties: ours below
+        self._max_len, self._max_batch = max_cache_len, max_batch_size
         for i, layer in enumerate(self.layers):
             if isinstance(layer, TurboQuantLayer):
                 self.layers[i] = StaticTurboQuantLayer(layer, max_cache_len, max_batch_size, unpadded_decode)
@@ -497,6 +498,17 @@ class StaticTurboQuantCache(TurboQuantCache):
                 self.layers[i] = StaticLayer(max_cache_len)
             elif type(layer) is DynamicSlidingWindowLayer:
                 self.layers[i] = StaticSlidingWindowLayer(max_cache_len, layer.sliding_window)
+
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens every layer holds at most (fixed at construction)."""
+        return self._max_len
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The batch every update must have (``None``: the first update's)."""
+        return self._max_batch
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len
