@@ -89,14 +89,14 @@ def main() -> None:
                 for _ in range(n_sets)
             ]
 
-            def sdpa_call(i):
+            def sdpa_call(i, q=q, kv=kv):
                 return lambda: F.scaled_dot_product_attention(q[i], kv[i][0], kv[i][1], scale=scaling, enable_gqa=True)
 
             t_sdpa_g = graph_time_ms(sdpa_call, n_sets)
             t_sdpa_e = None if args.no_eager else triton.testing.do_bench(sdpa_call(0), warmup=25, rep=100, return_mode="median")
             # keep one bf16 set to build the packed stores from the same keys/values
             k0, v0 = kv[0][0], kv[0][1]
-            del kv
+            kv.clear()  # frees the bf16 sets (sdpa_call's default still names the list)
             torch.cuda.empty_cache()
             for bits, key_mode in [(float(x), m) for x in args.bits.split(",") for m in args.key_modes.split(",")]:
                 kq = TurboQuantProd(d, bits, seed=11) if key_mode == "prod" else TurboQuantMSE(d, bits, seed=11)
@@ -134,7 +134,7 @@ def main() -> None:
                         kw = {"backend": backend}
                     else:
                         bn, nw, ns, pps = (int(x) for x in cfg.split(":"))
-                        kw = dict(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps, backend=backend)
+                        kw = {"block_n": bn, "num_warps": nw, "num_stages": ns, "programs_per_sm": pps, "backend": backend}
                     row = _bench_tq(args, meta, B, N, R, bits, cfg, kw, stores, q, kq, vq, kt, vt, k0, v0,
                                     scaling, n_sets_tq, kv_bytes, packed_bytes, t_sdpa_g, t_sdpa_e, hkv, d)
                     rows.append({"key_mode": key_mode, **row})

@@ -105,11 +105,12 @@ def _compat_layer_kwargs(cfg) -> None:
     dict a layer for this script (reported to the cache owner)."""
     import inspect
 
-    import turboquant.cache.model_cache as tc
     from transformers import cache_utils
 
+    import turboquant.cache.model_cache as tc
+
     orig = cache_utils.get_layer_types_and_kwargs
-    t, kw = orig(cfg)
+    _, kw = orig(cfg)
     if isinstance(kw, (list, tuple)) and all(isinstance(k, dict) for k in kw):
         return
 

@@ -35,7 +35,7 @@ def main() -> None:
         rk = torch.randn(B, 4, 128, 256, device=dev, dtype=torch.bfloat16)
         rv = torch.randn(B, 4, 128, 256, device=dev, dtype=torch.bfloat16)
 
-        def f():
+        def f(q=q, kc=kc, kn=kn, vc=vc, vn=vn, N=N, kt=kt, vt=vt, rk=rk, rv=rv):
             if args.backend != "triton":
                 return decode_attention(q, kc, kn, vc, vn, N, kt, vt, 1 / math.sqrt(256), rk, rv, backend=args.backend)
             return decode_attention(q, kc, kn, vc, vn, N, kt, vt, 1 / math.sqrt(256), rk, rv,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
 import threading
 import warnings
@@ -98,7 +99,7 @@ class CentroidTable:
     c_pairs: torch.Tensor  # float32 [nseg, 256, 2]: centroids of a byte of two nibble codes
 
     @classmethod
-    def from_segments(cls, d: int, segments: list, device: torch.device) -> "CentroidTable":
+    def from_segments(cls, d: int, segments: list, device: torch.device) -> CentroidTable:
         luts, plan, quads, plane_sizes, c_seg, pairs = [], [], [], [], [], []
         start = 0
         v = torch.arange(256)
@@ -126,7 +127,7 @@ class CentroidTable:
         )
 
     @classmethod
-    def shared(cls, d: int, segments: list, device: torch.device) -> "CentroidTable":
+    def shared(cls, d: int, segments: list, device: torch.device) -> CentroidTable:
         """One table per (d, codebooks, device): layers with equal bit widths share it."""
         key = (d, tuple((a, b, nb, cb.centroids) for a, b, nb, cb in segments), str(device))
         if key not in _TABLES:
@@ -234,7 +235,7 @@ def _cpu_kernel_lib():
     if os.environ.get("TURBOQUANT_CPU_KERNEL", "1") != "0":
         try:
             lib = _build_cpu_kernel()
-        except Exception as err:  # no compiler / failed build: the torch path is used
+        except (OSError, subprocess.SubprocessError, AttributeError) as err:  # no compiler / failed build: torch
             warnings.warn(f"turboquant: CPU attention kernel unavailable ({err}); using the torch path", stacklevel=2)
     _C_LIB.append(lib)
     return lib
@@ -244,7 +245,6 @@ def _build_cpu_kernel():
     import ctypes
     import hashlib
     import platform
-    import subprocess
     import tempfile
     from pathlib import Path
 
@@ -278,7 +278,7 @@ def cpu_backend() -> str:
     return "c" if _cpu_kernel_lib() is not None else "torch"
 
 
-def _c_call(fn, table: "CentroidTable", codes: torch.Tensor, norms: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+def _c_call(fn, table: CentroidTable, codes: torch.Tensor, norms: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     """Run ``tq_scores`` / ``tq_values`` on codes [B, H, n, nbytes] (a slice of a contiguous buffer)."""
     b, h, n, nbytes = codes.shape
     if codes.stride(3) != 1 or codes.stride(2) != nbytes or codes.stride(0) != h * codes.stride(1):
@@ -319,7 +319,7 @@ def _sign_lut(device: torch.device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # the reference / CPU attention
 # ------------------------------------------------------------------------------------------------
-def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: "CodeStore", start: int, stop: int) -> torch.Tensor:
+def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: CodeStore, start: int, stop: int) -> torch.Tensor:
     """Scores ``<q, k̃_j>`` for stored keys ``j in [start, stop)``: q [B, H, M, D] (``qr = Π q``) -> [B, H, M, n]."""
     codec = store.codec
     s = None
@@ -351,7 +351,7 @@ def _store_scores(q: torch.Tensor, qr: torch.Tensor | None, store: "CodeStore", 
     return s
 
 
-def _store_values(p: torch.Tensor, store: "CodeStore", start: int, stop: int) -> torch.Tensor:
+def _store_values(p: torch.Tensor, store: CodeStore, start: int, stop: int) -> torch.Tensor:
     """``Σ_j p_j ṽ_j`` over stored values ``j in [start, stop)``: ``p`` [B, H, M, n] -> [B, H, M, D]."""
     codec = store.codec
     out = None
@@ -402,7 +402,7 @@ def _expand_mask(mask: torch.Tensor | None, n_rep: int, kv_len: int, tq: int) ->
 
 def compressed_attention_reference(
     query: torch.Tensor,
-    layer: "CompressedLayer",
+    layer: CompressedLayer,
     scaling: float,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -419,7 +419,7 @@ def compressed_attention_reference(
 
 def _compressed_attention(
     query: torch.Tensor,
-    layer: "CompressedLayer",
+    layer: CompressedLayer,
     scaling: float,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -461,7 +461,7 @@ def _compressed_attention(
 
 def compressed_attention(
     query: torch.Tensor,
-    layer: "CompressedLayer",
+    layer: CompressedLayer,
     scaling: float,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -506,7 +506,7 @@ class _Handoff(threading.local):
 _HANDOFF = _Handoff()
 
 
-def handoff(layer: "CompressedLayer | None", layer_idx: int = -1, key: torch.Tensor | None = None) -> None:
+def handoff(layer: CompressedLayer | None, layer_idx: int = -1, key: torch.Tensor | None = None) -> None:
     """Called by the cache's ``update``: the next attention call for ``layer_idx`` whose ``key``
     argument *is* ``key`` reads ``layer``'s compressed storage. ``handoff(None)`` drops a record
     that no attention call took (e.g. a forward that raised in between), so it cannot be taken
@@ -514,7 +514,7 @@ def handoff(layer: "CompressedLayer | None", layer_idx: int = -1, key: torch.Ten
     _HANDOFF.record = None if layer is None else (layer, layer_idx, key)
 
 
-def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> "CompressedLayer | None":
+def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> CompressedLayer | None:
     """Return the layer recorded for this attention call, or ``None`` (plain attention).
 
     Raises if the cache prepared a compressed call for this layer but the model changed the key
@@ -557,6 +557,9 @@ def turboquant_attention_forward(
         raise ValueError("the 'turboquant' attention supports plain full attention only (no softcap / sliding window)")
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
+    attend = getattr(layer, "attend", None)
+    if attend is not None:  # a layer that scores its own storage (turboquant.static_cache)
+        return attend(query, scaling, attention_mask), None
     return compressed_attention(query, layer, scaling, attention_mask), None
 
 
@@ -577,6 +580,7 @@ def register_attention(name: str = ATTENTION_NAME, fn: Any = None) -> None:
 
 __all__ = [
     "ATTENTION_NAME",
+    "HANDOFF_ATTENTIONS",
     "CentroidTable",
     "compressed_attention",
     "compressed_attention_reference",
@@ -584,7 +588,6 @@ __all__ = [
     "qjl_signs",
     "register_attention",
     "run_eagerly",
-    "HANDOFF_ATTENTIONS",
     "take_handoff",
     "turboquant_attention_forward",
 ]

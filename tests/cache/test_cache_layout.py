@@ -169,17 +169,36 @@ def test_n_out_not_below_head_dim_is_a_named_error(models):
         TurboQuantCache(m.config, key_layout=(64, 4, 3))
 
 
-def test_explicit_triton_backend_raises_naming_the_outlier_layout(models):
+def test_explicit_triton_backend_raises_naming_the_outlier_layout():
+    """A layout the kernels cannot run (head_dim 96: no kernel tiles it) with append_backend='triton'
+    raises naming the layout and the reason (``turboquant.kernels.layout_unsupported``)."""
+    from turboquant.models import tiny_config
+
+    cfg = tiny_config("llama", head_dim=96, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64)
+    cache = TurboQuantCache(cfg, key_layout="outliers-32-4-3", value_layout="outliers-32-4-3",
+                            rotation="dense", append_backend="triton", residual_length=0)
+    with pytest.raises(ValueError, match=r"outliers-32-4-3.*head_dim 96"):
+        cache.layers[0].append(_kv(1, 2, 4, 96, 0), _kv(1, 2, 4, 96, 0))
+
+
+@pytest.mark.integration
+def test_explicit_triton_backend_runs_the_paper_layout_like_torch(models):
+    """paper-3.5 / paper-2.5 run in the Triton kernels (code-space quantize_pack and dequantize):
+    same codes and reconstructions as the pure-torch store, up to float32 rounding at a boundary."""
     m = models["llama"]
-    cache = TurboQuantCache(
-        m.config,
-        key_layout="paper-3.5",
-        value_layout="paper-3.5",
-        append_backend="triton",
-        residual_length=0,
-    )
-    with pytest.raises(ValueError, match="paper-3.5"):
-        cache.layers[0].append(_kv(1, 2, 4, 64, 0), _kv(1, 2, 4, 64, 0))
+    kw = {"key_layout": "paper-3.5", "value_layout": "paper-2.5", "residual_length": 0}
+    kern = TurboQuantCache(m.config, append_backend="triton", **kw)
+    ref = TurboQuantCache(m.config, append_backend="torch", **kw)
+    k, v = _kv(1, 2, 9, 64, 0) * 3, _kv(1, 2, 9, 64, 1)
+    for c in (kern, ref):
+        c.layers[0].append(k, v)
+    for kind in ("key_store", "value_store"):
+        a, b = getattr(kern.layers[0], kind), getattr(ref.layers[0], kind)
+        assert a.kernel_appends == 1 and b.kernel_appends == 0
+        assert torch.equal(a.outliers, b.outliers)
+        assert (a.codes != b.codes).float().mean() < 1e-2
+        torch.testing.assert_close(a.norms.float(), b.norms.float(), rtol=1e-3, atol=0)
+        torch.testing.assert_close(a.dequantize(torch.float32), b.dequantize(torch.float32), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
@@ -188,18 +207,20 @@ def test_auto_backend_falls_back_to_torch_with_one_warning_for_an_outlier_layout
         pytest.skip("needs CUDA: append_backend='auto' considers the kernels on CUDA only")
     import turboquant.cache.backends as cache_mod
 
-    m = tiny_model("llama", seed=0, **SHAPES["llama"]).cuda()
-    cache_mod._WARNED_LAYOUTS.discard("paper-3.5")
+    # head_dim 96: a layout no kernel runs (paper-3.5 at head_dim 64 runs in the code-space kernels)
+    m = tiny_model("llama", seed=0, **{**SHAPES["llama"], "head_dim": 96}).cuda()
+    cache_mod._WARNED_LAYOUTS.discard("outliers-32-4-3")
     cache = TurboQuantCache(
-        m.config, key_layout="paper-3.5", value_layout="paper-3.5", residual_length=0
+        m.config, key_layout="outliers-32-4-3", value_layout="outliers-32-4-3", rotation="dense",
+        residual_length=0,
     )
     import warnings
 
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for layer in cache.compressed_layers:  # 2 layers x K and V: one warning for the layout
-            cache.layers[layer].append(_kv(1, 2, 8, 64, 0).cuda(), _kv(1, 2, 8, 64, 1).cuda())
-    hits = [w for w in rec if issubclass(w.category, RuntimeWarning) and "paper-3.5" in str(w.message)]
+            cache.layers[layer].append(_kv(1, 2, 8, 96, 0).cuda(), _kv(1, 2, 8, 96, 1).cuda())
+    hits = [w for w in rec if issubclass(w.category, RuntimeWarning) and "outliers-32-4-3" in str(w.message)]
     assert len(hits) == 1, [str(w.message) for w in rec]
     store = cache.layers[cache.compressed_layers[0]].key_store
     assert store.kernel_appends == 0 and store.length == 8

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import turboquant.attention as attention
+from turboquant import attention
 from turboquant.cache import TurboQuantCache, turboquant_attention
 from turboquant.models import tiny_model
 
@@ -21,8 +21,8 @@ from turboquant.models import tiny_model
 HEAVY = pytest.mark.integration
 
 SHAPES = {
-    "llama": dict(head_dim=64, num_layers=2, num_kv_heads=2, num_heads=4, hidden_size=64),
-    "qwen3_5_text": dict(head_dim=64, num_layers=4, num_kv_heads=2, num_heads=4, hidden_size=64),
+    "llama": {"head_dim": 64, "num_layers": 2, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
+    "qwen3_5_text": {"head_dim": 64, "num_layers": 4, "num_kv_heads": 2, "num_heads": 4, "hidden_size": 64},
 }
 PREFILL, STEPS = 40, 4
 TOL = 1e-5  # float32: compiled and eager run the same kernels up to fusion rounding
@@ -50,7 +50,7 @@ def _decode_logits(model, step_model, cache_kwargs: dict) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-CACHE = dict(key_bits=3.5, value_bits=3.5, residual_length=16)
+CACHE = {"key_bits": 3.5, "value_bits": 3.5, "residual_length": 16}
 
 
 @pytest.mark.parametrize("arch,backend", [

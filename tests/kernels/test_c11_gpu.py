@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 CONTEXT = 32768
-SHAPE = dict(hq=24, hkv=4, d=256, residual=128)
+SHAPE = {"hq": 24, "hkv": 4, "d": 256, "residual": 128}
 
 
 def _ratio(dev: torch.device, B: int, bits: float) -> dict:

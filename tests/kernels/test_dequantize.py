@@ -113,7 +113,7 @@ def test_dequantize_rejects_bad_input(what, match):
     t = _cpu_tables()
     codes = torch.zeros(1, 2, 10, 24, dtype=torch.uint8)
     norms = torch.ones(1, 2, 10, dtype=torch.float16)
-    kw = dict(codes=codes, norms=norms, length=5, tables=t)
+    kw = {"codes": codes, "norms": norms, "length": 5, "tables": t}
     if what == "codes_dtype":
         kw["codes"] = codes.to(torch.int32)
     elif what == "code_bytes":

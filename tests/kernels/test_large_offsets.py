@@ -78,7 +78,7 @@ def test_decode_attention_past_2gib(cuda, big_store, backend):
     (kc, kn, _), (vc, vn, _) = store["k"], store["v"]
     scale = 1 / math.sqrt(D)
     out = decode_attention(q, kc, kn, vc, vn, CAP, t, t, scale, backend=backend)
-    tail = lambda a: a[:, :, CAP - TAIL:].contiguous()  # noqa: E731
+    tail = lambda a: a[:, :, CAP - TAIL:].contiguous()
     ref = decode_attention_reference(q, tail(kc), tail(kn), tail(vc), tail(vn), TAIL, t, t, scale)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     rel = float((out.float() - ref.float()).norm() / ref.float().norm())

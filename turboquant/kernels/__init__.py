@@ -5,7 +5,12 @@
   prefill's sdpa reads).
 * :func:`decode_attention` — flash-decoding over packed K/V codes + the full-precision residual
   window, GQA, fractional bits; nothing dequantized to memory.
-* :class:`KernelTables` — a quantizer's signs / codebooks in the form the kernels read.
+* :class:`KernelTables` — a layout's signs / codebooks in the form the kernels read
+  (``KernelTables.from_layout``: halves layouts; every other layout gets
+  :class:`~turboquant.kernels.codespace.CodeSpaceTables` and runs the code-space kernels).
+* :func:`layout_unsupported` — why the kernels cannot run a layout on a device (None: they can).
+* Device-side lengths (:data:`DEVICE_LENGTH`): ``decode_attention(..., length=<int32 tensor>,
+  max_length=N, workspace=DecodeWorkspace())`` launches a fixed grid with no host sync.
 * :func:`compressed_attention_cuda` — the hook ``turboquant.attention.compressed_attention``
   calls on CUDA (returns None where the kernels do not apply).
 
@@ -25,15 +30,27 @@ from turboquant.kernels._common import (
     SUPPORTED_KERNEL_BITS,
     KernelTables,
 )
+from turboquant.kernels.codespace import (
+    CodeSpaceTables,
+    decode_attention_codespace_reference,
+    dequantize_codespace_reference,
+    layout_reason,
+)
 from turboquant.kernels.decode_attention import (
     KeyQJL,
     decode_attention,
     decode_attention_reference,
     decode_attention_store,
+    store_tables,
 )
 from turboquant.kernels.dequantize import dequantize, dequantize_reference
 from turboquant.kernels.hook import compressed_attention_cuda
 from turboquant.kernels.quantize_pack import quantize_pack, quantize_pack_reference
+from turboquant.kernels.workspace import DecodeWorkspace
+
+# decode_attention takes an int32/int64 device `length` + `max_length` (fixed grid, no host sync)
+# and a `workspace` (preallocated split buffers): what a CUDA-graph-captured decode step needs
+DEVICE_LENGTH = True
 
 
 def interpreting() -> bool:
@@ -52,24 +69,48 @@ def kernels_available(device: torch.device | str | None = None) -> bool:
     return dev.type == "cpu" and interpreting()
 
 
-__all__ = [
-    # availability
+def layout_unsupported(layout, device: torch.device | str | None = None, mode: str = "mse") -> str | None:
+    """Why the Triton kernels (``quantize_pack``, ``dequantize``, ``decode_attention``) cannot run
+    ``layout`` (a :class:`~turboquant.layout.CodeLayout`) in ``mode`` on ``device``; None: they can.
+
+    Ask once per store: ``backend="auto"`` then falls back to torch (one warning) on a reason, an
+    explicit kernel backend raises naming it."""
+    if mode not in ("mse", "prod"):
+        return f"mode {mode!r} (the kernels take 'mse' codes, and 'prod' keys of one-group layouts)"
+    if mode == "prod":
+        if getattr(layout, "is_grouped", False):
+            return f"mode 'prod' with outlier layout {layout.name!r} (outlier layouts are TurboQuant-mse)"
+        return ("mode 'prod' (quantize_pack/dequantize write and read mse codes only; decode_attention "
+                "takes prod keys of one-group layouts through decode_attention_store)")
+    why = layout_reason(layout)
+    if why is not None:
+        return f"layout {getattr(layout, 'name', layout)!r}: {why}"
+    if device is not None and not kernels_available(device):
+        return f"device {device} (the kernels need Triton with CUDA, or the CPU under TRITON_INTERPRET=1)"
+    return None
+
+
+__all__ = [  # availability, tables, ops, the attention hook (sorted)
+    "DEVICE_LENGTH",
     "HAS_TRITON",
-    "kernels_available",
-    "interpreting",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_KERNEL_BITS",
-    # tables
+    "CodeSpaceTables",
+    "DecodeWorkspace",
     "KernelTables",
-    # ops
-    "quantize_pack",
-    "quantize_pack_reference",
-    "dequantize",
-    "dequantize_reference",
+    "KeyQJL",
+    "compressed_attention_cuda",
     "decode_attention",
+    "decode_attention_codespace_reference",
     "decode_attention_reference",
     "decode_attention_store",
-    "KeyQJL",
-    # the attention hook (turboquant.attention dispatches here on CUDA)
-    "compressed_attention_cuda",
+    "dequantize",
+    "dequantize_codespace_reference",
+    "dequantize_reference",
+    "interpreting",
+    "kernels_available",
+    "layout_unsupported",
+    "quantize_pack",
+    "quantize_pack_reference",
+    "store_tables",
 ]

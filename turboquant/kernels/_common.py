@@ -8,7 +8,10 @@ The kernels read exactly what :class:`turboquant.quantizer.TurboQuantMSE` packs 
 * fractional bits ``b + 0.5``: A = the ``b+1``-bit segment (planes of ``d/16`` bytes at offset 0),
   B = the ``b``-bit segment (planes of ``d/16`` bytes after A).
 
-So one kernel handles every supported width with two (bits, base, stride) triples.
+So one kernel handles every supported width with two (bits, base, stride) triples, read from the
+:class:`~turboquant.layout.CodeLayout` by :meth:`KernelTables.from_layout`. Every other layout the
+kernels run (outlier channel groups, dense rotations) goes to the code-space kernels of
+:mod:`turboquant.kernels.codespace`, whose tables ``from_layout`` returns for those layouts.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class KernelTables:
             (one 4-byte load yields both centroids of a code-pair byte; what the decode kernel reads).
         rot_t: float32 ``[d, d]`` = ``Π^T`` (row vectors: ``Π x = x @ Π^T``).
         rot: float32 ``[d, d]`` = ``Π`` (row vectors: ``Π^T y = y @ Π``).
+        layout: the :class:`~turboquant.layout.CodeLayout` read by :meth:`from_layout`, else None.
     """
 
     d: int
@@ -75,6 +79,7 @@ class KernelTables:
     lut32: torch.Tensor
     rot_t: torch.Tensor
     rot: torch.Tensor
+    layout: object = None  # the CodeLayout the tables were read from (None: built from raw parts)
 
     @property
     def device(self) -> torch.device:
@@ -90,11 +95,12 @@ class KernelTables:
         centroids_lo: torch.Tensor | list[float] | None = None,
         device: torch.device | str | None = None,
         boundaries: tuple | None = None,
-    ) -> "KernelTables":
-        """Tables from raw parts. ``centroids_hi``: ascending centroids of the ``ceil(bits)``-bit
-        codebook (segment A); ``centroids_lo``: of the ``floor(bits)``-bit one (segment B,
-        fractional widths only). ``boundaries``: the codebooks' own decision boundaries
-        ``(hi, lo)`` (default: centroid midpoints)."""
+    ) -> KernelTables:
+        """Tables from raw parts (no layout object: the halves byte layout of ``bits``).
+        ``centroids_hi``: ascending centroids of the ``ceil(bits)``-bit codebook (segment A);
+        ``centroids_lo``: of the ``floor(bits)``-bit one (segment B, fractional widths only).
+        ``boundaries``: the codebooks' own decision boundaries ``(hi, lo)`` (default: centroid
+        midpoints). Code that has a :class:`~turboquant.layout.CodeLayout` uses :meth:`from_layout`."""
         check_head_dim(d)
         bits = check_kernel_bits(bits)
         whole = math.floor(bits)
@@ -105,10 +111,18 @@ class KernelTables:
             ba, bb = whole + 1, whole
             seg = ((ba, 0, d // 16), (bb, ba * d // 16, d // 16))
             cents = [torch.as_tensor(centroids_hi, dtype=torch.float32), torch.as_tensor(centroids_lo, dtype=torch.float32)]
+            bnds = None if boundaries is None else (boundaries[0], boundaries[1])
         else:
             seg = ((whole, 0, d // 8), (whole, d // 16, d // 8))
             c = torch.as_tensor(centroids_hi, dtype=torch.float32)
             cents = [c, c]
+            bnds = None if boundaries is None else (boundaries[0], boundaries[0])
+        return cls._assemble(d, bits, seg, int(d * bits) // 8, cents, bnds, signs, device)
+
+    @classmethod
+    def _assemble(cls, d: int, bits: float, seg, code_nbytes: int, cents: list, bnds, signs,
+                  device: torch.device | str | None, layout=None) -> KernelTables:
+        """Device tables from the two kernel segments' ``(bits, base, stride)``, codebooks and signs."""
         for (nb, _, _), c in zip(seg, cents):
             if c.numel() != 2**nb:
                 raise ValueError(f"a {nb}-bit segment needs {2**nb} centroids, got {c.numel()}")
@@ -121,9 +135,8 @@ class KernelTables:
             n = c.numel()
             cen[s, :n] = c
             bnd[s, : n - 1] = (c[1:] + c[:-1]) / 2
-            if boundaries is not None:
-                src = boundaries[0] if (s == 0 or not frac) else boundaries[1]
-                bnd[s, : n - 1] = torch.as_tensor(src, dtype=torch.float32)
+            if bnds is not None and bnds[s] is not None:
+                bnd[s, : n - 1] = torch.as_tensor(bnds[s], dtype=torch.float32)
             lut[s, 0] = cen[s][p & 15]
             lut[s, 1] = cen[s][p >> 4]
         signs = torch.as_tensor(signs, dtype=torch.float32).reshape(d)
@@ -134,8 +147,8 @@ class KernelTables:
         return cls(
             d=d,
             bits=bits,
-            seg=seg,
-            code_nbytes=int(d * bits) // 8,
+            seg=tuple(tuple(int(v) for v in t) for t in seg),
+            code_nbytes=code_nbytes,
             signs=signs.to(device),
             boundaries=bnd.to(device),
             centroids=cen.to(device),
@@ -143,34 +156,74 @@ class KernelTables:
             lut32=_pack_pairs(lut.to(torch.float16)).to(device),
             rot_t=rot.T.contiguous().to(device),
             rot=rot.contiguous().to(device),
+            layout=layout,
         )
 
     @classmethod
-    def from_quantizer(cls, quantizer, device: torch.device | str | None = None) -> "KernelTables":
-        """Tables of a :class:`turboquant.quantizer.TurboQuantMSE` (Hadamard rotation only), cached on it."""
+    def from_layout(cls, layout, device: torch.device | str | None = None):
+        """Tables of a :class:`~turboquant.layout.CodeLayout`: segments, bits, byte offsets,
+        codebooks and norm slots read from the layout (nothing re-derived from ``bits``).
+
+        A one-group Hadamard layout whose segments are the two halves (or one integer-bit segment)
+        gives :class:`KernelTables` for the halves kernels; any other layout the kernels run
+        (outlier groups, a dense rotation) gives :class:`turboquant.kernels.codespace.CodeSpaceTables`
+        for the code-space kernels. Raises ``ValueError`` with the reason where no kernel runs it
+        (:func:`turboquant.kernels.layout_unsupported`)."""
+        from turboquant.kernels.codespace import CodeSpaceTables, layout_reason
+
+        why = layout_reason(layout)
+        if why is not None:
+            raise ValueError(f"the Triton kernels cannot run layout {layout.name!r}: {why}")
+        if not halves_shaped(layout):
+            return CodeSpaceTables.from_layout(layout, device)
+        d, segs = layout.d, layout.segments
+        if len(segs) == 1:  # integer bits: kernel segments = the two halves of every plane
+            s0 = segs[0]
+            seg = ((s0.bits, s0.byte_start, s0.plane_nbytes), (s0.bits, s0.byte_start + s0.plane_nbytes // 2, s0.plane_nbytes))
+            books = [s0.codebook, s0.codebook]
+        else:
+            seg = tuple((s.bits, s.byte_start, s.plane_nbytes) for s in segs)
+            books = [s.codebook for s in segs]
+        cents = [torch.as_tensor(b.centroids, dtype=torch.float32) for b in books]
+        bnds = tuple(torch.as_tensor(b.boundaries, dtype=torch.float32) for b in books)
+        rotation = layout.groups[0].rotation
+        return cls._assemble(d, float(layout.code_bits), seg, layout.code_nbytes, cents, bnds, rotation.signs,
+                             device, layout=layout)
+
+    @classmethod
+    def from_quantizer(cls, quantizer, device: torch.device | str | None = None):
+        """Tables of a :class:`turboquant.quantizer.TurboQuantMSE` or
+        :class:`turboquant.layout_quantizer.TurboQuantLayout`, through :meth:`from_layout`; cached on it."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         cache = quantizer.__dict__.setdefault("_kernel_tables", {})
         key = str(device)
         if key in cache:
             return cache[key]
         layout = getattr(quantizer, "layout", None)
-        if layout is not None and layout.is_grouped:
-            raise ValueError(f"the Triton kernels run one-group layouts (halves-*, int-*); layout {layout.name!r} "
-                             f"has {len(layout.groups)} channel groups")
+        if layout is None:
+            raise ValueError(f"{type(quantizer).__name__} has no code layout: the kernels read a TurboQuant-mse "
+                             "quantizer's `layout`")
         rotation = getattr(quantizer, "rotation", None)
-        if getattr(rotation, "kind", None) != "hadamard":
+        if not layout.is_grouped and getattr(rotation, "kind", None) != "hadamard":
             raise ValueError(
                 f"the Triton kernels support rotation='hadamard' only, got {getattr(rotation, 'kind', rotation)!r}"
             )
-        segs = [sg.codebook for sg in quantizer.layout.segments]
-        hi = segs[0].centroids
-        lo = segs[1].centroids if len(segs) > 1 else None
-        bnds = (segs[0].boundaries, segs[1].boundaries if len(segs) > 1 else None)
-        tables = cls.build(quantizer.d, quantizer.bits, rotation.signs, hi, lo, device, boundaries=bnds)
-        if tables.code_nbytes != quantizer.code_nbytes:
+        tables = cls.from_layout(layout, device)
+        if tables.code_nbytes != getattr(quantizer, "code_nbytes", layout.code_nbytes):
             raise ValueError(f"layout mismatch: kernel {tables.code_nbytes} B/vector, quantizer {quantizer.code_nbytes}")
         cache[key] = tables
         return tables
+
+
+def halves_shaped(layout) -> bool:
+    """Whether ``layout`` is what the halves kernels run: one Hadamard group of head dim 64/128/256
+    with one integer-bit segment or two ``d/2`` segments."""
+    if layout.is_grouped or getattr(layout.groups[0].rotation, "kind", None) != "hadamard":
+        return False
+    if layout.d not in SUPPORTED_HEAD_DIMS:
+        return False
+    segs = layout.segments
+    return len(segs) == 1 or (len(segs) == 2 and segs[0].size == segs[1].size == layout.d // 2)
 
 
 def _pack_pairs(lut16: torch.Tensor) -> torch.Tensor:

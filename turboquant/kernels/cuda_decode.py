@@ -42,8 +42,6 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-#define D 256
-#define D2 128
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
   u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s)); return d;
@@ -164,7 +162,7 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
   }
   __syncthreads();
 #pragma unroll
-  for (int lg = 0; lg < 8; ++lg) {  // D = 2^8; butterflies (a, a + L), L = 2^lg, a's lg-bit clear
+  for (int lg = 0; lg < LOG2_D; ++lg) {  // D = 2^LOG2_D; butterflies (a, a + L), L = 2^lg, a's lg-bit clear
     const int L = 1 << lg;
     for (int u = tid; u < G * D2; u += WARPS * 32) {
       const int gi = u / D2, v = u % D2;
@@ -430,29 +428,65 @@ def launch_shape(few: bool) -> dict:
     }
 
 
-def supports(d: int, G: int, k_tables: KernelTables, v_tables: KernelTables, k_codes: torch.Tensor,
-             v_codes: torch.Tensor, k_norms: torch.Tensor, v_norms: torch.Tensor) -> bool:
-    """Whether the CUDA kernel handles this call (else the Triton kernel does): head_dim 256, G <= 8,
-    segments of 1-4 bits with float16-symmetric 4-bit codebooks, K and V codes of one width in
-    16-byte aligned contiguous rows, norms contiguous along tokens, a CUDA device with NVRTC."""
+def unsupported(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                k_norms: torch.Tensor, v_norms: torch.Tensor) -> str | None:
+    """Why the CUDA kernel does not handle this call (None: it does; else the Triton kernel runs).
+    It takes head_dim 256, G <= 8, halves layouts (``KernelTables``: one Hadamard group, two
+    ``d/2`` kernel segments) of 1-4 bits with float16-symmetric 4-bit codebooks, K and V codes of
+    one width in 16-byte aligned contiguous rows, norms contiguous along tokens, a CUDA device
+    with NVRTC. Outlier layouts (code-space tables) are not ported: they run in Triton."""
+    if not isinstance(k_tables, KernelTables) or not isinstance(v_tables, KernelTables):
+        name = getattr(getattr(k_tables, "layout", None), "name", "?") + "/" + \
+            getattr(getattr(v_tables, "layout", None), "name", "?")
+        return f"layouts {name}: the CUDA kernel runs halves layouts only (outlier layouts run in Triton)"
     if d not in CUDA_HEAD_DIMS or not 1 <= G <= 8 or k_codes.device.type != "cuda":
-        return False
+        return f"head_dim {d} / G={G} / device {k_codes.device} (needs head_dim {CUDA_HEAD_DIMS}, G <= 8, CUDA)"
     if not hasattr(torch.cuda, "_compile_kernel") or COMPILE_FAILURES:
-        return False
+        return "NVRTC unavailable or a compile failure earlier in this process"
     for t in (k_tables, v_tables):
         if any(not 1 <= nb <= 4 for nb, _, _ in t.seg):
-            return False
+            return "a kernel segment outside 1-4 bits"
         if _tables_of(t) is None:
-            return False
+            return "a 4-bit codebook that is not symmetric in float16"
     if k_codes.shape[-1] != v_codes.shape[-1] or k_norms.stride(2) != 1 or v_norms.stride(2) != 1:
-        return False
+        return "K and V codes of different widths, or norms not contiguous along tokens"
     if any(st >= 2**31 for t in (k_codes, v_codes, k_norms, v_norms) for st in t.stride()):
-        return False  # the kernel takes 32-bit strides (64-bit slab offsets); Triton handles larger
+        return "strides of 2^31 or more (the kernel takes 32-bit strides; Triton handles larger)"
     for c in (k_codes, v_codes):
         if c.stride(-1) != 1 or c.stride(2) != c.shape[-1] or c.data_ptr() % 16 or c.shape[-1] % 16 \
                 or any((s * c.element_size()) % 16 for s in c.stride()[:2]):
-            return False
-    return True
+            return "code rows not contiguous and 16-byte aligned"
+    return None
+
+
+def supports(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_codes: torch.Tensor,
+             k_norms: torch.Tensor, v_norms: torch.Tensor) -> bool:
+    """Whether the CUDA kernel handles this call (:func:`unsupported` is None)."""
+    return unsupported(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms) is None
+
+
+def layout_defines(k_tables: KernelTables, v_tables: KernelTables) -> dict:
+    """``D``, ``LOG2_D``, ``D2`` (coordinates a kernel segment) and each segment's (bits, base,
+    stride) read from the tables' layout: K and V must share ``D`` and ``D2``."""
+    dims = []
+    for t in (k_tables, v_tables):
+        lay = getattr(t, "layout", None)
+        if lay is not None:
+            segs = lay.segments
+            d2 = segs[0].size if len(segs) == 2 else lay.d // 2  # integer bits: two halves of one segment
+            dims.append((lay.d, d2))
+        else:  # tables built from raw parts: the halves split
+            dims.append((t.d, t.d // 2))
+    if dims[0] != dims[1]:
+        raise ValueError(f"K and V tables disagree on (D, D2): {dims[0]} vs {dims[1]}")
+    d, d2 = dims[0]
+    if d not in CUDA_HEAD_DIMS or 2 * d2 != d:
+        raise ValueError(f"the CUDA kernel needs head_dim in {CUDA_HEAD_DIMS} and two d/2 segments, got D={d}, D2={d2}")
+    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
+    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
+    names = ("KBA", "KPA", "KSA", "KBB", "KPB", "KSB", "VBA", "VPA", "VSA", "VBB", "VPB", "VSB")
+    segs = (kba, kpa, ksa, kbb, kpb, ksb, vba, vpa, vsa, vbb, vpb, vsb)
+    return {"D": d, "LOG2_D": d.bit_length() - 1, "D2": d2, **dict(zip(names, segs))}
 
 
 def _cache(t: KernelTables) -> dict:
@@ -481,19 +515,17 @@ def _byte_tables(t: KernelTables):
             ent = torch.cat([c, torch.zeros(8 - c.numel(), dtype=torch.float16)])
         bits = ent.view(torch.int16).to(torch.int32) & 0xFFFF
         lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
-        word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24  # noqa: E731
+        word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24
         out.append([word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])])
     return out
 
 
 def kernel_source(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int,
                   min_blocks: int, chains: int, qf_smem: int, warps: int) -> str:
-    """The CUDA source of one kernel variant: compile-time ``#define``s + :data:`_SOURCE`."""
-    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
-    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
+    """The CUDA source of one kernel variant: compile-time ``#define``s (the layout's from
+    :func:`layout_defines`) + :data:`_SOURCE`."""
     defs = dict(G=G, NB=nb, STAGES=stages, MIN_BLOCKS=min_blocks, CHAINS=chains, QF_SMEM=qf_smem, WARPS=warps,
-                TILE=TILE, Q_KIND=q_kind, KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-                VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb)
+                TILE=TILE, Q_KIND=q_kind, **layout_defines(k_tables, v_tables))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" \
         + _SOURCE
 
@@ -613,4 +645,4 @@ def kernel_info() -> list[dict]:
     return out
 
 
-__all__ = ["supports", "variant", "COMPILE_FAILURES", "launch_partial", "kernel_info", "kernel_source", "launch_shape", "CUDA_HEAD_DIMS"]
+__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "kernel_info", "kernel_source", "launch_partial", "launch_shape", "supports", "variant"]

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from turboquant.kernels._common import HAS_TRITON, LOG2E, KernelTables, check_head_dim
+from turboquant.kernels.workspace import DecodeWorkspace, LengthArgs, buffer, resolve_length
 from turboquant.packing import unpack_bits
 
 if HAS_TRITON:
@@ -77,7 +78,7 @@ class KeyQJL:
     scale: float
 
     @classmethod
-    def from_store(cls, store) -> "KeyQJL":
+    def from_store(cls, store) -> KeyQJL:
         """From a prod-mode ``PackedStore`` (``.qjl``, ``.rnorms``, ``.codec.S``, ``.codec.qjl_scale``)."""
         codec = getattr(store, "codec", None)
         if getattr(codec, "S", None) is None:
@@ -128,7 +129,7 @@ def decode_attention_reference(
     """Materialising float32 reference: dequantize ``[0, length)``, append the residual window,
     GQA softmax attention. ``query`` [B, H_q, 1, d] -> [B, 1, H_q, d] (query dtype). With
     ``k_qjl`` (prod keys) ``k̃ = ||k|| Π^T c[idx] + √(π/2)/d · ||r|| · S^T z``."""
-    B, Hq, Tq, d = query.shape
+    Hq = query.shape[1]
     Hkv = k_codes.shape[1]
     dev = query.device
     k = unpack_rotated_reference(k_codes[:, :, :length], k_norms[:, :, :length], k_tables) @ k_tables.rot.to(dev)
@@ -296,8 +297,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r", "S_BASE"])
     def _decode_partial_kernel(
         q_ptr, ksign_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, klut_ptr, vlut_ptr, rk_ptr, rv_ptr,
-        m_ptr, l_ptr, acc_ptr, sqj_ptr, kq_ptr, kr_ptr,
-        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, S_BASE,
+        m_ptr, l_ptr, acc_ptr, sqj_ptr, kq_ptr, kr_ptr, len_ptr, rlen_ptr,
+        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, S_BASE, len_sb, rlen_sb,
         sq_b, sq_h,
         skc_b, skc_h, skc_n, skn_b, skn_h, skn_n,
         svc_b, svc_h, svc_n, svn_b, svn_h, svn_n,
@@ -310,7 +311,7 @@ if HAS_TRITON:
         VBB: tl.constexpr, VPB: tl.constexpr, VSB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr, RES_IEEE: tl.constexpr,
         K_ROW: tl.constexpr, V_ROW: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-        K_QJL: tl.constexpr,
+        K_QJL: tl.constexpr, LEN_TENSOR: tl.constexpr, RLEN_TENSOR: tl.constexpr,
     ):
         # Programs [0, S_C): `chunk` packed tokens of one KV head, all G query heads of the group.
         #   Reads chunk · 2 · (d·bits/8 + 2) bytes; writes G · (d + 2) float32 partials (rotated
@@ -319,6 +320,9 @@ if HAS_TRITON:
         # Programs [S_C, S): `chunk_r` residual-window tokens, full precision, natural order.
         #   Reads chunk_r · 2 · d values; writes G · (d + 2) float32.
         # The grid may start at split S_BASE (the CUDA kernel took the compressed splits).
+        # LEN_TENSOR / RLEN_TENSOR: valid lengths read from device memory (a CUDA graph replays the
+        # launch unchanged), clamped to the bounds `length` / `R` the grid was sized by; programs
+        # past them run no iteration and write an empty partial (m = -inf, l = 0).
         D2: tl.constexpr = D // 2
         pid_s = tl.program_id(0) + S_BASE
         pid_bh = tl.program_id(1)
@@ -328,6 +332,10 @@ if HAS_TRITON:
         gmask = g < G
         q_rows = q_ptr + b * sq_b + (h * G + g) * sq_h
         part = (pid_bh * S + pid_s) * G + g
+        if LEN_TENSOR:
+            length = tl.minimum(tl.load(len_ptr + b * len_sb).to(tl.int32), length)
+        if RLEN_TENSOR:
+            R = tl.minimum(tl.load(rlen_ptr + b * rlen_sb).to(tl.int32), R)
         if pid_s < S_C:
             start = pid_s * chunk
             end = tl.minimum(start + chunk, length)
@@ -442,7 +450,7 @@ _SIDE_STREAMS: dict = {}
 LAST_LAUNCH: dict = {}  # last compiled kernel handles (register / spill reports in benchmarks)
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """One extra stream a device, for the residual-window splits beside the CUDA kernel."""
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
@@ -534,6 +542,11 @@ def decode_attention(
     programs_per_sm: int | None = None,
     backend: str = "auto",
     k_qjl: KeyQJL | None = None,
+    k_outliers: torch.Tensor | None = None,
+    v_outliers: torch.Tensor | None = None,
+    max_length: int | None = None,
+    residual_length: int | torch.Tensor | None = None,
+    workspace: DecodeWorkspace | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token over a packed TurboQuant KV store + residual window
     (mse keys and values; or prod keys: ``k_codes``/``k_norms``/``k_tables`` the MSE part at
@@ -558,19 +571,48 @@ def decode_attention(
         k_qjl: the QJL part of TurboQuant-prod keys (:class:`KeyQJL`: bit plane uint8
             [B, H_kv, capacity, d/8], ``||r||`` float16 [B, H_kv, capacity], ``S`` [d, d] and
             ``√(π/2)/d``), or None for mse keys.
+        k_outliers, v_outliers: outlier layouts (``k_tables``/``v_tables`` then
+            :class:`~turboquant.kernels.codespace.CodeSpaceTables`, from ``KernelTables.from_layout``):
+            the stores' outlier channels [H_kv, n_out]. Either tables object being code-space runs
+            the code-space kernels (:func:`~turboquant.kernels.codespace.decode_attention_codespace`).
+        length: an int, or an int32/int64 device tensor of shape [], [1] or [B] together with
+            ``max_length`` (no host sync: CUDA-graph capturable; the grid is sized by
+            ``max_length`` and programs past the valid length exit early; a CUDA tensor is clamped
+            to ``max_length``, a CPU one checked). Device lengths run in Triton (not ``backend="cuda"``).
+        max_length: the fixed grid bound (``length <= max_length <= capacity``).
+        residual_length: valid tokens of the residual buffers (int, or a device tensor like
+            ``length``; default all ``R`` rows).
+        workspace: a :class:`~turboquant.kernels.workspace.DecodeWorkspace`: split buffers and the
+            output reused across calls of one shape (no allocation; the output is overwritten by
+            the next call with this workspace).
     Returns:
         [B, 1, H_q, d] in the query's dtype.
     """
     if not HAS_TRITON:
         raise RuntimeError("decode_attention needs Triton; use decode_attention_reference")
+    if not isinstance(k_tables, KernelTables) or not isinstance(v_tables, KernelTables):
+        from turboquant.kernels.codespace import as_codespace, decode_attention_codespace
+
+        if k_qjl is not None:
+            raise ValueError("TurboQuant-prod keys (`k_qjl`) run with one-group (halves-*/int-*) layouts only; "
+                             "outlier layouts are mse")
+        if backend == "cuda":
+            raise ValueError("backend='cuda': the CUDA decode kernel runs halves layouts only; outlier layouts "
+                             "run in Triton (backend='triton' or 'auto')")
+        return decode_attention_codespace(
+            query, k_codes, k_norms, v_codes, v_norms, length, as_codespace(k_tables, query.device),
+            as_codespace(v_tables, query.device), scaling, residual_k, residual_v, k_outliers, v_outliers,
+            max_length=max_length, residual_length=residual_length, workspace=workspace, block_n=block_n,
+            num_splits=num_splits)
     if query.dim() != 4 or query.shape[2] != 1:
         raise ValueError(f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}")
     B, Hq, _, d = query.shape
     check_head_dim(d)
     if k_tables.d != d or v_tables.d != d:
         raise ValueError(f"tables built for d={k_tables.d}/{v_tables.d}, query has d={d}")
-    _check_store("k", k_codes, k_norms, k_tables, B, length)
-    _check_store("v", v_codes, v_norms, v_tables, B, length)
+    _check_store("k", k_codes, k_norms, k_tables, B, 0)
+    _check_store("v", v_codes, v_norms, v_tables, B, 0)
+    ln = resolve_length(length, max_length, B, min(k_codes.shape[2], v_codes.shape[2]), query.device)
     if k_qjl is not None:
         _check_qjl(k_qjl, k_codes, d, query.device)
     Hkv = k_codes.shape[1]
@@ -588,8 +630,11 @@ def decode_attention(
         # load + dot returns garbage): refuse instead of returning a silently wrong result
         raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
                          "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
-    if length == 0 and R == 0:
+    rl = LengthArgs(R, R, None, 0) if residual_length is None else \
+        resolve_length(residual_length, R, B, R, query.device, "residual_length")
+    if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
+    length = ln.bound  # sizes the grid; the kernel reads ln.value / ln.tensor
     dev = query.device
     qk_scale = float(scaling) * LOG2E
     if backend not in ("auto", "triton", "cuda"):
@@ -599,7 +644,11 @@ def decode_attention(
     if backend == "cuda" and k_qjl is not None:
         raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
                          "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")
-    if backend != "triton" and length > 0 and k_qjl is None:
+    if backend == "cuda" and (ln.tensor is not None or rl.tensor is not None or ln.value != ln.bound):
+        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
+                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
+    if backend != "triton" and length > 0 and k_qjl is None and ln.tensor is None and rl.tensor is None \
+            and ln.value == ln.bound:
         from turboquant.kernels import cuda_decode
 
         use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms)
@@ -645,10 +694,10 @@ def decode_attention(
     S_R = triton.cdiv(R, chunk_r)
     S = S_C + S_R
     g_pad = max(16, triton.next_power_of_2(G))
-    m_part = torch.empty(B * Hkv, S, G, dtype=torch.float32, device=dev)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B * Hkv, S, G, d, dtype=torch.float32, device=dev)
-    out = torch.empty(B, 1, Hq, d, dtype=query.dtype, device=dev)
+    m_part = buffer(workspace, "m", (B * Hkv, S, G), torch.float32, dev)
+    l_part = buffer(workspace, "l", (B * Hkv, S, G), torch.float32, dev)
+    acc_part = buffer(workspace, "acc", (B * Hkv, S, G, d), torch.float32, dev)
+    out = buffer(workspace, "out", (B, 1, Hq, d), query.dtype, dev)
     kc32 = k_codes.view(torch.int32)
     vc32 = v_codes.view(torch.int32)
     rk = residual_k if R else query  # dummy pointers when there is no residual window
@@ -670,7 +719,8 @@ def decode_attention(
             LAST_LAUNCH["partial"] = _decode_partial_kernel[(S - s_base, B * Hkv)](
                 query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
                 m_part, l_part, acc_part, sqj, kq32, krn,
-                length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, s_base,
+                ln.tensor if ln.tensor is not None else k_norms, rl.tensor if rl.tensor is not None else k_norms,
+                ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, qk_scale, s_base, ln.stride, rl.stride,
                 query.stride(0), query.stride(1),
                 kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
                 vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
@@ -684,6 +734,7 @@ def decode_attention(
                 RES_IEEE=bool(R) and rk.dtype == torch.float32,
                 K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
                 K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32), K_QJL=k_qjl is not None,
+                LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None,
                 num_warps=num_warps, num_stages=num_stages,
             )
     if use_cuda:
@@ -703,26 +754,53 @@ def decode_attention_store(
     query: torch.Tensor,
     k_store,
     v_store,
-    k_tables: KernelTables,
-    v_tables: KernelTables,
-    scaling: float,
+    k_tables=None,
+    v_tables=None,
+    scaling: float | None = None,
     residual_k: torch.Tensor | None = None,
     residual_v: torch.Tensor | None = None,
+    length: int | torch.Tensor | None = None,
+    max_length: int | None = None,
+    residual_length: int | torch.Tensor | None = None,
+    workspace: DecodeWorkspace | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`decode_attention` over two ``PackedStore``-like objects (``.codes``, ``.norms``,
-    ``.length``). Keys: mse, or prod (``.qjl``, ``.rnorms``, ``.codec.S``, ``.codec.qjl_scale``;
-    ``k_tables`` then describe the MSE part, ``KernelTables.from_quantizer(codec.mse)``), prod at
-    ``b >= 2`` bits only. Values: mse only (``.qjl`` must be None)."""
+    ``.length``, ``.codec``; outlier layouts also ``.outliers`` [H_kv, n_out] and norms
+    [B, H_kv, cap, groups]). ``k_tables``/``v_tables`` None: ``KernelTables.from_quantizer`` of the
+    store's ``codec.mse`` (outlier layouts: its layout's code-space tables), cached on the codec.
+    Keys: mse of any layout, or prod of a one-group layout (``.qjl``, ``.rnorms``, ``.codec.S``,
+    ``.codec.qjl_scale``; ``k_tables`` then describe the MSE part), prod at ``b >= 2`` bits only.
+    Values: mse only (``.qjl`` must be None). ``length`` default: ``k_store.length`` (a host int);
+    pass a device tensor + ``max_length`` for the graph-capturable path."""
     if getattr(v_store, "qjl", None) is not None:
         raise NotImplementedError("the value store holds QJL (prod) codes: the kernels take TurboQuant-prod keys "
                                   "but mse values only (value_mode='mse'); use the torch reference for prod values")
+    if scaling is None:
+        raise ValueError("`scaling` (the softmax scale, usually 1/sqrt(d)) is required")
     k_qjl = None
     if getattr(k_store, "qjl", None) is not None:
         if k_store.codes is None:
             raise ValueError("prod keys at 1 bit have no MSE part (no codes): the kernels need TurboQuant-prod "
                              "keys of 2, 2.5, 3, 3.5 or 4 bits")
         k_qjl = KeyQJL.from_store(k_store)
+    dev = query.device
+    k_tables = k_tables if k_tables is not None else store_tables(k_store, dev)
+    v_tables = v_tables if v_tables is not None else store_tables(v_store, dev)
     return decode_attention(
-        query, k_store.codes, k_store.norms, v_store.codes, v_store.norms, int(k_store.length),
-        k_tables, v_tables, scaling, residual_k, residual_v, k_qjl=k_qjl,
+        query, k_store.codes, k_store.norms, v_store.codes, v_store.norms,
+        int(k_store.length) if length is None else length,
+        k_tables, v_tables, scaling, residual_k, residual_v, k_qjl=k_qjl, backend=backend,
+        k_outliers=getattr(k_store, "outliers", None), v_outliers=getattr(v_store, "outliers", None),
+        max_length=max_length, residual_length=residual_length, workspace=workspace,
     )
+
+
+def store_tables(store, device: torch.device):
+    """The kernel tables of a store's codec on ``device`` (its MSE part for prod keys), cached on
+    the quantizer: :class:`KernelTables` for halves layouts, code-space tables for the others."""
+    codec = store.codec
+    quantizer = getattr(codec, "mse", None) or getattr(codec, "quantizer", None)
+    if quantizer is None:
+        raise ValueError("the store's codec has no TurboQuant-mse quantizer (prod keys at 1 bit)")
+    return KernelTables.from_quantizer(quantizer, device)

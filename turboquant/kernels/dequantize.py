@@ -108,8 +108,13 @@ def dequantize(
     dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
     block_t: int | None = None,
+    outliers: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x̃`` [B, H, length, d] of the first ``length`` packed vectors of a store.
+
+    ``tables`` from ``KernelTables.from_layout``: outlier layouts (code-space tables) run
+    :func:`turboquant.kernels.codespace.dequantize_codespace` (norms [B, H, cap, groups],
+    ``outliers`` [H, n_out]: the store's).
 
     Args:
         codes: uint8 [B, H, capacity, code_nbytes] (``PackedStore.codes``, rows contiguous).
@@ -122,6 +127,10 @@ def dequantize(
     Returns:
         ``out[:, :, :length]`` (or a new tensor).
     """
+    if not isinstance(tables, KernelTables):
+        from turboquant.kernels.codespace import dequantize_codespace
+
+        return dequantize_codespace(codes, norms, length, tables, outliers, dtype, out, block_t or 32)
     if codes.dtype != torch.uint8 or codes.dim() != 4:
         raise TypeError(f"`codes` must be uint8 [B, H, capacity, code_nbytes], got {codes.dtype} {tuple(codes.shape)}")
     B, H, cap, nb = codes.shape

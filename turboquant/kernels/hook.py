@@ -3,9 +3,11 @@
 ``compressed_attention(query, layer, scaling, mask)`` calls :func:`compressed_attention_cuda`
 first; it returns ``None`` (and the pure-torch reference runs) wherever the kernels do not apply:
 more than one query token (prefill / chunked prefill), an explicit attention mask (padding), QJL
-(prod) *values*, prod keys at 1 bit (no MSE part), a dense rotation, an outlier layout (two
-channel groups, ``turboquant.layout``), or a head dim outside
-``SUPPORTED_HEAD_DIMS``. Prod keys of 2 ... 4 bits run in the Triton kernel: the MSE part (``b-1``
+(prod) *values*, prod keys at 1 bit (no MSE part), a dense rotation of a one-group layout, a
+layout :func:`turboquant.kernels.layout_unsupported` names a reason for, or a head dim outside
+``SUPPORTED_HEAD_DIMS``. Outlier layouts (``turboquant.layout``, two channel groups; K and V may
+differ) run the code-space kernels (:mod:`turboquant.kernels.codespace`) when
+:data:`GROUPED_DECODE` is True. Prod keys of 2 ... 4 bits run in the Triton kernel: the MSE part (``b-1``
 bits) from ``codec.mse``'s tables, the QJL term ``√(π/2)/d · ||r|| · (S q)·z`` from ``codec.S``.
 """
 
@@ -14,6 +16,9 @@ from __future__ import annotations
 import torch
 
 from turboquant.kernels._common import HAS_TRITON, SUPPORTED_HEAD_DIMS, KernelTables
+
+# outlier layouts through the code-space decode kernel (False: they take the torch reference)
+GROUPED_DECODE = True
 
 
 def compressed_attention_cuda(query: torch.Tensor, layer, scaling: float, attention_mask) -> torch.Tensor | None:
@@ -37,7 +42,7 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, attention_mask) -> 
     if getattr(vs, "qjl", None) is not None:
         return None  # prod values: the kernels accumulate mse values only
     if getattr(ks.codec, "grouped", False) or getattr(vs.codec, "grouped", False):
-        return None  # outlier layouts (two channel groups): the torch reference
+        return _grouped_decode(query, layer, ks, vs, scaling) if GROUPED_DECODE else None
     kq, vq = ks.codec.mse, vs.codec.mse  # TurboQuant-mse part: the quantizer itself, or prod's b-1 bits
     if getattr(kq.rotation, "kind", None) != "hadamard" or getattr(vq.rotation, "kind", None) != "hadamard":
         return None
@@ -49,3 +54,16 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, attention_mask) -> 
     rk, rv = layer.residual_keys(), layer.residual_values()
     return decode_attention(query, ks.codes, ks.norms, vs.codes, vs.norms, int(ks.length), kt, vt, scaling, rk, rv,
                             k_qjl=k_qjl)
+
+
+def _grouped_decode(query: torch.Tensor, layer, ks, vs, scaling: float) -> torch.Tensor | None:
+    """Outlier layouts (either store): the code-space decode kernel, or None where a layout (or the
+    other store's codec) is one no kernel runs."""
+    from turboquant.kernels import layout_unsupported
+    from turboquant.kernels.decode_attention import decode_attention_store
+
+    for st in (ks, vs):
+        if getattr(st.codec, "mode", "mse") != "mse" or layout_unsupported(st.codec.layout, query.device) is not None:
+            return None
+    return decode_attention_store(query, ks, vs, scaling=scaling, residual_k=layer.residual_keys(),
+                                  residual_v=layer.residual_values())
