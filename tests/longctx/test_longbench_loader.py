@@ -139,9 +139,9 @@ def test_skip_mode_keeps_the_rest_of_the_task(tmp_path: Path) -> None:
 
 def test_skip_mode_with_no_valid_line_is_an_error(tmp_path: Path) -> None:
     _write(tmp_path / "hotpotqa_e.jsonl", ["{}", "[1, 2]"])
-    with pytest.warns(UserWarning):
-        with pytest.raises(LongBenchFormatError, match="hotpotqa_e.jsonl: no valid record"):
-            load_longbench_e(tmp_path, on_error="skip")
+    with pytest.warns(UserWarning), \
+            pytest.raises(LongBenchFormatError, match="hotpotqa_e.jsonl: no valid record"):
+        load_longbench_e(tmp_path, on_error="skip")
 
 
 def test_prompts_are_longbench_templates(longbench_fixture_dir: Path) -> None:

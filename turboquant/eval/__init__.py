@@ -17,15 +17,15 @@ from turboquant.eval.ruler import available_tasks, get_task, register_task
 __all__ = [
     # needle / RULER
     "Case",
-    "make_needle_case",
-    "needle_grid",
-    "score_all",
-    "get_task",
-    "register_task",
+    "available_metrics",
     "available_tasks",
     # metrics
     "get_metric",
+    "get_task",
+    "make_needle_case",
+    "needle_grid",
     "register_metric",
-    "available_metrics",
+    "register_task",
+    "score_all",
     "score_example",
 ]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 LONGBENCH_E_DATASETS: tuple[str, ...] = (
     "qasper",

@@ -27,8 +27,8 @@ import difflib
 import re
 import string
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 MetricFn = Callable[..., float]
 
@@ -214,7 +214,7 @@ def fuzz_ratio(s1: str, s2: str) -> int:
         return 100
     if len(s1) == 0 or len(s2) == 0:
         return 0
-    return int(round(100 * difflib.SequenceMatcher(None, s1, s2).ratio()))
+    return round(100 * difflib.SequenceMatcher(None, s1, s2).ratio())
 
 
 @register_metric("code_sim")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def draw_needle_heatmap(
         ax.set_title(label, fontsize=10)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                if v == v:  # not NaN
+                if not math.isnan(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
     axes[0][0].set_ylabel("needle depth")
     fig.suptitle(title, fontsize=11)

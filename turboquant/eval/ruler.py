@@ -15,8 +15,9 @@ Every generator is deterministic in (seed, task, length, depth, trial).
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from turboquant.eval.needle import (
     ANSWER_PREFIX,

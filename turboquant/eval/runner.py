@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -176,7 +177,7 @@ def generate_settings(
         prefilled = _kv_layers(base)
         del base, logits
     run = PromptRun(n_tokens=ids.shape[1], prefill_seconds=prefill_s, shared_prefill=prefilled is not None)
-    gen_kwargs: dict[str, Any] = dict(do_sample=False, num_beams=1, eos_token_id=sorted(eos) or None)
+    gen_kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1, "eos_token_id": sorted(eos) or None}
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for setting in settings:
         cache = cache_factory(setting)

@@ -19,8 +19,10 @@ import copy
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 from transformers import Cache, DynamicCache
@@ -102,7 +104,7 @@ def decode_throughput(
     model: Any,
     prefill: Prefill,
     caches: dict[str, Callable[[], Cache]],
-    context: Callable[[], ContextManager] | None = None,
+    context: Callable[[], AbstractContextManager] | None = None,
     baseline: str = "dynamic",
     new_tokens: int = 128,
     warmup: int = 1,
@@ -155,7 +157,7 @@ def profile_decode(
     model: Any,
     prefill: Prefill,
     factory: Callable[[], Cache],
-    context: Callable[[], ContextManager] | None = None,
+    context: Callable[[], AbstractContextManager] | None = None,
     steps: int = 8,
     top: int = 8,
 ) -> dict[str, Any]:
@@ -194,11 +196,11 @@ def clone_prefill(prefill: Prefill) -> Prefill:
 
 __all__ = [
     "Prefill",
-    "run_prefill",
-    "fill_from_prefill",
+    "ThroughputResult",
+    "clone_prefill",
     "decode",
     "decode_throughput",
+    "fill_from_prefill",
     "profile_decode",
-    "clone_prefill",
-    "ThroughputResult",
+    "run_prefill",
 ]
