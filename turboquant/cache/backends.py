@@ -53,9 +53,7 @@ def kernel_unsupported(codec: TensorCodec, device: torch.device) -> str | None:
     if codec.mode != "mse":
         return f"mode {codec.mode!r} (the kernels handle 'mse' codes only, no QJL plane)"
     if codec.grouped:
-        probe = getattr(kernels, "layout_unsupported", None)
-        why = (f"layout {codec.layout.name!r} ({len(codec.layout.groups)} channel groups; the kernels run "
-               "one-group layouts: halves-* and int-*)") if probe is None else probe(codec.layout, device)
+        why = kernels.layout_unsupported(codec.layout)  # the device is checked below, once
         if why is not None:
             return why
     else:

@@ -132,10 +132,9 @@ class PackedStore:
         ``length`` rows are written; returns those rows."""
         self.check_norms()
         held = self.codes if self.codes is not None else self.qjl
-        engine = self.engine if held is not None else None
-        if engine is None and held is not None:
-            engine = self._engine(held.device, "dequantize this store")
-        return (engine or TorchCodes()).dequantize(self, dtype, out)
+        if held is None:  # nothing written yet: no engine chosen, the reference decodes nothing
+            return TorchCodes().dequantize(self, dtype, out)
+        return self._engine(held.device, "dequantize this store").dequantize(self, dtype, out)
 
     def snapshot(self) -> tuple:
         """The store's state before a write (buffers by reference, length, capacity, pending checks):

@@ -71,13 +71,12 @@ def user_recipe(opts) -> tuple[Recipe, ...]:
     """The recipe of the ``--kv_layout`` / ``--key_layout`` / ``--value_layout`` options (each side
     falling back to ``--kv_layout``, then to ``paper-3.5``), or ``()`` when none is given or it is
     one of :data:`RECIPES` already."""
-    from turboquant.eval.recipes import layout_recipe
+    from turboquant.eval.recipes import layout_options, layout_recipe
 
-    kv = getattr(opts, "kv_layout", None)
-    key, value = getattr(opts, "key_layout", None) or kv, getattr(opts, "value_layout", None) or kv
-    if key is None and value is None:
+    layouts = layout_options(opts, "paper-3.5")
+    if layouts is None:
         return ()
-    key, value = key or "paper-3.5", value or "paper-3.5"
+    key, value = layouts
     name = layout_recipe(key, value)
     if any((r.key_layout, r.value_layout) == (key, value) or r.name == name for r in RECIPES):
         return ()

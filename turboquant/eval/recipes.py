@@ -214,14 +214,22 @@ def layout_recipe(key_layout: str, value_layout: str) -> str:
     return name
 
 
-def claim_recipe(opts: Any, bits: str, config: Any) -> tuple[str, str | None]:
-    """The recipe a C09/C10 verdict is taken on: the user's ``--kv_layout`` / ``--key_layout`` /
-    ``--value_layout`` when given (each side falling back to ``--kv_layout``, then to
-    ``paper-<bits>``), else :func:`verdict_recipe`."""
+def layout_options(opts: Any, default: str) -> tuple[str, str] | None:
+    """``(key_layout, value_layout)`` of the ``--kv_layout`` / ``--key_layout`` / ``--value_layout``
+    options (each side falling back to ``--kv_layout``, then to ``default``), or None when none is
+    given."""
     kv = getattr(opts, "kv_layout", None)
     key, value = getattr(opts, "key_layout", None) or kv, getattr(opts, "value_layout", None) or kv
     if key is None and value is None:
+        return None
+    return key or default, value or default
+
+
+def claim_recipe(opts: Any, bits: str, config: Any) -> tuple[str, str | None]:
+    """The recipe a C09/C10 verdict is taken on: the layout options' (:func:`layout_options`,
+    default side ``paper-<bits>``) when given, else :func:`verdict_recipe`."""
+    layouts = layout_options(opts, f"paper-{bits}")
+    if layouts is None:
         return verdict_recipe(bits, config)
-    default = f"paper-{bits}"
-    name = layout_recipe(key or default, value or default)
+    name = layout_recipe(*layouts)
     return name, f"verdict on the recipe of the layout options: {RECIPES[name].description}"
