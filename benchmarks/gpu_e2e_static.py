@@ -47,7 +47,7 @@ CACHES = ("bf16", "tq3.5", "tq2.5", "tqpaper-3.5")
 DEFAULT_CASES = ("1x32768", "1x131072", "8x32768", "8x131072")
 # DynamicCache bf16 decodes 10 x 128k on the H200, 3.5-bit codes 24 (44 died in a growth copy the
 # static buffers do not make): results/gpu_e2e_qwen36_capacity.md
-MAX_BATCH_LISTS = {"bf16": (10, 11), "tq": (32, 40, 44)}
+MAX_BATCH_LISTS = {"bf16": (4, 6, 8, 9, 10), "tq": (16, 32, 36, 40, 44)}
 
 
 def parse_case(text: str) -> tuple[int, int]:
