@@ -41,6 +41,7 @@ KERNEL_SEGMENT_BITS = (1, 2, 3, 4)
 KERNEL_ROTATIONS = ("hadamard", "dense")
 MAX_GROUPS = 2  # norm slots a vector the kernels select between
 _NORM_MAX = torch.finfo(torch.float16).max
+LAST_KERNEL: dict = {}  # which decode kernel the last call ran ("segmented" or "byte-columns")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -813,13 +814,17 @@ def decode_attention_codespace(
     workspace: DecodeWorkspace | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
-    programs_per_sm: int = 3,
+    num_warps: int | None = None,
+    programs_per_sm: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over packed K/V stores of any layouts (K and V may differ) + the residual
     window; ``[B, 1, H_q, d]`` in the query's dtype. ``decode_attention`` forwards here whenever a
     tables object is :class:`CodeSpaceTables`; arguments as there, plus ``k_outliers`` /
-    ``v_outliers`` ([H_kv, n_out], the stores' ``outliers``) for outlier layouts."""
+    ``v_outliers`` ([H_kv, n_out], the stores' ``outliers``) for outlier layouts.
+
+    Runs the word-decoder kernel of :mod:`turboquant.kernels.segmented` when both layouts' rows are
+    whole 32-bit words (every head dim 128/256 preset); else (d=64 outlier layouts, 16-channel
+    groups) the byte-column kernel below."""
     from turboquant.kernels.decode_attention import _num_sms
 
     _need_triton("decode_attention")
@@ -865,6 +870,17 @@ def decode_attention_codespace(
     )
     if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
+    from turboquant.kernels.segmented import decode_attention_segmented, segmented_tables
+
+    seg = segmented_tables(k_tables, v_tables, k_codes, v_codes)
+    LAST_KERNEL["decode"] = "byte-columns" if seg is None else "segmented"
+    if seg is not None:
+        return decode_attention_segmented(
+            query, k_codes, k_norms, v_codes, v_norms, ln, rl, *seg, scaling, residual_k,
+            residual_v, k_outliers, v_outliers, workspace=workspace, block_n=block_n,
+            num_splits=num_splits, num_warps=num_warps, programs_per_sm=programs_per_sm,
+        )  # fmt: skip
+    num_warps, programs_per_sm = num_warps or 4, programs_per_sm or 3
     qk_scale = float(scaling) * LOG2E
     block_n = block_n or (64 if d <= 128 else 32)
     if ln.bound > 0:
