@@ -54,7 +54,9 @@ def test_pieces_are_read_from_the_layout_segments(spec, d, want):
         seg = layout.segments[p.book]
         group = next(g for g in layout.groups if seg in g.segments)
         assert seg.start <= p.start and p.start + p.size <= seg.stop and seg.bits == p.bits
-        assert p.base == seg.byte_start + (p.start - seg.start) // 8 and p.stride == seg.plane_nbytes
+        assert (
+            p.base == seg.byte_start + (p.start - seg.start) // 8 and p.stride == seg.plane_nbytes
+        )
         assert p.slot == group.norm_slot and p.base % 4 == 0 and p.stride % 4 == 0
 
 
@@ -111,7 +113,10 @@ def test_segmented_device_length_equals_int_length_on_one_grid(kdev):
         num_splits=2,
     )
     for i, (n, r) in enumerate(zip(lengths, rl)):
-        ci = {k: (v[i : i + 1] if torch.is_tensor(v) and k[2:] != "outliers" else v) for k, v in c.items()}
+        ci = {
+            k: (v[i : i + 1] if torch.is_tensor(v) and k[2:] != "outliers" else v)
+            for k, v in c.items()
+        }
         ci["residual_k"], ci["residual_v"] = ci["residual_k"][:, :, :r], ci["residual_v"][:, :, :r]
         want = _kernel(ci, n, max_length=cap, num_splits=2)
         torch.testing.assert_close(got[i : i + 1], want, atol=1e-6, rtol=1e-6)

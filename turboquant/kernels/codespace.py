@@ -16,6 +16,12 @@ table load (``16 · segment + idx``) scaled by the norm of its group (``norm slo
 groups: outliers + rest). So the per-group norms scale each group's share of the score and of
 the value accumulator, exactly ``Σ_g ||x_g|| (Π_g q_g)·c_g``.
 
+Decode: :func:`decode_attention_codespace` runs the word-decoder kernel of
+:mod:`turboquant.kernels.segmented` (the halves kernel's SWAR decoder over power-of-two pieces of
+each segment, same storage) whenever both stores' rows are whole 32-bit words (every head dim 128 /
+256 preset), and the byte-column kernel here otherwise (d=64 outlier layouts: 16-channel groups,
+26- or 18-byte rows); :data:`LAST_KERNEL` names which one the last call ran.
+
 Reads top to bottom: tables and the rotation helpers, pure-torch references, Triton kernels,
 wrappers.
 """

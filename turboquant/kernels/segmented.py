@@ -8,7 +8,8 @@ halves kernel's SWAR decoder (``_unpack_segment``: 2 integer ops a plane per 8 c
 table load per code pair) reads it unchanged, with the piece's plane-0 offset and plane stride.
 With the query rotated per group outside the kernel (``q̃_g = Π_g q_g``, code space),
 
-    score(n) = Σ_g ||x_g(n)|| Σ_{s ∈ g} <q̃_s, c_s[idx_s(n)]>,    acc_s += Σ_n p_n ||v_g(s)(n)|| c_s[idx_s(n)].
+    score(n) = Σ_g ||x_g(n)|| Σ_{s ∈ g} <q̃_s, c_s[idx_s(n)]>,
+    acc_s   += Σ_n p_n ||v_g(s)(n)|| c_s[idx_s(n)]   (g(s): the group of piece s).
 
 The kernel holds each piece in the decoder's bit-permuted coordinate order (``coord_perm``); the
 wrapper permutes the rotated query into that order (:attr:`SegmentTables.positions`) and the
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from turboquant.kernels._common import HAS_TRITON, LOG2E, _pack_pairs, coord_perm
-from turboquant.kernels.workspace import DecodeWorkspace, LengthArgs, buffer, resolve_length
+from turboquant.kernels.workspace import DecodeWorkspace, LengthArgs, buffer
 
 if HAS_TRITON:
     import triton
@@ -66,12 +67,15 @@ class Piece:
         ``bits + 8 (slot + 2 (book + 4 (log2 size + 16 (start + 1024 (base + 1024 stride)))))``."""
         log2 = self.size.bit_length() - 1
         return self.bits + 8 * (
-            self.slot + 2 * (self.book + 4 * (log2 + 16 * (self.start + 1024 * (self.base + 1024 * self.stride))))
+            self.slot
+            + 2
+            * (self.book + 4 * (log2 + 16 * (self.start + 1024 * (self.base + 1024 * self.stride))))
         )
 
 
 def layout_pieces(layout) -> tuple[Piece, ...] | str:
-    """The pieces of ``layout`` in code-space order, or the reason the word decoder cannot read it."""
+    """The pieces of ``layout`` in code-space order, or the reason the word decoder cannot
+    read it."""
     if layout.code_nbytes % 4:
         return f"{layout.code_nbytes} code bytes a row (the word decoder reads whole 32-bit words)"
     out = []
@@ -80,14 +84,24 @@ def layout_pieces(layout) -> tuple[Piece, ...] | str:
             book = layout.segments.index(s)
             if s.byte_start % 4 or s.plane_nbytes % 4:
                 return (
-                    f"segment [{s.start}, {s.stop}) at byte {s.byte_start} with {s.plane_nbytes}-byte planes "
-                    "(the word decoder needs 4-byte aligned planes: segments of a multiple of 32 coordinates)"
+                    f"segment [{s.start}, {s.stop}) at byte {s.byte_start} with "
+                    f"{s.plane_nbytes}-byte planes (the word decoder needs 4-byte aligned planes: "
+                    "segments of a multiple of 32 coordinates)"
                 )
             left, off = s.size, 0
             while left:
                 n = min(PIECE_MAX, 1 << (left.bit_length() - 1))
-                out.append(Piece(s.start + off, n, s.bits, s.byte_start + off // 8, s.plane_nbytes, book,
-                                 g.norm_slot))
+                out.append(
+                    Piece(
+                        s.start + off,
+                        n,
+                        s.bits,
+                        s.byte_start + off // 8,
+                        s.plane_nbytes,
+                        book,
+                        g.norm_slot,
+                    )
+                )
                 left, off = left - n, off + n
     if len(out) > MAX_PIECES:
         return f"{len(out)} power-of-two pieces (the word decoder takes at most {MAX_PIECES})"
@@ -103,9 +117,11 @@ class SegmentTables:
     Attributes:
         codespace: the layout's :class:`~turboquant.kernels.codespace.CodeSpaceTables` (rotation,
             channel order, norms); ``pieces``: :func:`layout_pieces`.
-        lut32: int32 ``[segments, 256]``: code pair byte ``p`` -> ``f16(c[p & 15]) | f16(c[p >> 4]) << 16``.
+        lut32: int32 ``[segments, 256]``: code pair byte ``p`` ->
+            ``f16(c[p & 15]) | f16(c[p >> 4]) << 16``.
         positions: long ``[d]``: the code-space coordinate the kernel holds at each position
-            (each piece in ``coord_perm`` order, pieces in code-space order); ``inverse``: its inverse.
+            (each piece in ``coord_perm`` order, pieces in code-space order); ``inverse``: its
+            inverse.
     """
 
     codespace: object
@@ -138,8 +154,13 @@ class SegmentTables:
                 lut[i, 0], lut[i, 1] = c[p & 15], c[p >> 4]
             pos = torch.cat([coord_perm(pc.size) + pc.start for pc in pieces])
             dev = codespace.device
-            tables = cls(codespace, pieces, _pack_pairs(lut.to(torch.float16)).to(dev), pos.to(dev),
-                         torch.argsort(pos).to(dev))
+            tables = cls(
+                codespace,
+                pieces,
+                _pack_pairs(lut.to(torch.float16)).to(dev),
+                pos.to(dev),
+                torch.argsort(pos).to(dev),
+            )
         cache["t"] = tables
         return tables
 
@@ -170,26 +191,40 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_q(q_rows, gmask, SPEC: tl.constexpr):
-        # the pre-rotated, pre-scaled float32 query of one piece (kernel order) -> float16 [G_PAD, N]
+        # the pre-rotated, pre-scaled float32 query of one piece (kernel order): fp16 [G_PAD, N]
         N: tl.constexpr = 1 << ((SPEC // 64) % 16)
         OFF: tl.constexpr = (SPEC // 1024) % 1024
         offs = OFF + tl.arange(0, N)
-        return tl.load(q_rows[:, None] + offs[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
+        return tl.load(q_rows[:, None] + offs[None, :], mask=gmask[:, None], other=0.0).to(
+            tl.float16
+        )
 
     @triton.jit
-    def _piece_codes(row_ptr, nmask, lut_ptr, SPEC: tl.constexpr, BLOCK_N: tl.constexpr,
-                     USE_ASM: tl.constexpr):
+    def _piece_codes(
+        row_ptr, nmask, lut_ptr, SPEC: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr
+    ):
         # unit-scale float16 centroids [BLOCK_N, N] of one piece (the halves word decoder)
         BITS: tl.constexpr = SPEC % 8
         BOOK: tl.constexpr = (SPEC // 16) % 4
         N: tl.constexpr = 1 << ((SPEC // 64) % 16)
         BASE: tl.constexpr = (SPEC // (1 << 20)) % 1024
         STRIDE: tl.constexpr = SPEC // (1 << 30)
-        return _unpack_segment(row_ptr, nmask, lut_ptr + 256 * BOOK, BITS, BASE, STRIDE, N, BLOCK_N, USE_ASM)
+        return _unpack_segment(
+            row_ptr, nmask, lut_ptr + 256 * BOOK, BITS, BASE, STRIDE, N, BLOCK_N, USE_ASM
+        )
 
     @triton.jit
-    def _score(sc0, sc1, q, row_ptr, nmask, lut_ptr, SPEC: tl.constexpr, BLOCK_N: tl.constexpr,
-               USE_ASM: tl.constexpr):
+    def _score(
+        sc0,
+        sc1,
+        q,
+        row_ptr,
+        nmask,
+        lut_ptr,
+        SPEC: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        USE_ASM: tl.constexpr,
+    ):
         # <q̃_s, c_s[idx]> [G_PAD, BLOCK_N] added to its group's partial score
         c = _piece_codes(row_ptr, nmask, lut_ptr, SPEC, BLOCK_N, USE_ASM)
         if (SPEC // 8) % 2 == 0:
@@ -199,9 +234,19 @@ if HAS_TRITON:
         return sc0, sc1
 
     @triton.jit
-    def _accumulate(acc, alpha, pv0, pv1, row_ptr, nmask, lut_ptr, SPEC: tl.constexpr,
-                    BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
-        # acc_s · alpha + (p · ||v_g||) c_s[idx]: the piece's value accumulator (rotated, kernel order)
+    def _accumulate(
+        acc,
+        alpha,
+        pv0,
+        pv1,
+        row_ptr,
+        nmask,
+        lut_ptr,
+        SPEC: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        USE_ASM: tl.constexpr,
+    ):
+        # acc_s · alpha + (p · ||v_g||) c_s[idx]: a piece's value accumulator (kernel order)
         c = _piece_codes(row_ptr, nmask, lut_ptr, SPEC, BLOCK_N, USE_ASM)
         pv = pv0
         if (SPEC // 8) % 2 == 1:
@@ -294,7 +339,9 @@ if HAS_TRITON:
                 kn0 = tl.load(kn_base + offs_n * skn_n, mask=nmask, other=0.0).to(tl.float32)
                 sc = sc0 * kn0[None, :]
                 if K_NORMS == 2:
-                    kn1 = tl.load(kn_base + offs_n * skn_n + 1, mask=nmask, other=0.0).to(tl.float32)
+                    kn1 = tl.load(kn_base + offs_n * skn_n + 1, mask=nmask, other=0.0).to(
+                        tl.float32
+                    )
                     sc += sc1 * kn1[None, :]
                 sc = tl.where(nmask[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -305,16 +352,26 @@ if HAS_TRITON:
                 pv0 = (p * vn0[None, :]).to(tl.float16)
                 pv1 = pv0
                 if V_NORMS == 2:
-                    vn1 = tl.load(vn_base + offs_n * svn_n + 1, mask=nmask, other=0.0).to(tl.float32)
+                    vn1 = tl.load(vn_base + offs_n * svn_n + 1, mask=nmask, other=0.0).to(
+                        tl.float32
+                    )
                     pv1 = (p * vn1[None, :]).to(tl.float16)
                 vrow = vc_base + offs_n * V_ROW
-                acc0 = _accumulate(acc0, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS0, BLOCK_N, USE_ASM)
+                acc0 = _accumulate(
+                    acc0, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS0, BLOCK_N, USE_ASM
+                )
                 if VS1 != 0:
-                    acc1 = _accumulate(acc1, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS1, BLOCK_N, USE_ASM)
+                    acc1 = _accumulate(
+                        acc1, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS1, BLOCK_N, USE_ASM
+                    )
                 if VS2 != 0:
-                    acc2 = _accumulate(acc2, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS2, BLOCK_N, USE_ASM)
+                    acc2 = _accumulate(
+                        acc2, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS2, BLOCK_N, USE_ASM
+                    )
                 if VS3 != 0:
-                    acc3 = _accumulate(acc3, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS3, BLOCK_N, USE_ASM)
+                    acc3 = _accumulate(
+                        acc3, alpha, pv0, pv1, vrow, nmask, vlut_ptr, VS3, BLOCK_N, USE_ASM
+                    )
                 m_i = m_new
             tl.store(m_ptr + part, m_i, mask=gmask)
             tl.store(l_ptr + part, l_i, mask=gmask)
@@ -327,9 +384,33 @@ if HAS_TRITON:
                 _store_acc(acc_ptr, part, gmask, acc3, D, VS3)
         else:
             q_rows = q_ptr + b * sq_b + (h * G + g) * sq_h
-            _residual_part(q_rows, gmask, part, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr, b, h, pid_s, S_C, R,
-                           chunk_r, qk_scale, srk_b, srk_h, srk_n, srv_b, srv_h, srv_n, G_PAD, D, BLOCK_R,
-                           RES_IEEE)
+            _residual_part(
+                q_rows,
+                gmask,
+                part,
+                rk_ptr,
+                rv_ptr,
+                m_ptr,
+                l_ptr,
+                acc_ptr,
+                b,
+                h,
+                pid_s,
+                S_C,
+                R,
+                chunk_r,
+                qk_scale,
+                srk_b,
+                srk_h,
+                srk_n,
+                srv_b,
+                srv_h,
+                srv_n,
+                G_PAD,
+                D,
+                BLOCK_R,
+                RES_IEEE,
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,7 +465,9 @@ def decode_attention_segmented(
     S = S_C + triton.cdiv(R, chunk_r)
     qk_scale = float(scaling) * LOG2E
     # Π_g q_g per group, then K's kernel position order, scaled to log2 units: [B, H_q, d] float32
-    qc = (kt.rotate(query, k_outliers, repeat=G)[:, :, 0] * qk_scale).index_select(-1, k_seg.positions)
+    qc = (kt.rotate(query, k_outliers, repeat=G)[:, :, 0] * qk_scale).index_select(
+        -1, k_seg.positions
+    )
     m_part = buffer(workspace, "m", (B * Hkv, S, G), torch.float32, dev)
     l_part = buffer(workspace, "l", (B * Hkv, S, G), torch.float32, dev)
     acc_part = buffer(workspace, "acc", (B * Hkv, S, G, d), torch.float32, dev)
