@@ -332,6 +332,8 @@ if HAS_TRITON:
         cbase = tl.load(meta_ptr + 3 * C + offs_d)
         slot = tl.load(meta_ptr + 3 * C + D + offs_d)
         cen = tl.load(cent_ptr + cbase[None, :] + codes)
+        if NORMS == 0:  # unit scale: the caller applies the norms (decode keys)
+            return cen
         n0 = tl.load(norm_rows, mask=nmask, other=0.0).to(tl.float32)
         scale = n0[:, None]
         if NORMS == 2:  # two groups: each coordinate takes its group's norm
@@ -525,6 +527,12 @@ if HAS_TRITON:
                 mask=gmask[:, None],
                 other=0.0,
             ).to(tl.float16)
+            # keys: unit centroids in the float16 product, each group's ||k_g|| applied to its
+            # partial score in float32 after it (rounding ||k_g|| c[idx] to float16 instead gives
+            # an error that varies token to token: the GPU failures of 2026-12-01)
+            kslot = tl.load(kmeta_ptr + 3 * (D // 8) + D + offs_d)
+            qc0 = tl.where(kslot[None, :] == 0, qc, 0.0).to(tl.float16)
+            qc1 = tl.where(kslot[None, :] == 1, qc, 0.0).to(tl.float16)
             m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((G_PAD,), dtype=tl.float32)
             acc = tl.zeros((G_PAD, D), dtype=tl.float32)
@@ -540,9 +548,16 @@ if HAS_TRITON:
                     D,
                     K_MAXB,
                     BLOCK_N,
-                    K_NORMS,
-                )
-                sc = tl.dot(qc, tl.trans(kv.to(tl.float16)))  # [G_PAD, BLOCK_N], log2 units
+                    0,
+                ).to(tl.float16)
+                kn_rows = kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n
+                kn0 = tl.load(kn_rows, mask=nmask, other=0.0).to(tl.float32)
+                if K_NORMS == 2:  # [G_PAD, BLOCK_N], log2 units
+                    kn1 = tl.load(kn_rows + 1, mask=nmask, other=0.0).to(tl.float32)
+                    sc = tl.dot(qc0, tl.trans(kv)) * kn0[None, :]
+                    sc += tl.dot(qc1, tl.trans(kv)) * kn1[None, :]
+                else:
+                    sc = tl.dot(qc, tl.trans(kv)) * kn0[None, :]
                 sc = tl.where(nmask[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
                 alpha = tl.exp2(m_i - m_new)
