@@ -8,7 +8,6 @@ signed Hadamard), which is what lets one scalar codebook serve every coordinate.
 from __future__ import annotations
 
 import functools
-
 import math
 
 import torch
