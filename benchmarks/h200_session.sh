@@ -3,7 +3,8 @@
 # The machine has torch/transformers/Triton but none of the wheels in .whl/ and no hub access; the
 # embedded 98 MB GGUF travels in two parts (.gg1/part1, .gg2/part2) over two back-to-back calls.
 #
-#   bash benchmarks/h200_session.sh kernels      # carry .whl .gg1: GPU timings (kernels, host, e2e)
+#   bash benchmarks/h200_session.sh kernels      # carry .whl .gg1: decode kernel + host timings
+#   bash benchmarks/h200_session.sh e2e SECONDS  # static cache end to end (paper rows, largest batch)
 #   bash benchmarks/h200_session.sh grid SECONDS # carry .whl .gg2 (+ runs/quality_grid the first time)
 #   bash benchmarks/h200_session.sh tests        # GPU pytest of kernels + caches (runs beside the grid)
 set -u
@@ -24,14 +25,21 @@ setup() {
 case "${1:-}" in
   kernels)
     setup
-    for script in gpu_decode_attention_layouts gpu_decode_host_overhead; do
-      [ -f benchmarks/$script.py ] || continue
-      timeout 120 python benchmarks/$script.py --out "$OUT/$script.json" > "$OUT/$script.log" 2>&1
-      tail -25 "$OUT/$script.log"
-    done
+    timeout 330 python benchmarks/gpu_decode_attention_layouts.py --batches 1,8 --contexts 32768,131072 \
+      --layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5 --host-overhead \
+      --out "$OUT/gpu_decode_attention_layouts.json" > "$OUT/gpu_decode_attention_layouts.log" 2>&1
+    tail -25 "$OUT/gpu_decode_attention_layouts.log"
+    if [ -f benchmarks/gpu_decode_host_overhead.py ]; then
+      timeout 100 python benchmarks/gpu_decode_host_overhead.py --out "$OUT/gpu_decode_host_overhead.json" \
+        > "$OUT/gpu_decode_host_overhead.log" 2>&1
+      tail -25 "$OUT/gpu_decode_host_overhead.log"
+    fi
+    ;;
+  e2e)
+    setup
     # the paper recipe's rows after its kernel changed, and the largest-batch search at 128k
-    timeout 230 python benchmarks/gpu_e2e_static.py --cases 1x32768,8x32768 \
-      --caches bf16,tq3.5,tqpaper-3.5 --compile-cases none --budget-s 200 \
+    timeout "${2:-230}" python benchmarks/gpu_e2e_static.py --cases 1x32768,1x131072,8x32768 \
+      --caches bf16,tq3.5,tqpaper-3.5 --compile-cases none --budget-s $(( ${2:-230} - 30 )) \
       --out "$OUT/gpu_e2e_static_paper_maxbatch.json" > "$OUT/gpu_e2e_static_paper_maxbatch.log" 2>&1
     tail -30 "$OUT/gpu_e2e_static_paper_maxbatch.log"
     ;;
@@ -46,5 +54,5 @@ case "${1:-}" in
     python benchmarks/quality_gpu_grid.py --state runs/quality_grid --budget-s "${2:-530}" --workers 14 \
       --out "$OUT" 2>&1 | tail -60 | tee "$OUT/grid_call.log"
     ;;
-  *) echo "usage: $0 kernels|tests|grid [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
 esac

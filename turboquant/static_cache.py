@@ -63,6 +63,15 @@ from turboquant.cache import (
 from turboquant.quantizer import NORM_DTYPE
 
 
+def _query_length(args: tuple, kwargs: dict) -> int | None:
+    """New tokens of a ``get_mask_sizes`` call: ``query_length`` (transformers >= 5.2x) or the
+    length of ``cache_position`` (earlier 5.x); None where neither is given."""
+    value = kwargs.get("query_length", kwargs.get("cache_position", args[0] if args else None))
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[-1]) if value.dim() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _positive_int(value: object, name: str, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -213,11 +222,14 @@ class StaticTurboQuantLayer(CacheLayerMixin):
         if self.max_batch_size is not None and b != self.max_batch_size:
             raise ValueError(f"`key_states` has batch {b}, but this StaticTurboQuantCache was built for "
                              f"max_batch_size={self.max_batch_size}; build the cache for this batch size")
+        self._check_room(t)
+        if self.is_initialized and key_states.device != self.device:
+            raise ValueError(f"`key_states` on {key_states.device}, but the layer's buffers are on {self.device}")
+
+    def _check_room(self, t: int) -> None:
         if self._tokens + t > self.max_cache_len:
             raise ValueError(f"layer {self.layer_idx}: {t} new tokens after {self._tokens} held exceed "
                              f"max_cache_len={self.max_cache_len}; build the cache with a larger max_cache_len")
-        if self.is_initialized and key_states.device != self.device:
-            raise ValueError(f"`key_states` on {key_states.device}, but the layer's buffers are on {self.device}")
 
     @run_eagerly
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -398,7 +410,15 @@ class StaticTurboQuantLayer(CacheLayerMixin):
         return self.cumulative_length if self.is_initialized else 0
 
     def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
-        """Static convention: the mask spans all ``max_cache_len`` positions, offset 0."""
+        """Static convention: the mask spans all ``max_cache_len`` positions, offset 0.
+
+        The model asks for the mask before its first layer runs, so a forward that would pass
+        ``max_cache_len`` is refused here, before a hybrid model's linear-attention layers (which
+        come before the first full-attention layer) update their states. (Not while compiling:
+        the host count would become a guard; ``update`` still refuses there.)"""
+        new = _query_length(args, kwargs)
+        if new is not None and not torch.compiler.is_compiling():
+            self._check_room(new)
         return self.max_cache_len, 0
 
     def get_max_length(self) -> int:

@@ -163,6 +163,20 @@ def _state(cache) -> dict[str, torch.Tensor]:
     return {k: t.clone() for k, t in _buffers(cache).items()}
 
 
+def _linear_states(cache) -> dict[str, torch.Tensor]:
+    """Copies of the tensors transformers' own (linear-attention) layers hold, by layer and name."""
+    out = {}
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, StaticTurboQuantLayer):
+            continue
+        for name, value in vars(layer).items():
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            for j, t in enumerate(values):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    out[f"{i}.{name}.{j}"] = t.clone()
+    return out
+
+
 def _assert_unchanged(cache, before: dict[str, torch.Tensor]) -> None:
     after = _buffers(cache)
     assert after.keys() == before.keys()
@@ -177,14 +191,18 @@ def test_prompt_past_max_cache_len_is_refused_before_writing(models, arch):
     with torch.no_grad(), pytest.raises(ValueError, match=r"exceed max_cache_len=19"):
         m(input_ids=_prompt(), past_key_values=cache)
     assert not any(layer.is_initialized for layer in cache.layers if isinstance(layer, StaticTurboQuantLayer))
+    assert not _linear_states(cache), "a hybrid's linear-attention layers updated before the refusal"
     # after a prompt: a chunk that would pass the end is refused too, lengths and bytes unchanged
     cache = _static(m, "halves-3.5")
     with torch.no_grad():
         m(input_ids=_prompt(), past_key_values=cache)
-        before = _state(cache)
+        before, linear = _state(cache), _linear_states(cache)
         with pytest.raises(ValueError, match="max_cache_len=64"):
             m(input_ids=torch.randint(3, 128, (BATCH, MAX_LEN - PROMPT + 1)), past_key_values=cache)
     _assert_unchanged(cache, before)
+    after = _linear_states(cache)
+    assert after.keys() == linear.keys() and all(torch.equal(after[k], t) for k, t in linear.items())
+    assert bool(linear) == (arch == "qwen3_5_text")  # the hybrid's states exist and were checked
 
 
 def test_wrong_batch_size_is_refused_before_writing(models):
