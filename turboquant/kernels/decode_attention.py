@@ -37,7 +37,9 @@ Reads top to bottom: pure-torch reference, Triton kernels, wrapper.
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 import warnings
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from turboquant.kernels._common import HAS_TRITON, LOG2E, KernelTables, check_head_dim
+from turboquant.kernels.fast_launch import LaunchCache, int_spec, ptr_spec
 from turboquant.kernels.workspace import DecodeWorkspace, LengthArgs, buffer, resolve_length
 from turboquant.packing import unpack_bits
 
@@ -523,6 +526,363 @@ def _qjl_query(query: torch.Tensor, k_qjl: KeyQJL, qk_scale: float) -> torch.Ten
     return (sq * (qk_scale * float(k_qjl.scale))).to(torch.float16)
 
 
+# ------------------------------------------------------------------------------------------------
+# launch plans: the structural validation and launch constants once, then only per-call work
+# ------------------------------------------------------------------------------------------------
+# A plan is a pure function of its key: everything the validation and the launch constants depend
+# on (query shape/strides/dtype/device; address, shape and strides of every stored tensor, so a
+# store that grows or reallocates gets a new plan; tables and tuning; launch options). What changes
+# every step (length, residual rows R, the query's and the lengths' addresses) is checked on every
+# call. Plans hold no store tensor (no memory kept alive); they hold the tables they were built for,
+# so ``id(tables)`` in the key stays unique.
+PLAN_CACHE = True
+MAX_PLANS = 256
+PLAN_STATS = {"built": 0, "hits": 0}
+_PLANS: dict = {}
+_SCRATCH: dict = {}  # (device, stream) -> [m, l, acc] flat split buffers shared by calls without a workspace
+_TOKENS = itertools.count()
+
+
+def clear_plans() -> None:
+    """Drop every cached launch plan and the shared split buffers (the next calls validate anew)."""
+    _PLANS.clear()
+    _SCRATCH.clear()
+
+
+def _sig(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+def _rsig(t: torch.Tensor) -> tuple:
+    """A residual buffer without its row count (R changes every step: checked per call)."""
+    sh = t.shape
+    return t.data_ptr(), sh[:2], sh[3:], t.stride(), t.dtype
+
+
+def _tuning() -> tuple | None:
+    cd = sys.modules.get("turboquant.kernels.cuda_decode")
+    return None if cd is None else tuple(cd.TUNING.values())
+
+
+def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
+              residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
+              max_length, residual_length) -> tuple | None:
+    """The plan key of a call, or None (no plan: the call validates and launches uncached) where an
+    argument is of a kind the key cannot describe (the full validation then names the problem)."""
+    if type(scaling) not in (float, int) or not (max_length is None or type(max_length) is int):
+        return None
+    try:
+        res = None if residual_k is None else (_rsig(residual_k), None if residual_v is None else _rsig(residual_v))
+        qjl = None if k_qjl is None else (type(k_qjl), _sig(k_qjl.qjl), _sig(k_qjl.rnorms), _sig(k_qjl.S),
+                                          k_qjl.scale)
+        key = ((query.shape, query.stride(), query.dtype, query.device), _sig(k_codes), _sig(k_norms),
+               _sig(v_codes), _sig(v_norms), id(k_tables), id(v_tables), scaling, res, qjl, block_n, num_splits,
+               num_warps, num_stages, programs_per_sm, backend, type(length), max_length, type(residual_length),
+               _tuning())
+        hash(key)
+    except (AttributeError, TypeError, IndexError, RuntimeError):
+        return None
+    return key
+
+
+@dataclass
+class _Plan:
+    """Validated facts and launch constants of one call structure (see :func:`_plan_key`)."""
+
+    token: int
+    B: int
+    Hq: int
+    Hkv: int
+    G: int
+    d: int
+    dev: torch.device
+    dtype: torch.dtype
+    capacity: int
+    k_tables: KernelTables
+    v_tables: KernelTables
+    qk_scale: float
+    backend: str
+    q_contig: bool  # query rows not contiguous: copied every call
+    q_strides: tuple  # of the query as launched
+    res_ok: bool  # residual_v matches residual_k (all but R), unit last stride, one dtype
+    res_bf16_cpu: bool
+    res_strides: tuple | None
+    res_ieee: bool
+    qjl: tuple | None  # (S^T · √(π/2)/d · scaling · log2 e float32, S kept alive, qjl strides, rnorms strides)
+    kn_strides: tuple
+    vn_strides: tuple
+    kc_strides: tuple
+    vc_strides: tuple
+    const: dict  # partial-kernel constexprs that do not depend on the launch variant
+    options: dict
+    cfg: dict  # use_cuda -> (block_n, want splits or None, fixed splits or None)
+    cuda_ok: bool | None = None  # cuda_decode.supports (None: not asked yet)
+    partial: object = None  # LaunchCache of the partial kernel
+    combine: object = None
+
+
+def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
+                residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
+                residual_length) -> _Plan:
+    """Validate everything of a call that does not change from step to step; the launch constants."""
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}")
+    B, Hq, _, d = query.shape
+    check_head_dim(d)
+    if k_tables.d != d or v_tables.d != d:
+        raise ValueError(f"tables built for d={k_tables.d}/{v_tables.d}, query has d={d}")
+    _check_store("k", k_codes, k_norms, k_tables, B, 0)
+    _check_store("v", v_codes, v_norms, v_tables, B, 0)
+    if k_qjl is not None:
+        _check_qjl(k_qjl, k_codes, d, query.device)
+    Hkv = k_codes.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"H_q={Hq} must be a multiple of H_kv={Hkv}")
+    G = Hq // Hkv
+    dev = query.device
+    if backend not in ("auto", "triton", "cuda"):
+        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
+    if backend == "cuda" and k_qjl is not None:
+        raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
+                         "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")
+    rk, rv = residual_k, residual_v
+    res_ok = rk is not None and rv is not None and rv.dim() == rk.dim() >= 3 and rk.stride(-1) == 1 \
+        and rv.stride(-1) == 1 and rv.dtype == rk.dtype \
+        and all(a == b for i, (a, b) in enumerate(zip(rk.shape, rv.shape)) if i != 2)
+    qs = (Hq * d, d) if query.stride(-1) != 1 else (query.stride(0), query.stride(1))
+    few = B * Hkv < 16  # few KV heads in flight: longer programs (launch shapes below)
+    cfg = {}
+    for use_cuda in (False, True):
+        bn, pps = block_n, programs_per_sm
+        if use_cuda:  # a CTA step = warps x 16-token tiles
+            from turboquant.kernels import cuda_decode
+
+            shape = cuda_decode.launch_shape(few)
+            bn = 16 * shape["warps"]
+            pps = pps or shape["programs_per_sm"]
+        bn = bn or (128 if few else 64)
+        pps = pps or (2 if few else 3)
+        want = None if num_splits is not None else max(1, (pps * _num_sms(dev)) // (B * Hkv))
+        cfg[use_cuda] = (bn, want, num_splits)
+    kc32, vc32 = k_codes.view(torch.int32), v_codes.view(torch.int32)
+    qk_scale = float(scaling) * LOG2E
+    qjl = None
+    if k_qjl is not None:
+        kq32 = k_qjl.qjl.view(torch.int32)
+        s_t = k_qjl.S.to(torch.float32).T * (qk_scale * float(k_qjl.scale))
+        qjl = (s_t.contiguous(), k_qjl.S, kq32.stride()[:3], k_qjl.rnorms.stride()[:3])
+    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
+    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
+    const = {"G": G, "G_PAD": max(16, triton.next_power_of_2(G)), "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d),
+             "KBA": kba, "KPA": kpa, "KSA": ksa, "KBB": kbb, "KPB": kpb, "KSB": ksb,
+             "VBA": vba, "VPA": vpa, "VSA": vsa, "VBB": vbb, "VPB": vpb, "VSB": vsb,
+             "BLOCK_R": 32 if d <= 128 else 16, "USE_ASM": dev.type == "cuda",
+             "K_ROW": k_tables.code_nbytes // 4, "V_ROW": v_tables.code_nbytes // 4,
+             "K_ALIGN": _slab_align(kc32), "V_ALIGN": _slab_align(vc32), "K_QJL": k_qjl is not None}
+    PLAN_STATS["built"] += 1
+    return _Plan(
+        token=next(_TOKENS), B=B, Hq=Hq, Hkv=Hkv, G=G, d=d, dev=dev, dtype=query.dtype,
+        capacity=min(k_codes.shape[2], v_codes.shape[2]), k_tables=k_tables, v_tables=v_tables, qk_scale=qk_scale,
+        backend=backend, q_contig=query.stride(-1) != 1, q_strides=qs, res_ok=res_ok,
+        res_bf16_cpu=rk is not None and rk.dtype == torch.bfloat16 and rk.device.type == "cpu",
+        res_strides=(rk.stride()[:3] + rv.stride()[:3]) if res_ok else None,
+        res_ieee=res_ok and rk.dtype == torch.float32, qjl=qjl,
+        kn_strides=k_norms.stride(), vn_strides=v_norms.stride(), kc_strides=kc32.stride()[:3],
+        vc_strides=vc32.stride()[:3], const=const, options={"num_warps": num_warps or (8 if few else 4), "num_stages": num_stages},
+        cfg=cfg, partial=LaunchCache(_decode_partial_kernel), combine=LaunchCache(_decode_combine_kernel),
+    )
+
+
+def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: int) -> bool:
+    """Whether this call runs the CUDA partial kernel (host int length, mse keys: checked by the caller)."""
+    backend = plan.backend
+    if backend == "auto" and plan.B * plan.Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
+        return False  # below the measured crossover the Triton kernel is as fast or faster
+    from turboquant.kernels import cuda_decode
+
+    if plan.cuda_ok is None:
+        plan.cuda_ok = cuda_decode.supports(plan.d, plan.G, plan.k_tables, plan.v_tables, k_codes, v_codes,
+                                            k_norms, v_norms)
+    few = plan.B * plan.Hkv < 16
+    if plan.cuda_ok and not cuda_decode.COMPILE_FAILURES:  # compile (first use) before anything is launched
+        try:
+            cuda_decode.variant(query.dtype, plan.G, plan.k_tables, plan.v_tables, k_codes.shape[-1], few)
+            return True
+        except RuntimeError as err:
+            if backend == "cuda":
+                raise
+            warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
+                          RuntimeWarning, stacklevel=3)
+            return False
+    if backend == "cuda" and cuda_decode.COMPILE_FAILURES:
+        raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
+                           f"({next(iter(cuda_decode.COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
+    if backend == "cuda":
+        raise ValueError(
+            f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
+            f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={plan.d}, G={plan.G}, "
+            f"bits={plan.k_tables.bits}/{plan.v_tables.bits}, device={plan.dev}: use backend='triton' or 'auto'")
+    return False
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _raw_stream(dev: torch.device) -> int:
+    """The current stream of ``dev`` as an int (0 on CPU)."""
+    if dev.type != "cuda":
+        return 0
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:  # pragma: no cover - older torch
+        return torch.cuda.current_stream(dev).cuda_stream
+    return raw(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def _split_buffers(plan: _Plan, S: int, workspace) -> tuple:
+    """``m``, ``l`` [B·H_kv, S, G], ``acc`` [B·H_kv, S, G, d] float32 and the output [B, 1, H_q, d].
+
+    With a workspace: its buffers (the last set is remembered, so a repeated call looks nothing
+    up). Without: the output is new; the split buffers are flat ones shared by every call on this
+    device and stream (stream order makes reuse safe), or new ones while a CUDA graph is captured
+    (the graph keeps them; a shared buffer could be replaced under it)."""
+    dev, bh, G = plan.dev, plan.B * plan.Hkv, plan.G
+    if workspace is not None:
+        if not isinstance(workspace, DecodeWorkspace):
+            buffer(workspace, "m", (0,), torch.float32, dev)  # raises the named TypeError
+        memo = workspace.memo
+        if memo is not None and memo[0] == plan.token and memo[1] == S and memo[2] == workspace.version:
+            return memo[3]
+        bufs = (buffer(workspace, "m", (bh, S, G), torch.float32, dev),
+                buffer(workspace, "l", (bh, S, G), torch.float32, dev),
+                buffer(workspace, "acc", (bh, S, G, plan.d), torch.float32, dev),
+                buffer(workspace, "out", (plan.B, 1, plan.Hq, plan.d), plan.dtype, dev))
+        workspace.memo = (plan.token, S, workspace.version, bufs)
+        return bufs
+    out = torch.empty((plan.B, 1, plan.Hq, plan.d), dtype=plan.dtype, device=dev)
+    n = bh * S * G
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return (torch.empty(n, dtype=torch.float32, device=dev), torch.empty(n, dtype=torch.float32, device=dev),
+                torch.empty(n * plan.d, dtype=torch.float32, device=dev), out)
+    slot = (dev, _raw_stream(dev))
+    sc = _SCRATCH.get(slot)
+    if sc is None or sc[0] < n:
+        cap = max(n, 2 * sc[0]) if sc is not None else n
+        sc = (cap, torch.empty(cap, dtype=torch.float32, device=dev), torch.empty(cap, dtype=torch.float32, device=dev),
+              torch.empty(cap * plan.d, dtype=torch.float32, device=dev))
+        _SCRATCH[slot] = sc
+    return sc[1], sc[2], sc[3], out
+
+
+def _len_spec(ln: LengthArgs) -> tuple | None:
+    """What the compiled partial kernel depends on of a device length (dtype, alignment, stride)."""
+    t = ln.tensor
+    return None if t is None else (t.dtype, ptr_spec(t.data_ptr()), int_spec(ln.stride))
+
+
+def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
+              max_length, residual_length, workspace) -> torch.Tensor:
+    """The per-call checks (lengths, residual rows) and the two launches of one planned call."""
+    B, dev = plan.B, plan.dev
+    ln = resolve_length(length, max_length, B, plan.capacity, dev)
+    R = 0 if residual_k is None else residual_k.shape[2]
+    if R and (not plan.res_ok or residual_v.shape[2] != R):
+        raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
+    if plan.q_contig:
+        query = query.contiguous()
+    if R and plan.res_bf16_cpu:
+        # Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a standalone 16x16
+        # load + dot returns garbage): refuse instead of returning a silently wrong result
+        raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
+                         "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
+    rl = LengthArgs(R, R, None, 0) if residual_length is None else \
+        resolve_length(residual_length, R, B, R, dev, "residual_length")
+    if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
+        raise ValueError("nothing to attend to: length == 0 and no residual window")
+    length = ln.bound  # sizes the grid; the kernel reads ln.value / ln.tensor
+    host_len = ln.tensor is None and rl.tensor is None and ln.value == ln.bound
+    if plan.backend == "cuda" and not host_len:
+        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
+                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
+    use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None and host_len \
+        and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length)
+    bn, want, fixed = plan.cfg[use_cuda]
+    # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks of 64
+    if length > 0:
+        chunk = _cdiv(_cdiv(length, want or fixed), bn) * bn
+        S_C = _cdiv(length, chunk)
+    else:
+        chunk, S_C = bn, 0
+    chunk_r = 64
+    S = S_C + _cdiv(R, chunk_r)
+    m_part, l_part, acc_part, out = _split_buffers(plan, S, workspace)
+    Hkv, G = plan.Hkv, plan.G
+    if R:
+        rk, rv = residual_k, residual_v
+        srk, srv = plan.res_strides[:3], plan.res_strides[3:]
+    else:  # dummy pointers when there is no residual window
+        rk = rv = query
+        qst = query.stride()
+        srk = srv = qst[:3]
+    # prod keys: S q in log2 units (one product with the plan's scaled S^T), QJL words, ||r||; dummies
+    # (never read) for mse keys
+    if plan.qjl is not None:
+        sqj = torch.matmul(query[:, :, 0].to(torch.float32), plan.qjl[0]).to(torch.float16)
+        ssj = (plan.Hq * plan.d, plan.d)
+        kq, krn, skq, skr = k_qjl.qjl, k_qjl.rnorms, plan.qjl[2], plan.qjl[3]
+    else:
+        sqj, ssj = query, plan.q_strides
+        kq, krn, skq, skr = k_codes, k_norms, plan.kc_strides, plan.kn_strides
+    side = None
+    if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
+        cur = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(cur)
+    if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
+        s_base = S_C if use_cuda else 0
+        lt = ln.tensor if ln.tensor is not None else k_norms
+        rt = rl.tensor if rl.tensor is not None else k_norms
+        tail = (ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, plan.qk_scale, s_base, ln.stride, rl.stride,
+                *plan.q_strides, *plan.kc_strides, *plan.kn_strides, *plan.vc_strides, *plan.vn_strides,
+                *srk, *srv, *ssj, *skq, *skr)
+        head = (query, plan.k_tables.signs, k_codes, k_norms, v_codes, v_norms, plan.k_tables.lut32,
+                plan.v_tables.lut32, rk, rv, m_part, l_part, acc_part, sqj, kq, krn, lt, rt)
+        # what Triton specialises on that the plan key does not fix: the variant, the residual
+        # window's presence, the query's alignment and the device lengths
+        vkey = (use_cuda, bool(R), ptr_spec(query.data_ptr()), ptr_spec(sqj.data_ptr()), _len_spec(ln),
+                _len_spec(rl))
+        with torch.cuda.stream(side) if side is not None else _nullcontext():
+            handle = plan.partial.launch(
+                vkey, (S - s_base, B * Hkv), head + tail,
+                lambda: (_typed_head(head, plan, k_qjl, query) + tail,
+                         dict(plan.const, BLOCK_N=64 if use_cuda else bn, RES_IEEE=bool(R) and plan.res_ieee,
+                              LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None),
+                         plan.options))
+        LAST_LAUNCH["partial"] = handle
+    if use_cuda:
+        from turboquant.kernels import cuda_decode
+
+        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, plan.k_tables,
+                                   plan.v_tables, plan.qk_scale, m_part, l_part, acc_part, few=B * Hkv < 16)
+    if side is not None:
+        cur.wait_stream(side)
+    cargs = (m_part, l_part, acc_part, plan.v_tables.signs, out, S_C, S, plan.Hq, out.stride(0), out.stride(2))
+    plan.combine.launch(
+        (ptr_spec(out.data_ptr()),), (B * plan.Hq, 1), cargs,
+        lambda: (cargs, {"G": G, "D": plan.d, "INV_SQRT_D": 1.0 / math.sqrt(plan.d), "BLOCK_S": 16}, {"num_warps": 4}))
+    return out
+
+
+def _typed_head(head: tuple, plan: _Plan, k_qjl, query) -> tuple:
+    """The partial kernel's pointer arguments as Triton compiles them: codes and QJL words as int32."""
+    h = list(head)
+    h[2], h[4] = head[2].view(torch.int32), head[4].view(torch.int32)
+    h[14] = k_qjl.qjl.view(torch.int32) if k_qjl is not None else h[2]
+    if plan.qjl is None:
+        h[13] = query[:, :, 0]
+    return tuple(h)
+
+
 def decode_attention(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -604,150 +964,22 @@ def decode_attention(
             as_codespace(v_tables, query.device), scaling, residual_k, residual_v, k_outliers, v_outliers,
             max_length=max_length, residual_length=residual_length, workspace=workspace, block_n=block_n,
             num_splits=num_splits)
-    if query.dim() != 4 or query.shape[2] != 1:
-        raise ValueError(f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}")
-    B, Hq, _, d = query.shape
-    check_head_dim(d)
-    if k_tables.d != d or v_tables.d != d:
-        raise ValueError(f"tables built for d={k_tables.d}/{v_tables.d}, query has d={d}")
-    _check_store("k", k_codes, k_norms, k_tables, B, 0)
-    _check_store("v", v_codes, v_norms, v_tables, B, 0)
-    ln = resolve_length(length, max_length, B, min(k_codes.shape[2], v_codes.shape[2]), query.device)
-    if k_qjl is not None:
-        _check_qjl(k_qjl, k_codes, d, query.device)
-    Hkv = k_codes.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"H_q={Hq} must be a multiple of H_kv={Hkv}")
-    G = Hq // Hkv
-    R = 0 if residual_k is None else residual_k.shape[2]
-    if R and (residual_v is None or residual_v.shape != residual_k.shape or residual_k.stride(-1) != 1
-              or residual_v.stride(-1) != 1 or residual_v.dtype != residual_k.dtype):
-        raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if R and residual_k.dtype == torch.bfloat16 and residual_k.device.type == "cpu":
-        # Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a standalone 16x16
-        # load + dot returns garbage): refuse instead of returning a silently wrong result
-        raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
-                         "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
-    rl = LengthArgs(R, R, None, 0) if residual_length is None else \
-        resolve_length(residual_length, R, B, R, query.device, "residual_length")
-    if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
-        raise ValueError("nothing to attend to: length == 0 and no residual window")
-    length = ln.bound  # sizes the grid; the kernel reads ln.value / ln.tensor
-    dev = query.device
-    qk_scale = float(scaling) * LOG2E
-    if backend not in ("auto", "triton", "cuda"):
-        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
-    use_cuda = False
-    few = B * Hkv < 16  # few KV heads in flight: longer programs (launch shapes below)
-    if backend == "cuda" and k_qjl is not None:
-        raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
-                         "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")
-    if backend == "cuda" and (ln.tensor is not None or rl.tensor is not None or ln.value != ln.bound):
-        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
-                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
-    if backend != "triton" and length > 0 and k_qjl is None and ln.tensor is None and rl.tensor is None \
-            and ln.value == ln.bound:
-        from turboquant.kernels import cuda_decode
-
-        use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms)
-        if backend == "auto" and B * Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
-            use_cuda = False  # below the measured crossover the Triton kernel is as fast or faster
-        if use_cuda:  # compile (first use) before anything is launched; auto falls back to Triton
-            try:
-                cuda_decode.variant(query.dtype, G, k_tables, v_tables, k_codes.shape[-1], few)
-            except RuntimeError as err:
-                if backend == "cuda":
-                    raise
-                warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
-                              RuntimeWarning, stacklevel=2)
-                use_cuda = False
-        elif backend == "cuda" and cuda_decode.COMPILE_FAILURES:
-            raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
-                               f"({next(iter(cuda_decode.COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
-        elif backend == "cuda":
-            raise ValueError(
-                f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
-                f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={d}, G={G}, "
-                f"bits={k_tables.bits}/{v_tables.bits}, device={dev}: use backend='triton' or 'auto'")
-    if use_cuda:  # a CTA step = warps x 16-token tiles
-        shape = cuda_decode.launch_shape(few)
-        block_n = 16 * shape["warps"]
-        programs_per_sm = programs_per_sm or shape["programs_per_sm"]
-    block_n = block_n or (128 if few else 64)
-    num_warps = num_warps or (8 if few else 4)
-    programs_per_sm = programs_per_sm or (2 if few else 3)
-
-    # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks
-    if length > 0:
-        if num_splits is None:
-            want = max(1, (programs_per_sm * _num_sms(dev)) // (B * Hkv))
-            chunk = triton.cdiv(triton.cdiv(length, want), block_n) * block_n
-        else:
-            chunk = triton.cdiv(triton.cdiv(length, num_splits), block_n) * block_n
-        S_C = triton.cdiv(length, chunk)
+    key = _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
+                    residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
+                    max_length, residual_length) if PLAN_CACHE else None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling,
+                           residual_k, residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm,
+                           backend, k_qjl, residual_length)
+        if key is not None:
+            if len(_PLANS) >= MAX_PLANS:
+                del _PLANS[next(iter(_PLANS))]  # oldest first
+            _PLANS[key] = plan
     else:
-        chunk, S_C = block_n, 0
-    block_r = 32 if d <= 128 else 16
-    chunk_r = 64
-    S_R = triton.cdiv(R, chunk_r)
-    S = S_C + S_R
-    g_pad = max(16, triton.next_power_of_2(G))
-    m_part = buffer(workspace, "m", (B * Hkv, S, G), torch.float32, dev)
-    l_part = buffer(workspace, "l", (B * Hkv, S, G), torch.float32, dev)
-    acc_part = buffer(workspace, "acc", (B * Hkv, S, G, d), torch.float32, dev)
-    out = buffer(workspace, "out", (B, 1, Hq, d), query.dtype, dev)
-    kc32 = k_codes.view(torch.int32)
-    vc32 = v_codes.view(torch.int32)
-    rk = residual_k if R else query  # dummy pointers when there is no residual window
-    rv = residual_v if R else query
-    # prod keys: S q in log2 units, QJL words, ||r||; dummies (never read) for mse keys
-    sqj = _qjl_query(query, k_qjl, qk_scale) if k_qjl is not None else query[:, :, 0]
-    kq32 = k_qjl.qjl.view(torch.int32) if k_qjl is not None else kc32
-    krn = k_qjl.rnorms if k_qjl is not None else k_norms
-    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
-    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-    side = None
-    if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
-        cur = torch.cuda.current_stream(dev)
-        side = _side_stream(dev)
-        side.wait_stream(cur)
-    if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
-        s_base = S_C if use_cuda else 0
-        with torch.cuda.stream(side) if side is not None else _nullcontext():
-            LAST_LAUNCH["partial"] = _decode_partial_kernel[(S - s_base, B * Hkv)](
-                query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
-                m_part, l_part, acc_part, sqj, kq32, krn,
-                ln.tensor if ln.tensor is not None else k_norms, rl.tensor if rl.tensor is not None else k_norms,
-                ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, qk_scale, s_base, ln.stride, rl.stride,
-                query.stride(0), query.stride(1),
-                kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
-                vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
-                rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-                sqj.stride(0), sqj.stride(1), kq32.stride(0), kq32.stride(1), kq32.stride(2),
-                krn.stride(0), krn.stride(1), krn.stride(2),
-                G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
-                KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-                VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
-                BLOCK_N=64 if use_cuda else block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
-                RES_IEEE=bool(R) and rk.dtype == torch.float32,
-                K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
-                K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32), K_QJL=k_qjl is not None,
-                LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None,
-                num_warps=num_warps, num_stages=num_stages,
-            )
-    if use_cuda:
-        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables,
-                                   v_tables, qk_scale, m_part, l_part, acc_part, few=few)
-    if side is not None:
-        cur.wait_stream(side)
-    _decode_combine_kernel[(B * Hq,)](
-        m_part, l_part, acc_part, v_tables.signs, out,
-        S_C, S, Hq, out.stride(0), out.stride(2),
-        G=G, D=d, INV_SQRT_D=1.0 / math.sqrt(d), BLOCK_S=16, num_warps=4,
-    )
-    return out
+        PLAN_STATS["hits"] += 1
+    return _run_plan(plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
+                     max_length, residual_length, workspace)
 
 
 def decode_attention_store(
