@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 import warnings
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
@@ -559,9 +558,16 @@ def _rsig(t: torch.Tensor) -> tuple:
     return t.data_ptr(), sh[:2], sh[3:], t.stride(), t.dtype
 
 
-def _tuning() -> tuple | None:
-    cd = sys.modules.get("turboquant.kernels.cuda_decode")
-    return None if cd is None else tuple(cd.TUNING.values())
+_CUDA_DECODE: list = []  # the cuda_decode module, imported at the first call (it imports this module's package)
+
+
+def _tuning() -> tuple:
+    """The CUDA kernel's tuning knobs (benchmarks change them between calls): part of every key."""
+    if not _CUDA_DECODE:
+        from turboquant.kernels import cuda_decode
+
+        _CUDA_DECODE.append(cuda_decode)
+    return tuple(_CUDA_DECODE[0].TUNING.values())
 
 
 def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
