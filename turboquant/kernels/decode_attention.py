@@ -40,7 +40,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -540,6 +539,7 @@ PLAN_STATS = {"built": 0, "hits": 0}
 _PLANS: dict = {}
 _SCRATCH: dict = {}  # (device, stream) -> [m, l, acc] flat split buffers shared by calls without a workspace
 _TOKENS = itertools.count()
+_NO_RESIDUAL_LENGTH = tuple(LengthArgs(r, r, None, 0) for r in range(1025))  # residual_length None: all R rows
 
 
 def clear_plans() -> None:
@@ -585,7 +585,6 @@ def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tab
                _sig(v_codes), _sig(v_norms), id(k_tables), id(v_tables), scaling, res, qjl, block_n, num_splits,
                num_warps, num_stages, programs_per_sm, backend, type(length), max_length, type(residual_length),
                _tuning())
-        hash(key)
     except (AttributeError, TypeError, IndexError, RuntimeError):
         return None
     return key
@@ -610,15 +609,13 @@ class _Plan:
     backend: str
     q_contig: bool  # query rows not contiguous: copied every call
     q_strides: tuple  # of the query as launched
+    strides: dict  # residual window present (bool) -> every stride argument of the partial kernel, in order
+    ptrs: tuple  # addresses (in the key): k signs, k codes, k norms, v codes, v norms, k/v LUTs, residual k/v,
+    #              QJL words, ||r|| (mse keys: k codes, k norms), v signs
     res_ok: bool  # residual_v matches residual_k (all but R), unit last stride, one dtype
     res_bf16_cpu: bool
-    res_strides: tuple | None
     res_ieee: bool
     qjl: tuple | None  # (S^T · √(π/2)/d · scaling · log2 e float32, S kept alive, qjl strides, rnorms strides)
-    kn_strides: tuple
-    vn_strides: tuple
-    kc_strides: tuple
-    vc_strides: tuple
     const: dict  # partial-kernel constexprs that do not depend on the launch variant
     options: dict
     cfg: dict  # use_cuda -> (block_n, want splits or None, fixed splits or None)
@@ -655,7 +652,8 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
     res_ok = rk is not None and rv is not None and rv.dim() == rk.dim() >= 3 and rk.stride(-1) == 1 \
         and rv.stride(-1) == 1 and rv.dtype == rk.dtype \
         and all(a == b for i, (a, b) in enumerate(zip(rk.shape, rv.shape)) if i != 2)
-    qs = (Hq * d, d) if query.stride(-1) != 1 else (query.stride(0), query.stride(1))
+    qs3 = (Hq * d, d, d) if query.stride(-1) != 1 else tuple(query.stride()[:3])
+    qs = qs3[:2]
     few = B * Hkv < 16  # few KV heads in flight: longer programs (launch shapes below)
     cfg = {}
     for use_cuda in (False, True):
@@ -677,6 +675,11 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
         kq32 = k_qjl.qjl.view(torch.int32)
         s_t = k_qjl.S.to(torch.float32).T * (qk_scale * float(k_qjl.scale))
         qjl = (s_t.contiguous(), k_qjl.S, kq32.stride()[:3], k_qjl.rnorms.stride()[:3])
+    kcs, vcs, kns, vns = kc32.stride()[:3], vc32.stride()[:3], k_norms.stride(), v_norms.stride()
+    ssj, skq, skr = ((Hq * d, d), qjl[2], qjl[3]) if qjl is not None else (qs, kcs, kns)
+    res = (rk.stride()[:3] + rv.stride()[:3]) if res_ok else None
+    strides = {has_r: (*qs, *kcs, *kns, *vcs, *vns, *(res if has_r else qs3 + qs3), *ssj, *skq, *skr)
+               for has_r in ((False, True) if res_ok else (False,))}
     (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
     (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
     const = {"G": G, "G_PAD": max(16, triton.next_power_of_2(G)), "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d),
@@ -685,16 +688,19 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
              "BLOCK_R": 32 if d <= 128 else 16, "USE_ASM": dev.type == "cuda",
              "K_ROW": k_tables.code_nbytes // 4, "V_ROW": v_tables.code_nbytes // 4,
              "K_ALIGN": _slab_align(kc32), "V_ALIGN": _slab_align(vc32), "K_QJL": k_qjl is not None}
+    kq_t, krn_t = (k_qjl.qjl, k_qjl.rnorms) if k_qjl is not None else (k_codes, k_norms)
+    ptrs = (k_tables.signs.data_ptr(), k_codes.data_ptr(), k_norms.data_ptr(), v_codes.data_ptr(),
+            v_norms.data_ptr(), k_tables.lut32.data_ptr(), v_tables.lut32.data_ptr(),
+            rk.data_ptr() if res_ok else 0, rv.data_ptr() if res_ok else 0, kq_t.data_ptr(), krn_t.data_ptr(),
+            v_tables.signs.data_ptr())
     PLAN_STATS["built"] += 1
     return _Plan(
         token=next(_TOKENS), B=B, Hq=Hq, Hkv=Hkv, G=G, d=d, dev=dev, dtype=query.dtype,
         capacity=min(k_codes.shape[2], v_codes.shape[2]), k_tables=k_tables, v_tables=v_tables, qk_scale=qk_scale,
-        backend=backend, q_contig=query.stride(-1) != 1, q_strides=qs, res_ok=res_ok,
+        backend=backend, q_contig=query.stride(-1) != 1, q_strides=qs, strides=strides, ptrs=ptrs, res_ok=res_ok,
         res_bf16_cpu=rk is not None and rk.dtype == torch.bfloat16 and rk.device.type == "cpu",
-        res_strides=(rk.stride()[:3] + rv.stride()[:3]) if res_ok else None,
         res_ieee=res_ok and rk.dtype == torch.float32, qjl=qjl,
-        kn_strides=k_norms.stride(), vn_strides=v_norms.stride(), kc_strides=kc32.stride()[:3],
-        vc_strides=vc32.stride()[:3], const=const, options={"num_warps": num_warps or (8 if few else 4), "num_stages": num_stages},
+        const=const, options={"num_warps": num_warps or (8 if few else 4), "num_stages": num_stages},
         cfg=cfg, partial=LaunchCache(_decode_partial_kernel), combine=LaunchCache(_decode_combine_kernel),
     )
 
@@ -746,7 +752,8 @@ def _raw_stream(dev: torch.device) -> int:
 
 
 def _split_buffers(plan: _Plan, S: int, workspace) -> tuple:
-    """``m``, ``l`` [B·H_kv, S, G], ``acc`` [B·H_kv, S, G, d] float32 and the output [B, 1, H_q, d].
+    """``m``, ``l`` [B·H_kv, S, G], ``acc`` [B·H_kv, S, G, d] float32, the output [B, 1, H_q, d] and
+    the four addresses.
 
     With a workspace: its buffers (the last set is remembered, so a repeated call looks nothing
     up). Without: the output is new; the split buffers are flat ones shared by every call on this
@@ -763,34 +770,34 @@ def _split_buffers(plan: _Plan, S: int, workspace) -> tuple:
                 buffer(workspace, "l", (bh, S, G), torch.float32, dev),
                 buffer(workspace, "acc", (bh, S, G, plan.d), torch.float32, dev),
                 buffer(workspace, "out", (plan.B, 1, plan.Hq, plan.d), plan.dtype, dev))
+        bufs = (*bufs, tuple(t.data_ptr() for t in bufs))
         workspace.memo = (plan.token, S, workspace.version, bufs)
         return bufs
     out = torch.empty((plan.B, 1, plan.Hq, plan.d), dtype=plan.dtype, device=dev)
     n = bh * S * G
     if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return (torch.empty(n, dtype=torch.float32, device=dev), torch.empty(n, dtype=torch.float32, device=dev),
-                torch.empty(n * plan.d, dtype=torch.float32, device=dev), out)
+        sc = (n, torch.empty(n, dtype=torch.float32, device=dev), torch.empty(n, dtype=torch.float32, device=dev),
+              torch.empty(n * plan.d, dtype=torch.float32, device=dev))
+        return (*sc[1:], out, (sc[1].data_ptr(), sc[2].data_ptr(), sc[3].data_ptr(), out.data_ptr()))
     slot = (dev, _raw_stream(dev))
     sc = _SCRATCH.get(slot)
     if sc is None or sc[0] < n:
         cap = max(n, 2 * sc[0]) if sc is not None else n
-        sc = (cap, torch.empty(cap, dtype=torch.float32, device=dev), torch.empty(cap, dtype=torch.float32, device=dev),
-              torch.empty(cap * plan.d, dtype=torch.float32, device=dev))
+        bufs = (torch.empty(cap, dtype=torch.float32, device=dev), torch.empty(cap, dtype=torch.float32, device=dev),
+                torch.empty(cap * plan.d, dtype=torch.float32, device=dev))
+        sc = (cap, *bufs, tuple(t.data_ptr() for t in bufs))
         _SCRATCH[slot] = sc
-    return sc[1], sc[2], sc[3], out
-
-
-def _len_spec(ln: LengthArgs) -> tuple | None:
-    """What the compiled partial kernel depends on of a device length (dtype, alignment, stride)."""
-    t = ln.tensor
-    return None if t is None else (t.dtype, ptr_spec(t.data_ptr()), int_spec(ln.stride))
+    return sc[1], sc[2], sc[3], out, (*sc[4], out.data_ptr())
 
 
 def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
               max_length, residual_length, workspace) -> torch.Tensor:
     """The per-call checks (lengths, residual rows) and the two launches of one planned call."""
     B, dev = plan.B, plan.dev
-    ln = resolve_length(length, max_length, B, plan.capacity, dev)
+    if type(length) is int and max_length is None and 0 <= length <= plan.capacity:
+        ln = LengthArgs(length, length, None, 0)
+    else:
+        ln = resolve_length(length, max_length, B, plan.capacity, dev)
     R = 0 if residual_k is None else residual_k.shape[2]
     if R and (not plan.res_ok or residual_v.shape[2] != R):
         raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
@@ -801,8 +808,10 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
         # load + dot returns garbage): refuse instead of returning a silently wrong result
         raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
                          "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
-    rl = LengthArgs(R, R, None, 0) if residual_length is None else \
-        resolve_length(residual_length, R, B, R, dev, "residual_length")
+    if residual_length is None:  # every residual row
+        rl = _NO_RESIDUAL_LENGTH[R] if R < len(_NO_RESIDUAL_LENGTH) else LengthArgs(R, R, None, 0)
+    else:
+        rl = resolve_length(residual_length, R, B, R, dev, "residual_length")
     if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     length = ln.bound  # sizes the grid; the kernel reads ln.value / ln.tensor
@@ -821,24 +830,11 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
         chunk, S_C = bn, 0
     chunk_r = 64
     S = S_C + _cdiv(R, chunk_r)
-    m_part, l_part, acc_part, out = _split_buffers(plan, S, workspace)
-    Hkv, G = plan.Hkv, plan.G
-    if R:
-        rk, rv = residual_k, residual_v
-        srk, srv = plan.res_strides[:3], plan.res_strides[3:]
-    else:  # dummy pointers when there is no residual window
-        rk = rv = query
-        qst = query.stride()
-        srk = srv = qst[:3]
-    # prod keys: S q in log2 units (one product with the plan's scaled S^T), QJL words, ||r||; dummies
-    # (never read) for mse keys
-    if plan.qjl is not None:
-        sqj = torch.matmul(query[:, :, 0].to(torch.float32), plan.qjl[0]).to(torch.float16)
-        ssj = (plan.Hq * plan.d, plan.d)
-        kq, krn, skq, skr = k_qjl.qjl, k_qjl.rnorms, plan.qjl[2], plan.qjl[3]
-    else:
-        sqj, ssj = query, plan.q_strides
-        kq, krn, skq, skr = k_codes, k_norms, plan.kc_strides, plan.kn_strides
+    m_part, l_part, acc_part, out, bp = _split_buffers(plan, S, workspace)
+    Hkv, G, p = plan.Hkv, plan.G, plan.ptrs
+    # prod keys: S q in log2 units (one product with the plan's scaled S^T); a dummy (never read) for mse
+    sqj = torch.matmul(query[:, :, 0].to(torch.float32), plan.qjl[0]).to(torch.float16) \
+        if plan.qjl is not None else query
     side = None
     if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
         cur = torch.cuda.current_stream(dev)
@@ -846,24 +842,38 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
         side.wait_stream(cur)
     if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
         s_base = S_C if use_cuda else 0
-        lt = ln.tensor if ln.tensor is not None else k_norms
-        rt = rl.tensor if rl.tensor is not None else k_norms
+        q_ptr = query.data_ptr()
+        sqj_ptr = q_ptr if sqj is query else sqj.data_ptr()
+        lt_ptr = p[2] if ln.tensor is None else ln.tensor.data_ptr()
+        rt_ptr = p[2] if rl.tensor is None else rl.tensor.data_ptr()
         tail = (ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, plan.qk_scale, s_base, ln.stride, rl.stride,
-                *plan.q_strides, *plan.kc_strides, *plan.kn_strides, *plan.vc_strides, *plan.vn_strides,
-                *srk, *srv, *ssj, *skq, *skr)
-        head = (query, plan.k_tables.signs, k_codes, k_norms, v_codes, v_norms, plan.k_tables.lut32,
-                plan.v_tables.lut32, rk, rv, m_part, l_part, acc_part, sqj, kq, krn, lt, rt)
+                *plan.strides[R > 0])
+        # the launcher takes addresses; Triton compiles from typed tensors (slow(): first call of a variant)
+        fast = (q_ptr, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7] if R else q_ptr, p[8] if R else q_ptr,
+                *bp, sqj_ptr, p[9], p[10], lt_ptr, rt_ptr, *tail)
         # what Triton specialises on that the plan key does not fix: the variant, the residual
         # window's presence, the query's alignment and the device lengths
-        vkey = (use_cuda, bool(R), ptr_spec(query.data_ptr()), ptr_spec(sqj.data_ptr()), _len_spec(ln),
-                _len_spec(rl))
-        with torch.cuda.stream(side) if side is not None else _nullcontext():
-            handle = plan.partial.launch(
-                vkey, (S - s_base, B * Hkv), head + tail,
-                lambda: (_typed_head(head, plan, k_qjl, query) + tail,
-                         dict(plan.const, BLOCK_N=64 if use_cuda else bn, RES_IEEE=bool(R) and plan.res_ieee,
-                              LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None),
-                         plan.options))
+        vkey = (use_cuda, R > 0, ptr_spec(q_ptr), ptr_spec(sqj_ptr),
+                None if ln.tensor is None else (ln.tensor.dtype, ptr_spec(lt_ptr), int_spec(ln.stride)),
+                None if rl.tensor is None else (rl.tensor.dtype, ptr_spec(rt_ptr), int_spec(rl.stride)))
+
+        def slow():
+            kq = k_qjl.qjl.view(torch.int32) if k_qjl is not None else None
+            kc32 = k_codes.view(torch.int32)
+            head = (query, plan.k_tables.signs, kc32, k_norms, v_codes.view(torch.int32), v_norms,
+                    plan.k_tables.lut32, plan.v_tables.lut32, residual_k if R else query, residual_v if R else query,
+                    m_part, l_part, acc_part, sqj if sqj is not query else query[:, :, 0],
+                    kq if kq is not None else kc32, k_qjl.rnorms if k_qjl is not None else k_norms,
+                    ln.tensor if ln.tensor is not None else k_norms, rl.tensor if rl.tensor is not None else k_norms)
+            return (head + tail,
+                    dict(plan.const, BLOCK_N=64 if use_cuda else bn, RES_IEEE=R > 0 and plan.res_ieee,
+                         LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None), plan.options)
+
+        if side is None:
+            handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
+        else:
+            with torch.cuda.stream(side):
+                handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
         LAST_LAUNCH["partial"] = handle
     if use_cuda:
         from turboquant.kernels import cuda_decode
@@ -872,21 +882,12 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                                    plan.v_tables, plan.qk_scale, m_part, l_part, acc_part, few=B * Hkv < 16)
     if side is not None:
         cur.wait_stream(side)
-    cargs = (m_part, l_part, acc_part, plan.v_tables.signs, out, S_C, S, plan.Hq, out.stride(0), out.stride(2))
+    Hq, d = plan.Hq, plan.d
     plan.combine.launch(
-        (ptr_spec(out.data_ptr()),), (B * plan.Hq, 1), cargs,
-        lambda: (cargs, {"G": G, "D": plan.d, "INV_SQRT_D": 1.0 / math.sqrt(plan.d), "BLOCK_S": 16}, {"num_warps": 4}))
+        (ptr_spec(bp[3]),), (B * Hq, 1), (*bp, p[11], bp[3], S_C, S, Hq, Hq * d, d),
+        lambda: ((m_part, l_part, acc_part, plan.v_tables.signs, out, S_C, S, Hq, out.stride(0), out.stride(2)),
+                 {"G": G, "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d), "BLOCK_S": 16}, {"num_warps": 4}))
     return out
-
-
-def _typed_head(head: tuple, plan: _Plan, k_qjl, query) -> tuple:
-    """The partial kernel's pointer arguments as Triton compiles them: codes and QJL words as int32."""
-    h = list(head)
-    h[2], h[4] = head[2].view(torch.int32), head[4].view(torch.int32)
-    h[14] = k_qjl.qjl.view(torch.int32) if k_qjl is not None else h[2]
-    if plan.qjl is None:
-        h[13] = query[:, :, 0]
-    return tuple(h)
 
 
 def decode_attention(
@@ -970,10 +971,15 @@ def decode_attention(
             as_codespace(v_tables, query.device), scaling, residual_k, residual_v, k_outliers, v_outliers,
             max_length=max_length, residual_length=residual_length, workspace=workspace, block_n=block_n,
             num_splits=num_splits)
-    key = _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
-                    residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
-                    max_length, residual_length) if PLAN_CACHE else None
-    plan = _PLANS.get(key) if key is not None else None
+    key = plan = None
+    if PLAN_CACHE:
+        key = _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
+                        residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
+                        max_length, residual_length)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:  # an unhashable argument: validated and launched without a plan
+            key = None
     if plan is None:
         plan = _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling,
                            residual_k, residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm,
