@@ -8,8 +8,11 @@ alignment ``ptr % 16``, integer ``== 1`` / ``% 16``, the constexprs and options)
 that key call the compiled launcher directly (what ``JITFunction.run`` itself does last).
 
 Anything unexpected turns the fast path off and leaves the normal launch: no compiled handle
-(Triton's interpreter), a launcher signature this module does not know, or a launcher that
-rejects the arguments. :data:`ENABLED` False launches every call through ``kernel[grid]``.
+(Triton's interpreter), a launcher signature this module does not know, a launcher that rejects
+the arguments, or launch hooks set (a profiler). :data:`ENABLED` False launches every call
+through ``kernel[grid]``. Pointer arguments may be plain ints (addresses): Triton's launcher then
+skips its per-pointer ``cuPointerGetAttribute`` check, which the first (normal) launch of the
+same addresses already made.
 """
 
 from __future__ import annotations
@@ -30,36 +33,44 @@ def ptr_spec(ptr: int) -> bool:
     return ptr % 16 == 0
 
 
+_HOOK_HOLDER: list = []  # where the launch hooks live: triton.knobs.runtime (>= 3.4) or CompiledKernel
+
+
 def _hooks() -> tuple[object, object]:
-    """The launch enter/exit hooks ``JITFunction.run`` passes (``triton.knobs`` since 3.4)."""
-    try:
-        from triton import knobs
+    """The launch enter/exit hooks ``JITFunction.run`` passes to the launcher."""
+    if not _HOOK_HOLDER:
+        try:
+            from triton import knobs
 
-        return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    except (ImportError, AttributeError):  # pragma: no cover - older Triton
-        from triton.compiler import CompiledKernel
+            _HOOK_HOLDER.append(knobs.runtime)
+        except ImportError:  # pragma: no cover - older Triton
+            from triton.compiler import CompiledKernel
 
-        return getattr(CompiledKernel, "launch_enter_hook", None), getattr(CompiledKernel, "launch_exit_hook", None)
+            _HOOK_HOLDER.append(CompiledKernel)
+    h = _HOOK_HOLDER[0]
+    return getattr(h, "launch_enter_hook", None), getattr(h, "launch_exit_hook", None)
 
 
 def _no_hook(h: object) -> bool:
+    """No hook set: None (Triton < 3.6) or an empty ``HookChain``."""
     return h is None or getattr(h, "calls", None) == []
 
 
 class _Handle:
     """One compiled kernel and the trailing constexpr values its launcher expects."""
 
-    __slots__ = ("compiled", "function", "packed", "run", "tail")
+    __slots__ = ("compiled", "device", "function", "packed", "run", "tail")
 
-    def __init__(self, compiled, tail: tuple):
+    def __init__(self, compiled, tail: tuple, device: int):
         self.compiled = compiled
+        self.device = device  # the current device it was loaded for (its CUfunction lives there)
         self.run = compiled.run  # the launcher (initialises the module handles)
         self.function = compiled.function
         self.packed = compiled.packed_metadata
         self.tail = tail
 
 
-def _handle(jit_fn, compiled, constexprs: dict) -> _Handle | None:
+def _handle(jit_fn, compiled, constexprs: dict, device: int) -> _Handle | None:
     """A handle for ``compiled`` or None where its launcher's argument list is not known here.
 
     Triton >= 3.3 launchers take every parameter in signature order (constexprs included, as in
@@ -76,28 +87,31 @@ def _handle(jit_fn, compiled, constexprs: dict) -> _Handle | None:
             return None
         if list(names) != [p.name for p in params[len(params) - len(names):]]:
             return None  # constexprs not all last: positional order unknown
-        return _Handle(compiled, tail)
+        return _Handle(compiled, tail, device)
     except (AttributeError, KeyError, TypeError):
         return None
 
 
+_DRIVER: list = []
+
+
+def _current() -> tuple[int, int]:
+    """(current device, its current raw stream), as ``JITFunction.run`` reads them."""
+    if not _DRIVER:
+        from triton.runtime import driver
+
+        _DRIVER.append(driver.active)
+    act = _DRIVER[0]
+    dev = act.get_current_device()
+    return dev, act.get_current_stream(dev)
+
+
 class LaunchCache:
-    """Compiled-kernel handles of one ``@triton.jit`` function, by caller key.
+    """Compiled-kernel handles of one ``@triton.jit`` function, by caller key."""
 
-    ``stream_of``: ``() -> int`` the raw current stream (Triton's ``driver.active`` by default)."""
-
-    def __init__(self, jit_fn, stream_of: Callable[[], int] | None = None):
+    def __init__(self, jit_fn):
         self.jit_fn = jit_fn
         self.handles: dict = {}
-        self._stream_of = stream_of
-
-    def _stream(self) -> int:
-        if self._stream_of is None:
-            from triton.runtime import driver
-
-            act = driver.active
-            self._stream_of = lambda: act.get_current_stream(act.get_current_device())
-        return self._stream_of()
 
     def launch(self, key: Hashable | None, grid: tuple[int, int], args: Sequence,
                slow: Callable[[], tuple[Sequence, dict, dict]]):
@@ -109,10 +123,16 @@ class LaunchCache:
         h = self.handles.get(key) if ENABLED and key is not None else None
         if h is not None:
             enter, leave = _hooks()
-            stream = self._stream()
-            meta = None if _no_hook(enter) and _no_hook(leave) else h.compiled.launch_metadata(grid, stream, *args)
+            if not (_no_hook(enter) and _no_hook(leave)):
+                h = None  # a profiler's launch hooks: the normal launch builds their metadata
+        if h is not None:
+            dev, stream = _current()
+            if dev != h.device:
+                h = None  # another current device: Triton's own lookup loads the kernel there
+        if h is not None:
             try:
-                h.run(grid[0], grid[1], 1, stream, h.function, h.packed, meta, enter, leave, *args, *h.tail)
+                # no hooks: None for both (the launcher then calls nothing) and no launch metadata
+                h.run(grid[0], grid[1], 1, stream, h.function, h.packed, None, None, None, *args, *h.tail)
                 STATS["fast"] += 1
                 return h.compiled
             except TypeError:  # the launcher rejected the argument list: never try this handle again
@@ -122,7 +142,7 @@ class LaunchCache:
         STATS["slow"] += 1
         if ENABLED and key is not None and key not in self.handles and compiled is not None \
                 and hasattr(compiled, "run") and hasattr(compiled, "packed_metadata"):
-            self.handles[key] = _handle(self.jit_fn, compiled, constexprs)
+            self.handles[key] = _handle(self.jit_fn, compiled, constexprs, _current()[0])
         return compiled
 
 

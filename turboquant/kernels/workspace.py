@@ -62,13 +62,14 @@ def resolve_length(
             raise ValueError(
                 f"`{name}` tensor must have shape [], [1] or [B]=[{batch}], got {tuple(length.shape)}"
             )
-        if length.device != device:
-            raise ValueError(f"`{name}` tensor is on {length.device}, the query on {device}")
+        ldev = length.device
+        if ldev != device:
+            raise ValueError(f"`{name}` tensor is on {ldev}, the query on {device}")
         if not 0 <= max_length <= capacity:
             raise ValueError(
                 f"`max_length`={max_length} must be in [0, {capacity}] (the buffer capacity)"
             )
-        if length.device.type == "cpu" and length.numel():
+        if ldev.type == "cpu" and length.numel():
             lo, hi = int(length.min()), int(length.max())
             if lo < 0 or hi > max_length:
                 raise ValueError(
