@@ -9,18 +9,24 @@ values themselves, as the cache does at its first update):
 * ``halves-3.5``, ``halves-2.5``: one Hadamard group, the halves kernel (Triton, or the CUDA
   kernel where ``backend="auto"`` picks it);
 * ``paper-3.5``, ``paper-2.5``: d/4 outlier channels at b+1 bits + the rest at b (paper §4.3),
-  the code-space kernels (:mod:`turboquant.kernels.codespace`);
+  ``outliers-32-4-3``: 32 outliers at 4 bits + the rest at 3 (four word pieces a row): the
+  word-decoder kernel for grouped layouts (:mod:`turboquant.kernels.segmented`);
 * ``K4/V3``: keys ``int-4``, values ``int-3``; ``prod-3.5``: TurboQuant-prod keys (MSE 2.5 + QJL)
   with ``halves-3.5`` values (Triton only).
 
 Columns: graph ms (CUDA graph over rotating buffer sets > L2), eager ms (``do_bench`` median, L2
 flushed, host work included), bytes that must be read, effective TB/s, the error against fp32 SDPA
-over the dequantized cache, the SDPA bf16 baseline of the same run. ``--host-overhead`` adds
+over the dequantized cache, the SDPA bf16 baseline of the same run, and ``ratio_vs_halves``: graph
+ms over that of the halves layout nearest in measured bits a coordinate (K and V averaged) at the
+same batch and context (issue 12's target: <= 1.15 for the outlier layouts). ``--host-overhead`` adds
 rows timing the host side of one eager call (enqueue time of 200 back-to-back calls, no sync, so
 GPU time does not count), with an int length and with a device length + ``DecodeWorkspace``.
 
 Usage (one H200, about 4-5 minutes):
-``python benchmarks/gpu_decode_attention_layouts.py --host-overhead --out $OUT/gpu_decode_attention_layouts.json``
+``python benchmarks/gpu_decode_attention_layouts.py --host-overhead --out $OUT/gpu_decode_attention_layouts.json``;
+the outlier layouts against halves only (about 2 minutes, most of it kernel compilation):
+``python benchmarks/gpu_decode_attention_layouts.py --contexts 32768,131072
+--layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5 --out $OUT/gpu_decode_attention_layouts.json``
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ LAYOUTS = {  # name -> (key spec, value spec, key mode)
     "halves-2.5": ("halves-2.5", "halves-2.5", "mse"),
     "paper-3.5": ("paper-3.5", "paper-3.5", "mse"),
     "paper-2.5": ("paper-2.5", "paper-2.5", "mse"),
+    "outliers-32-4-3": ("outliers-32-4-3", "outliers-32-4-3", "mse"),
     "K4/V3": ("int-4", "int-3", "mse"),
     "prod-3.5": ("halves-3.5", "halves-3.5", "prod"),
 }
@@ -324,19 +331,36 @@ def main() -> None:
                 torch.cuda.empty_cache()
             q.clear()
             torch.cuda.empty_cache()
+    add_ratio_vs_halves(rows)
     _report(args, meta, rows, host_rows)
+
+
+def add_ratio_vs_halves(rows: list[dict]) -> None:
+    """Set ``halves_ref`` and ``ratio_vs_halves`` = tq_graph_ms / that of the halves row nearest in
+    mean measured bits (K, V) at the same (batch, context); None where no halves row was timed."""
+    def bits(r):
+        return (r["bits_per_coord_k"] + r["bits_per_coord_v"]) / 2
+
+    for r in rows:
+        halves = [h for h in rows if h["layout"].startswith("halves-") and h["key_mode"] == "mse"
+                  and (h["batch"], h["context"]) == (r["batch"], r["context"])]
+        ref = min(halves, key=lambda h: abs(bits(h) - bits(r)), default=None)
+        r["halves_ref"] = None if ref is None else ref["layout"]
+        r["ratio_vs_halves"] = None if ref is None else r["tq_graph_ms"] / ref["tq_graph_ms"]
 
 
 def _report(args, meta, rows, host_rows) -> None:
     print(
-        "\n| batch | context | layout | SDPA ms (graph) | TQ ms (graph) | speedup | TQ TB/s | TQ ms (eager) | rel err |"
+        "\n| batch | context | layout | SDPA ms (graph) | TQ ms (graph) | speedup | vs halves | TQ TB/s "
+        "| TQ ms (eager) | rel err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{r['rel_err_vs_dequant']:.1e}" if r["rel_err_vs_dequant"] is not None else "-"
+        vs = f"{r['ratio_vs_halves']:.2f}x ({r['halves_ref']})" if r["ratio_vs_halves"] is not None else "-"
         print(
             f"| {r['batch']} | {r['context']} | {r['layout']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
-            f"{r['speedup_graph']:.2f}x | {r['tq_TBps_graph']:.2f} | {r['tq_eager_ms']:.4f} | {rel} |"
+            f"{r['speedup_graph']:.2f}x | {vs} | {r['tq_TBps_graph']:.2f} | {r['tq_eager_ms']:.4f} | {rel} |"
         )
     for h in host_rows:
         print(

@@ -2,7 +2,8 @@
 
 One call starts ``--workers`` processes (:mod:`turboquant.eval.grid`, one model each; SmolLM2-135M
 leaves the GPU mostly idle per process) that claim chunks in priority order (QA 200 for every
-setting, next-token KL, baseline needles, then the paper recipes' remaining needles) until
+setting, next-token KL, the paper recipes' remaining needles, the baselines' needles, then quanto,
+which may build a CUDA extension first) until
 ``--budget-s`` runs out, then merges everything into ``<out>/quality_gpu.json`` (+ plots) and packs
 the state into ``<out>/quality_grid_state.tar.gz``. A second call with the same ``--state``
 continues with what is missing (finished cases are never recomputed). The first call imports the

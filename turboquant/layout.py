@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from turboquant.codebook import Codebook, lloyd_max_codebook
+from turboquant.codebook import LAWS, Codebook, lloyd_max_codebook
 from turboquant.packing import packed_nbytes
 from turboquant.rotation import make_rotation
 
@@ -52,13 +52,20 @@ _GROUP_SEED_STRIDE = 7919  # group g rotates with seed + g · stride (group 0 ke
 class Segment:
     """Rotated coordinates ``[start, stop)`` of a group (code space) at ``bits`` bits.
 
-    Packed as ``bits`` planes of ``(stop - start) / 8`` bytes from ``byte_start`` of the row."""
+    Packed as ``bits`` planes of ``(stop - start) / 8`` bytes from ``byte_start`` of the row. Its
+    codebook is the ``bits``-bit Lloyd-Max one of the coordinate law at the group's dimension
+    ``group_dim`` (built on first use and cached process-wide: bytes a vector need no codebook)."""
 
     start: int
     stop: int
     bits: int
-    codebook: Codebook = field(compare=False, repr=False)
+    group_dim: int
+    law: str = "beta"
     byte_start: int = 0
+
+    @property
+    def codebook(self) -> Codebook:
+        return lloyd_max_codebook(self.bits, self.group_dim, self.law)
 
     @property
     def size(self) -> int:
@@ -197,9 +204,11 @@ def _group(
     slot: int,
     shared_seed: int | None = None,
 ) -> ChannelGroup:
+    if law not in LAWS:
+        raise ValueError(f"`law` must be one of {LAWS}, got {law!r}")
     segs, offset = [], byte_start
     for a, b, nb in _bits_specs(bits, size):
-        segs.append(Segment(start + a, start + b, nb, lloyd_max_codebook(nb, size, law), offset))
+        segs.append(Segment(start + a, start + b, nb, size, law, offset))
         offset += packed_nbytes(b - a, nb)
     if rotation == "dense" and shared_seed is not None:
         rot = shared_dense_rotation(size, shared_seed)
@@ -342,7 +351,8 @@ def group_layout(layout: CodeLayout, g: int) -> CodeLayout:
             s.start - group.start,
             s.stop - group.start,
             s.bits,
-            s.codebook,
+            s.group_dim,
+            s.law,
             s.byte_start - group.byte_start,
         )
         for s in group.segments

@@ -7,6 +7,7 @@ signed Hadamard), which is what lets one scalar codebook serve every coordinate.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -87,12 +88,15 @@ class DenseRotation:
             raise ValueError(f"`d` must be a positive int, got {d!r}")
         self.d = d
         self.seed = int(seed)
-        gen = torch.Generator().manual_seed(self.seed)
-        g = torch.randn(d, d, generator=gen, dtype=torch.float64)
-        q, r = torch.linalg.qr(g)
-        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-        self._q = q.to(torch.float32)
         self._cache: dict = {}
+
+    @functools.cached_property
+    def _q(self) -> torch.Tensor:
+        """Q, drawn on first use (a layout built only for its byte counts never draws it)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        g = torch.randn(self.d, self.d, generator=gen, dtype=torch.float64)
+        q, r = torch.linalg.qr(g)
+        return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(torch.float32)
 
     def _q_on(self, ref: torch.Tensor) -> torch.Tensor:
         key = (ref.device, ref.dtype)

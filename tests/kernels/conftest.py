@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     for _name in ("turboquant.kernels._common", "turboquant.kernels.quantize_pack",
                   "turboquant.kernels.decode_attention", "turboquant.kernels.dequantize",
-                  "turboquant.kernels.codespace", "turboquant.kernels.hook", "turboquant.kernels"):
+                  "turboquant.kernels.segmented", "turboquant.kernels.codespace", "turboquant.kernels.hook", "turboquant.kernels"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 

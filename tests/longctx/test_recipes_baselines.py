@@ -53,6 +53,26 @@ def test_rotated_int_codec_bytes_equal_turboquant_error_falls_with_bits_and_exce
     assert mse_tq < mse < 1.0, f"rot-int-{bits} MSE {mse:.4f} vs TurboQuant-mse {mse_tq:.4f} at the same bytes"
 
 
+@pytest.mark.parametrize("codec", [Fp8Codec(D), RotatedIntCodec(D, 3.5)], ids=["fp8", "rot-int-3.5"])
+def test_codec_layer_history_equals_decoding_every_stored_code_at_once(codec) -> None:
+    """The layer decodes each flushed block once and keeps it; what attention sees must equal
+    decoding all the stored codes in one call (the definition of the baseline), step by step."""
+    from turboquant.baselines.layers import CodecLayer
+
+    g = torch.Generator().manual_seed(3)
+    layer = CodecLayer(codec, codec, residual_length=8)
+    layer.update(torch.randn(2, 3, 21, D, generator=g), torch.randn(2, 3, 21, D, generator=g))
+    for step in range(12):
+        k, v = layer.update(torch.randn(2, 3, 1, D, generator=g), torch.randn(2, 3, 1, D, generator=g))
+        stored = layer.compressed_tokens
+        assert k.shape[-2] == v.shape[-2] == 21 + step + 1
+        for kind, got in (("k", k), ("v", v)):
+            whole = codec.decode(layer._codes[kind], torch.float32)
+            assert whole.shape[-2] == stored
+            assert torch.allclose(got[:, :, :stored], whole, rtol=0, atol=1e-6), (kind, step)
+            assert torch.equal(got[:, :, stored:], layer.keys if kind == "k" else layer.values)
+
+
 def test_bad_names_list_the_valid_ones() -> None:
     with pytest.raises(KeyError, match=r"unknown recipe/baseline 'int4'; valid: \['full', 'paper-3.5'"):
         get_recipe("int4")

@@ -3,8 +3,14 @@
 :class:`CodecLayer` follows TurboQuant's window rule so that only the storage differs: tokens
 enter a full-precision window of ``residual_length``; whenever it fills, whole multiples of
 ``residual_length`` are encoded and appended to the stored codes (one tensor per stored part, token
-axis -2; per-vector codecs append, no re-quantization). The first call (prefill) returns its exact inputs, later calls the decoded history
-followed by the window ``[batch, num_kv_heads, seq, head_dim]``, for any attention implementation.
+axis -2; per-vector codecs append, no re-quantization). The first call (prefill) returns its exact
+inputs, later calls the decoded history followed by the window ``[batch, num_kv_heads, seq,
+head_dim]``, for any attention implementation.
+
+Decoding is per vector, so each flushed block is decoded once when it is stored and the decoded
+history is kept beside the codes (``decode(codes[:n]) ++ decode(codes[n:]) == decode(codes)``):
+a decode step costs one concatenation, not a decode of the whole history. The bytes a baseline is
+charged (:meth:`CodecLayer.code_nbytes`) are its codes only; the decoded copy is simulation.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class CodecLayer(DynamicLayer):
             raise ValueError(f"`residual_length` must be >= 0, got {residual_length}")
         self.key_codec, self.value_codec, self.residual_length = key_codec, value_codec, residual_length
         self._codes: dict[str, tuple[torch.Tensor, ...] | None] = {"k": None, "v": None}
+        self._decoded: dict[str, torch.Tensor | None] = {"k": None, "v": None}
         self.compressed_tokens = 0
 
     def get_seq_length(self) -> int:
@@ -47,8 +54,10 @@ class CodecLayer(DynamicLayer):
         if n_flush:
             for kind, codec, x in (("k", self.key_codec, k), ("v", self.value_codec, v)):
                 new = codec.encode(x[:, :, :n_flush])
-                old = self._codes[kind]
+                old, old_dec = self._codes[kind], self._decoded[kind]
                 self._codes[kind] = new if old is None else tuple(torch.cat(p, dim=-2) for p in zip(old, new))
+                dec = codec.decode(new, x.dtype)
+                self._decoded[kind] = dec if old_dec is None else torch.cat([old_dec, dec], dim=-2)
             self.compressed_tokens += n_flush
         self.keys, self.values = k[:, :, n_flush:].clone(), v[:, :, n_flush:].clone()
         if first:
@@ -56,10 +65,10 @@ class CodecLayer(DynamicLayer):
         return self._history("k", self.keys), self._history("v", self.values)
 
     def _history(self, kind: str, window: torch.Tensor) -> torch.Tensor:
-        codec = self.key_codec if kind == "k" else self.value_codec
-        if self._codes[kind] is None:
+        decoded = self._decoded[kind]
+        if decoded is None:
             return window
-        return torch.cat([codec.decode(self._codes[kind], window.dtype), window], dim=-2)
+        return torch.cat([decoded.to(window.dtype), window], dim=-2)
 
     def code_nbytes(self) -> int:
         return sum(codec.nbytes(self._codes[kind]) for kind, codec in (("k", self.key_codec), ("v", self.value_codec))
@@ -69,6 +78,7 @@ class CodecLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = 0
         self._codes = {"k": None, "v": None}
+        self._decoded = {"k": None, "v": None}
         self.compressed_tokens = 0
 
 

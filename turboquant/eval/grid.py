@@ -40,12 +40,12 @@ from turboquant.eval import squad_qa
 from turboquant.eval.recipes import FULL, get_recipe
 
 TASKS: tuple[str, ...] = ("qa", "kl", "needle")
-# recipes whose needle chunks come after every other needle chunk (slowest on CUDA, and their
-# first 238 / 241 needles are already in the H200 logs)
-LATE_NEEDLES: tuple[str, ...] = ("paper-3.5", "paper-2.5")
+# recipes whose needle chunks come right after KL, before the baselines' needles: C09's verdict is
+# taken on the paper recipe, and their first 238 / 241 needles are already in the H200 logs
+EARLY_NEEDLES: tuple[str, ...] = ("paper-3.5", "paper-2.5")
 # settings that may compile a native extension at first use (quanto builds its CUDA kernels with
-# nvcc): chunks of their own after the task's other chunks, so a build or its failure holds up no
-# other setting
+# nvcc): chunks of their own after every other chunk of every task, so a build or its failure holds
+# up no other setting (HQQ already stands for transformers' QuantizedCache)
 ISOLATED: tuple[str, ...] = ("quanto-int4", "quanto-int2")
 
 
@@ -146,20 +146,23 @@ class Chunk:
 
 
 def plan(spec: GridSpec) -> list[Chunk]:
-    """Every chunk, in priority order: QA, KL, needles, then the :data:`LATE_NEEDLES` needles; in
-    each task the :data:`ISOLATED` settings come in chunks of their own after the others."""
-    out: list[Chunk] = []
-    for task in TASKS:
+    """Every chunk, in priority order: QA, KL, the :data:`EARLY_NEEDLES` recipes' needles, the other
+    needles, then the :data:`ISOLATED` settings' QA, KL and needles."""
+    ranked: list[tuple[int, int, Chunk]] = []
+    for ti, task in enumerate(TASKS):
         keys = spec.keys(task)
         size = spec.chunk_sizes[task]
         settings = spec.settings(task)
-        late = LATE_NEEDLES if task == "needle" else ()
-        groups = [[s for s in settings if s not in ISOLATED and s not in late],
-                  [s for s in settings if s in ISOLATED], [s for s in settings if s in late]]
-        for gi, group in enumerate(g for g in groups if g):
-            out += [Chunk(task, gi, tuple(group), start, tuple(keys[start : start + size]))
-                    for start in range(0, len(keys), size)]
-    return out
+        early = EARLY_NEEDLES if task == "needle" else ()
+        groups = [  # (rank, settings): the rank orders chunks across tasks
+            (2 * ti + 1, [s for s in settings if s not in ISOLATED and s not in early]),
+            (2 * ti, [s for s in settings if s in early]),
+            (10 + ti, [s for s in settings if s in ISOLATED]),
+        ]
+        for gi, (rank, group) in enumerate(g for g in groups if g[1]):
+            ranked += [(rank, start, Chunk(task, gi, tuple(group), start, tuple(keys[start : start + size])))
+                       for start in range(0, len(keys), size)]
+    return [c for _, _, c in sorted(ranked, key=lambda r: (r[0], r[1]))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ The kernels read exactly what :class:`turboquant.quantizer.TurboQuantMSE` packs 
 
 So one kernel handles every supported width with two (bits, base, stride) triples, read from the
 :class:`~turboquant.layout.CodeLayout` by :meth:`KernelTables.from_layout`. Every other layout the
-kernels run (outlier channel groups, dense rotations) goes to the code-space kernels of
-:mod:`turboquant.kernels.codespace`, whose tables ``from_layout`` returns for those layouts.
+kernels run (outlier channel groups, dense rotations) goes through :mod:`turboquant.kernels.codespace`
+(its tables are what ``from_layout`` returns for those layouts): decode on the word decoder cut into
+power-of-two pieces (:mod:`turboquant.kernels.segmented`) where rows are whole 32-bit words, else
+the byte-column kernel.
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ table load (``16 · segment + idx``) scaled by the norm of its group (``norm slo
 groups: outliers + rest). So the per-group norms scale each group's share of the score and of
 the value accumulator, exactly ``Σ_g ||x_g|| (Π_g q_g)·c_g``.
 
+Decode: :func:`decode_attention_codespace` runs the word-decoder kernel of
+:mod:`turboquant.kernels.segmented` (the halves kernel's SWAR decoder over power-of-two pieces of
+each segment, same storage) whenever both stores' rows are whole 32-bit words (every head dim 128 /
+256 preset), and the byte-column kernel here otherwise (d=64 outlier layouts: 16-channel groups,
+26- or 18-byte rows); :data:`LAST_KERNEL` names which one the last call ran.
+
 Reads top to bottom: tables and the rotation helpers, pure-torch references, Triton kernels,
 wrappers.
 """
@@ -41,6 +47,7 @@ KERNEL_SEGMENT_BITS = (1, 2, 3, 4)
 KERNEL_ROTATIONS = ("hadamard", "dense")
 MAX_GROUPS = 2  # norm slots a vector the kernels select between
 _NORM_MAX = torch.finfo(torch.float16).max
+LAST_KERNEL: dict = {}  # which decode kernel the last call ran ("segmented" or "byte-columns")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,6 +332,8 @@ if HAS_TRITON:
         cbase = tl.load(meta_ptr + 3 * C + offs_d)
         slot = tl.load(meta_ptr + 3 * C + D + offs_d)
         cen = tl.load(cent_ptr + cbase[None, :] + codes)
+        if NORMS == 0:  # unit scale: the caller applies the norms (decode keys)
+            return cen
         n0 = tl.load(norm_rows, mask=nmask, other=0.0).to(tl.float32)
         scale = n0[:, None]
         if NORMS == 2:  # two groups: each coordinate takes its group's norm
@@ -518,6 +527,12 @@ if HAS_TRITON:
                 mask=gmask[:, None],
                 other=0.0,
             ).to(tl.float16)
+            # keys: unit centroids in the float16 product, each group's ||k_g|| applied to its
+            # partial score in float32 after it (rounding ||k_g|| c[idx] to float16 instead gives
+            # an error that varies token to token: the GPU failures of 2026-12-01)
+            kslot = tl.load(kmeta_ptr + 3 * (D // 8) + D + offs_d)
+            qc0 = tl.where(kslot[None, :] == 0, qc, 0.0).to(tl.float16)
+            qc1 = tl.where(kslot[None, :] == 1, qc, 0.0).to(tl.float16)
             m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((G_PAD,), dtype=tl.float32)
             acc = tl.zeros((G_PAD, D), dtype=tl.float32)
@@ -533,9 +548,16 @@ if HAS_TRITON:
                     D,
                     K_MAXB,
                     BLOCK_N,
-                    K_NORMS,
-                )
-                sc = tl.dot(qc, tl.trans(kv.to(tl.float16)))  # [G_PAD, BLOCK_N], log2 units
+                    0,
+                ).to(tl.float16)
+                kn_rows = kn_ptr + b * skn_b + h * skn_h + offs_n * skn_n
+                kn0 = tl.load(kn_rows, mask=nmask, other=0.0).to(tl.float32)
+                if K_NORMS == 2:  # [G_PAD, BLOCK_N], log2 units
+                    kn1 = tl.load(kn_rows + 1, mask=nmask, other=0.0).to(tl.float32)
+                    sc = tl.dot(qc0, tl.trans(kv)) * kn0[None, :]
+                    sc += tl.dot(qc1, tl.trans(kv)) * kn1[None, :]
+                else:
+                    sc = tl.dot(qc, tl.trans(kv)) * kn0[None, :]
                 sc = tl.where(nmask[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
                 alpha = tl.exp2(m_i - m_new)
@@ -813,13 +835,17 @@ def decode_attention_codespace(
     workspace: DecodeWorkspace | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
-    programs_per_sm: int = 3,
+    num_warps: int | None = None,
+    programs_per_sm: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over packed K/V stores of any layouts (K and V may differ) + the residual
     window; ``[B, 1, H_q, d]`` in the query's dtype. ``decode_attention`` forwards here whenever a
     tables object is :class:`CodeSpaceTables`; arguments as there, plus ``k_outliers`` /
-    ``v_outliers`` ([H_kv, n_out], the stores' ``outliers``) for outlier layouts."""
+    ``v_outliers`` ([H_kv, n_out], the stores' ``outliers``) for outlier layouts.
+
+    Runs the word-decoder kernel of :mod:`turboquant.kernels.segmented` when both layouts' rows are
+    whole 32-bit words (every head dim 128/256 preset); else (d=64 outlier layouts, 16-channel
+    groups) the byte-column kernel below."""
     from turboquant.kernels.decode_attention import _num_sms
 
     _need_triton("decode_attention")
@@ -865,6 +891,17 @@ def decode_attention_codespace(
     )
     if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
+    from turboquant.kernels.segmented import decode_attention_segmented, segmented_tables
+
+    seg = segmented_tables(k_tables, v_tables, k_codes, v_codes)
+    LAST_KERNEL["decode"] = "byte-columns" if seg is None else "segmented"
+    if seg is not None:
+        return decode_attention_segmented(
+            query, k_codes, k_norms, v_codes, v_norms, ln, rl, *seg, scaling, residual_k,
+            residual_v, k_outliers, v_outliers, workspace=workspace, block_n=block_n,
+            num_splits=num_splits, num_warps=num_warps, programs_per_sm=programs_per_sm,
+        )  # fmt: skip
+    num_warps, programs_per_sm = num_warps or 4, programs_per_sm or 3
     qk_scale = float(scaling) * LOG2E
     block_n = block_n or (64 if d <= 128 else 32)
     if ln.bound > 0:
