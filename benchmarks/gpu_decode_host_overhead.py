@@ -16,7 +16,7 @@ Length modes: ``int`` (a host int length, no workspace: a new output a call) and
 (an int32 device length + ``max_length`` + a :class:`DecodeWorkspace`: the static cache's call).
 Codes, norms and QJL bits are random bytes: host time does not depend on their values.
 
-Usage (one H200, about 60-90 s, most of it first compiles):
+Usage (one H200, about 60-120 s, most of it first compiles; the JSON is rewritten after every row):
 ``python benchmarks/gpu_decode_host_overhead.py --out $OUT/gpu_decode_host_overhead.json``
 On a machine without CUDA it exits with a message; ``--smoke`` then runs two tiny calls of each
 mode under ``TRITON_INTERPRET=1`` and reports the wrapper's own host time (launches excluded).
@@ -229,6 +229,7 @@ def main() -> None:
                     row["setup_s"] = time.time() - t0
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+                    _write(args.out, meta, rows)  # after every row: a timeout keeps what was measured
                 s = None
                 torch.cuda.empty_cache()
     print("\n| batch | context | layout | length | host us (mean) | p90 | no fast launch | no plan | kernel ms |")
@@ -239,8 +240,12 @@ def main() -> None:
               f"{r.get('host_us_mean_no_plan', float('nan')):.1f} | {r['kernel_ms']:.4f} |")
     met = sum(r["meets_target"] for r in rows)
     print(f"{met}/{len(rows)} cases at <= {TARGET_US} us host time a call")
-    if args.out:
-        with open(args.out, "w") as f:
+    _write(args.out, meta, rows)
+
+
+def _write(path: str | None, meta: dict, rows: list) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
