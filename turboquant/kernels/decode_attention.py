@@ -32,7 +32,14 @@ at the same bit width (``d(b-1)/8`` code bytes + ``d/8`` QJL bytes); partials ad
 ``splits · G · (d + 2) · 4`` bytes a KV head, written once and read once. The CUDA kernel
 (:mod:`turboquant.kernels.cuda_decode`) has no QJL path: prod keys always run in Triton.
 
-Reads top to bottom: pure-torch reference, Triton kernels, wrapper.
+Host work a call (eager decode is host-bound otherwise): the wrapper validates a call structure
+once and keeps a *launch plan* (:func:`_plan_key`: shapes, strides, dtypes, addresses of the stored
+tensors, tables, options), so a repeated call only checks its lengths and residual rows, computes
+the split grid and launches the two compiled kernels directly (:mod:`turboquant.kernels.fast_launch`)
+with no torch op of its own (one new output without a workspace). A store that grows or
+reallocates has other addresses/shapes: a new plan. ``PLAN_CACHE = False`` validates every call.
+
+Reads top to bottom: pure-torch reference, Triton kernels, launch plans, wrapper.
 """
 
 from __future__ import annotations
@@ -517,13 +524,6 @@ def _check_qjl(k_qjl: KeyQJL, k_codes: torch.Tensor, d: int, device: torch.devic
         raise ValueError(f"`k_qjl.scale` must be a positive finite float (√(π/2)/d), got {k_qjl.scale!r}")
 
 
-def _qjl_query(query: torch.Tensor, k_qjl: KeyQJL, qk_scale: float) -> torch.Tensor:
-    """``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, d]: the query side of the QJL score in
-    the kernel's log2 units (one small matmul a call)."""
-    sq = torch.matmul(query[:, :, 0].to(torch.float32), k_qjl.S.to(torch.float32).T)
-    return (sq * (qk_scale * float(k_qjl.scale))).to(torch.float16)
-
-
 # ------------------------------------------------------------------------------------------------
 # launch plans: the structural validation and launch constants once, then only per-call work
 # ------------------------------------------------------------------------------------------------
@@ -832,9 +832,9 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     S = S_C + _cdiv(R, chunk_r)
     m_part, l_part, acc_part, out, bp = _split_buffers(plan, S, workspace)
     Hkv, G, p = plan.Hkv, plan.G, plan.ptrs
-    # prod keys: S q in log2 units (one product with the plan's scaled S^T); a dummy (never read) for mse
-    sqj = torch.matmul(query[:, :, 0].to(torch.float32), plan.qjl[0]).to(torch.float16) \
-        if plan.qjl is not None else query
+    # prod keys: ``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, 1, d] (the query side of the QJL
+    # score in the kernel's log2 units: one product with the plan's scaled S^T); a dummy (never read) for mse
+    sqj = torch.matmul(query.to(torch.float32), plan.qjl[0]).to(torch.float16) if plan.qjl is not None else query
     side = None
     if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
         cur = torch.cuda.current_stream(dev)
