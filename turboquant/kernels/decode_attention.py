@@ -575,7 +575,7 @@ def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tab
               max_length, residual_length) -> tuple | None:
     """The plan key of a call, or None (no plan: the call validates and launches uncached) where an
     argument is of a kind the key cannot describe (the full validation then names the problem)."""
-    if type(scaling) not in (float, int) or not (max_length is None or type(max_length) is int):
+    if not isinstance(scaling, (float, int)) or not (max_length is None or type(max_length) is int):
         return None
     try:
         res = None if residual_k is None else (_rsig(residual_k), None if residual_v is None else _rsig(residual_v))
