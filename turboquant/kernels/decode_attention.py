@@ -32,19 +32,27 @@ at the same bit width (``d(b-1)/8`` code bytes + ``d/8`` QJL bytes); partials ad
 ``splits · G · (d + 2) · 4`` bytes a KV head, written once and read once. The CUDA kernel
 (:mod:`turboquant.kernels.cuda_decode`) has no QJL path: prod keys always run in Triton.
 
-Reads top to bottom: pure-torch reference, Triton kernels, wrapper.
+Host work a call (eager decode is host-bound otherwise): the wrapper validates a call structure
+once and keeps a *launch plan* (:func:`_plan_key`: shapes, strides, dtypes, addresses of the stored
+tensors, tables, options), so a repeated call only checks its lengths and residual rows, computes
+the split grid and launches the two compiled kernels directly (:mod:`turboquant.kernels.fast_launch`)
+with no torch op of its own (one new output without a workspace). A store that grows or
+reallocates has other addresses/shapes: a new plan. ``PLAN_CACHE = False`` validates every call.
+
+Reads top to bottom: pure-torch reference, Triton kernels, launch plans, wrapper.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from turboquant.kernels._common import HAS_TRITON, LOG2E, KernelTables, check_head_dim
+from turboquant.kernels.fast_launch import LaunchCache, int_spec, ptr_spec
 from turboquant.kernels.workspace import DecodeWorkspace, LengthArgs, buffer, resolve_length
 from turboquant.packing import unpack_bits
 
@@ -516,11 +524,370 @@ def _check_qjl(k_qjl: KeyQJL, k_codes: torch.Tensor, d: int, device: torch.devic
         raise ValueError(f"`k_qjl.scale` must be a positive finite float (√(π/2)/d), got {k_qjl.scale!r}")
 
 
-def _qjl_query(query: torch.Tensor, k_qjl: KeyQJL, qk_scale: float) -> torch.Tensor:
-    """``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, d]: the query side of the QJL score in
-    the kernel's log2 units (one small matmul a call)."""
-    sq = torch.matmul(query[:, :, 0].to(torch.float32), k_qjl.S.to(torch.float32).T)
-    return (sq * (qk_scale * float(k_qjl.scale))).to(torch.float16)
+# ------------------------------------------------------------------------------------------------
+# launch plans: the structural validation and launch constants once, then only per-call work
+# ------------------------------------------------------------------------------------------------
+# A plan is a pure function of its key: everything the validation and the launch constants depend
+# on (query shape/strides/dtype/device; address, shape and strides of every stored tensor, so a
+# store that grows or reallocates gets a new plan; tables and tuning; launch options). What changes
+# every step (length, residual rows R, the query's and the lengths' addresses) is checked on every
+# call. Plans hold no store tensor (no memory kept alive); they hold the tables they were built for,
+# so ``id(tables)`` in the key stays unique.
+PLAN_CACHE = True
+MAX_PLANS = 256
+PLAN_STATS = {"built": 0, "hits": 0}
+_PLANS: dict = {}
+_SCRATCH: dict = {}  # (device, stream) -> [m, l, acc] flat split buffers shared by calls without a workspace
+_TOKENS = itertools.count()
+_NO_RESIDUAL_LENGTH = tuple(LengthArgs(r, r, None, 0) for r in range(1025))  # residual_length None: all R rows
+
+
+def clear_plans() -> None:
+    """Drop every cached launch plan and the shared split buffers (the next calls validate anew)."""
+    _PLANS.clear()
+    _SCRATCH.clear()
+
+
+def _sig(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+def _rsig(t: torch.Tensor) -> tuple:
+    """A residual buffer without its row count (R changes every step: checked per call)."""
+    sh = t.shape
+    return t.data_ptr(), sh[:2], sh[3:], t.stride(), t.dtype
+
+
+_CUDA_DECODE: list = []  # the cuda_decode module, imported at the first call (it imports this module's package)
+
+
+def _tuning() -> tuple:
+    """The CUDA kernel's tuning knobs (benchmarks change them between calls): part of every key."""
+    if not _CUDA_DECODE:
+        from turboquant.kernels import cuda_decode
+
+        _CUDA_DECODE.append(cuda_decode)
+    return tuple(_CUDA_DECODE[0].TUNING.values())
+
+
+def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
+              residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
+              max_length, residual_length) -> tuple | None:
+    """The plan key of a call, or None (no plan: the call validates and launches uncached) where an
+    argument is of a kind the key cannot describe (the full validation then names the problem)."""
+    if not isinstance(scaling, (float, int)) or not (max_length is None or type(max_length) is int):
+        return None
+    try:
+        res = None if residual_k is None else (_rsig(residual_k), None if residual_v is None else _rsig(residual_v))
+        qjl = None if k_qjl is None else (type(k_qjl), _sig(k_qjl.qjl), _sig(k_qjl.rnorms), _sig(k_qjl.S),
+                                          k_qjl.scale)
+        key = ((query.shape, query.stride(), query.dtype, query.device), _sig(k_codes), _sig(k_norms),
+               _sig(v_codes), _sig(v_norms), id(k_tables), id(v_tables), scaling, res, qjl, block_n, num_splits,
+               num_warps, num_stages, programs_per_sm, backend, type(length), max_length, type(residual_length),
+               _tuning())
+    except (AttributeError, TypeError, IndexError, RuntimeError):
+        return None
+    return key
+
+
+@dataclass
+class _Plan:
+    """Validated facts and launch constants of one call structure (see :func:`_plan_key`)."""
+
+    token: int
+    B: int
+    Hq: int
+    Hkv: int
+    G: int
+    d: int
+    dev: torch.device
+    dtype: torch.dtype
+    capacity: int
+    k_tables: KernelTables
+    v_tables: KernelTables
+    qk_scale: float
+    backend: str
+    q_contig: bool  # query rows not contiguous: copied every call
+    q_strides: tuple  # of the query as launched
+    strides: dict  # residual window present (bool) -> every stride argument of the partial kernel, in order
+    ptrs: tuple  # addresses (in the key): k signs, k codes, k norms, v codes, v norms, k/v LUTs, residual k/v,
+    #              QJL words, ||r|| (mse keys: k codes, k norms), v signs
+    res_ok: bool  # residual_v matches residual_k (all but R), unit last stride, one dtype
+    res_bf16_cpu: bool
+    res_ieee: bool
+    qjl: tuple | None  # (S^T · √(π/2)/d · scaling · log2 e float32, S kept alive, qjl strides, rnorms strides)
+    const: dict  # partial-kernel constexprs that do not depend on the launch variant
+    options: dict
+    cfg: dict  # use_cuda -> (block_n, want splits or None, fixed splits or None)
+    cuda_ok: bool | None = None  # cuda_decode.supports (None: not asked yet)
+    partial: object = None  # LaunchCache of the partial kernel
+    combine: object = None
+
+
+def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
+                residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
+                residual_length) -> _Plan:
+    """Validate everything of a call that does not change from step to step; the launch constants."""
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}")
+    B, Hq, _, d = query.shape
+    check_head_dim(d)
+    if k_tables.d != d or v_tables.d != d:
+        raise ValueError(f"tables built for d={k_tables.d}/{v_tables.d}, query has d={d}")
+    _check_store("k", k_codes, k_norms, k_tables, B, 0)
+    _check_store("v", v_codes, v_norms, v_tables, B, 0)
+    if k_qjl is not None:
+        _check_qjl(k_qjl, k_codes, d, query.device)
+    Hkv = k_codes.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"H_q={Hq} must be a multiple of H_kv={Hkv}")
+    G = Hq // Hkv
+    dev = query.device
+    if backend not in ("auto", "triton", "cuda"):
+        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
+    if backend == "cuda" and k_qjl is not None:
+        raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
+                         "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")
+    rk, rv = residual_k, residual_v
+    res_ok = rk is not None and rv is not None and rv.dim() == rk.dim() >= 3 and rk.stride(-1) == 1 \
+        and rv.stride(-1) == 1 and rv.dtype == rk.dtype \
+        and all(a == b for i, (a, b) in enumerate(zip(rk.shape, rv.shape)) if i != 2)
+    qs3 = (Hq * d, d, d) if query.stride(-1) != 1 else tuple(query.stride()[:3])
+    qs = qs3[:2]
+    few = B * Hkv < 16  # few KV heads in flight: longer programs (launch shapes below)
+    cfg = {}
+    for use_cuda in (False, True):
+        bn, pps = block_n, programs_per_sm
+        if use_cuda:  # a CTA step = warps x 16-token tiles
+            from turboquant.kernels import cuda_decode
+
+            shape = cuda_decode.launch_shape(few)
+            bn = 16 * shape["warps"]
+            pps = pps or shape["programs_per_sm"]
+        bn = bn or (128 if few else 64)
+        pps = pps or (2 if few else 3)
+        want = None if num_splits is not None else max(1, (pps * _num_sms(dev)) // (B * Hkv))
+        cfg[use_cuda] = (bn, want, num_splits)
+    kc32, vc32 = k_codes.view(torch.int32), v_codes.view(torch.int32)
+    qk_scale = float(scaling) * LOG2E
+    qjl = None
+    if k_qjl is not None:
+        kq32 = k_qjl.qjl.view(torch.int32)
+        s_t = k_qjl.S.to(torch.float32).T * (qk_scale * float(k_qjl.scale))
+        qjl = (s_t.contiguous(), k_qjl.S, kq32.stride()[:3], k_qjl.rnorms.stride()[:3])
+    kcs, vcs, kns, vns = kc32.stride()[:3], vc32.stride()[:3], k_norms.stride(), v_norms.stride()
+    ssj, skq, skr = ((Hq * d, d), qjl[2], qjl[3]) if qjl is not None else (qs, kcs, kns)
+    res = (rk.stride()[:3] + rv.stride()[:3]) if res_ok else None
+    strides = {has_r: (*qs, *kcs, *kns, *vcs, *vns, *(res if has_r else qs3 + qs3), *ssj, *skq, *skr)
+               for has_r in ((False, True) if res_ok else (False,))}
+    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
+    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
+    const = {"G": G, "G_PAD": max(16, triton.next_power_of_2(G)), "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d),
+             "KBA": kba, "KPA": kpa, "KSA": ksa, "KBB": kbb, "KPB": kpb, "KSB": ksb,
+             "VBA": vba, "VPA": vpa, "VSA": vsa, "VBB": vbb, "VPB": vpb, "VSB": vsb,
+             "BLOCK_R": 32 if d <= 128 else 16, "USE_ASM": dev.type == "cuda",
+             "K_ROW": k_tables.code_nbytes // 4, "V_ROW": v_tables.code_nbytes // 4,
+             "K_ALIGN": _slab_align(kc32), "V_ALIGN": _slab_align(vc32), "K_QJL": k_qjl is not None}
+    kq_t, krn_t = (k_qjl.qjl, k_qjl.rnorms) if k_qjl is not None else (k_codes, k_norms)
+    ptrs = (k_tables.signs.data_ptr(), k_codes.data_ptr(), k_norms.data_ptr(), v_codes.data_ptr(),
+            v_norms.data_ptr(), k_tables.lut32.data_ptr(), v_tables.lut32.data_ptr(),
+            rk.data_ptr() if res_ok else 0, rv.data_ptr() if res_ok else 0, kq_t.data_ptr(), krn_t.data_ptr(),
+            v_tables.signs.data_ptr())
+    PLAN_STATS["built"] += 1
+    return _Plan(
+        token=next(_TOKENS), B=B, Hq=Hq, Hkv=Hkv, G=G, d=d, dev=dev, dtype=query.dtype,
+        capacity=min(k_codes.shape[2], v_codes.shape[2]), k_tables=k_tables, v_tables=v_tables, qk_scale=qk_scale,
+        backend=backend, q_contig=query.stride(-1) != 1, q_strides=qs, strides=strides, ptrs=ptrs, res_ok=res_ok,
+        res_bf16_cpu=rk is not None and rk.dtype == torch.bfloat16 and rk.device.type == "cpu",
+        res_ieee=res_ok and rk.dtype == torch.float32, qjl=qjl,
+        const=const, options={"num_warps": num_warps or (8 if few else 4), "num_stages": num_stages},
+        cfg=cfg, partial=LaunchCache(_decode_partial_kernel), combine=LaunchCache(_decode_combine_kernel),
+    )
+
+
+def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: int) -> bool:
+    """Whether this call runs the CUDA partial kernel (host int length, mse keys: checked by the caller)."""
+    backend = plan.backend
+    if backend == "auto" and plan.B * plan.Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
+        return False  # below the measured crossover the Triton kernel is as fast or faster
+    from turboquant.kernels import cuda_decode
+
+    if plan.cuda_ok is None:
+        plan.cuda_ok = cuda_decode.supports(plan.d, plan.G, plan.k_tables, plan.v_tables, k_codes, v_codes,
+                                            k_norms, v_norms)
+    few = plan.B * plan.Hkv < 16
+    if plan.cuda_ok and not cuda_decode.COMPILE_FAILURES:  # compile (first use) before anything is launched
+        try:
+            cuda_decode.variant(query.dtype, plan.G, plan.k_tables, plan.v_tables, k_codes.shape[-1], few)
+            return True
+        except RuntimeError as err:
+            if backend == "cuda":
+                raise
+            warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
+                          RuntimeWarning, stacklevel=3)
+            return False
+    if backend == "cuda" and cuda_decode.COMPILE_FAILURES:
+        raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
+                           f"({next(iter(cuda_decode.COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
+    if backend == "cuda":
+        raise ValueError(
+            f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
+            f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={plan.d}, G={plan.G}, "
+            f"bits={plan.k_tables.bits}/{plan.v_tables.bits}, device={plan.dev}: use backend='triton' or 'auto'")
+    return False
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _raw_stream(dev: torch.device) -> int:
+    """The current stream of ``dev`` as an int (0 on CPU)."""
+    if dev.type != "cuda":
+        return 0
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:  # pragma: no cover - older torch
+        return torch.cuda.current_stream(dev).cuda_stream
+    return raw(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def _split_buffers(plan: _Plan, S: int, workspace) -> tuple:
+    """``m``, ``l`` [B·H_kv, S, G], ``acc`` [B·H_kv, S, G, d] float32, the output [B, 1, H_q, d] and
+    the four addresses.
+
+    With a workspace: its buffers (the last set is remembered, so a repeated call looks nothing
+    up). Without: the output is new; the split buffers are flat ones shared by every call on this
+    device and stream (stream order makes reuse safe), or new ones while a CUDA graph is captured
+    (the graph keeps them; a shared buffer could be replaced under it)."""
+    dev, bh, G = plan.dev, plan.B * plan.Hkv, plan.G
+    if workspace is not None:
+        if not isinstance(workspace, DecodeWorkspace):
+            buffer(workspace, "m", (0,), torch.float32, dev)  # raises the named TypeError
+        memo = workspace.memo
+        if memo is not None and memo[0] == plan.token and memo[1] == S and memo[2] == workspace.version:
+            return memo[3]
+        bufs = (buffer(workspace, "m", (bh, S, G), torch.float32, dev),
+                buffer(workspace, "l", (bh, S, G), torch.float32, dev),
+                buffer(workspace, "acc", (bh, S, G, plan.d), torch.float32, dev),
+                buffer(workspace, "out", (plan.B, 1, plan.Hq, plan.d), plan.dtype, dev))
+        bufs = (*bufs, tuple(t.data_ptr() for t in bufs))
+        workspace.memo = (plan.token, S, workspace.version, bufs)
+        return bufs
+    out = torch.empty((plan.B, 1, plan.Hq, plan.d), dtype=plan.dtype, device=dev)
+    n = bh * S * G
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        sc = (n, torch.empty(n, dtype=torch.float32, device=dev), torch.empty(n, dtype=torch.float32, device=dev),
+              torch.empty(n * plan.d, dtype=torch.float32, device=dev))
+        return (*sc[1:], out, (sc[1].data_ptr(), sc[2].data_ptr(), sc[3].data_ptr(), out.data_ptr()))
+    slot = (dev, _raw_stream(dev))
+    sc = _SCRATCH.get(slot)
+    if sc is None or sc[0] < n:
+        cap = max(n, 2 * sc[0]) if sc is not None else n
+        bufs = (torch.empty(cap, dtype=torch.float32, device=dev), torch.empty(cap, dtype=torch.float32, device=dev),
+                torch.empty(cap * plan.d, dtype=torch.float32, device=dev))
+        sc = (cap, *bufs, tuple(t.data_ptr() for t in bufs))
+        _SCRATCH[slot] = sc
+    return sc[1], sc[2], sc[3], out, (*sc[4], out.data_ptr())
+
+
+def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
+              max_length, residual_length, workspace) -> torch.Tensor:
+    """The per-call checks (lengths, residual rows) and the two launches of one planned call."""
+    B, dev = plan.B, plan.dev
+    if type(length) is int and max_length is None and 0 <= length <= plan.capacity:
+        ln = LengthArgs(length, length, None, 0)
+    else:
+        ln = resolve_length(length, max_length, B, plan.capacity, dev)
+    R = 0 if residual_k is None else residual_k.shape[2]
+    if R and (not plan.res_ok or residual_v.shape[2] != R):
+        raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
+    if plan.q_contig:
+        query = query.contiguous()
+    if R and plan.res_bf16_cpu:
+        # Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a standalone 16x16
+        # load + dot returns garbage): refuse instead of returning a silently wrong result
+        raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
+                         "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
+    if residual_length is None:  # every residual row
+        rl = _NO_RESIDUAL_LENGTH[R] if R < len(_NO_RESIDUAL_LENGTH) else LengthArgs(R, R, None, 0)
+    else:
+        rl = resolve_length(residual_length, R, B, R, dev, "residual_length")
+    if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
+        raise ValueError("nothing to attend to: length == 0 and no residual window")
+    length = ln.bound  # sizes the grid; the kernel reads ln.value / ln.tensor
+    host_len = ln.tensor is None and rl.tensor is None and ln.value == ln.bound
+    if plan.backend == "cuda" and not host_len:
+        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
+                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
+    use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None and host_len \
+        and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length)
+    bn, want, fixed = plan.cfg[use_cuda]
+    # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks of 64
+    if length > 0:
+        chunk = _cdiv(_cdiv(length, want or fixed), bn) * bn
+        S_C = _cdiv(length, chunk)
+    else:
+        chunk, S_C = bn, 0
+    chunk_r = 64
+    S = S_C + _cdiv(R, chunk_r)
+    m_part, l_part, acc_part, out, bp = _split_buffers(plan, S, workspace)
+    Hkv, G, p = plan.Hkv, plan.G, plan.ptrs
+    # prod keys: ``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, 1, d] (the query side of the QJL
+    # score in the kernel's log2 units: one product with the plan's scaled S^T); a dummy (never read) for mse
+    sqj = torch.matmul(query.to(torch.float32), plan.qjl[0]).to(torch.float16) if plan.qjl is not None else query
+    side = None
+    if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
+        cur = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(cur)
+    if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
+        s_base = S_C if use_cuda else 0
+        q_ptr = query.data_ptr()
+        sqj_ptr = q_ptr if sqj is query else sqj.data_ptr()
+        lt_ptr = p[2] if ln.tensor is None else ln.tensor.data_ptr()
+        rt_ptr = p[2] if rl.tensor is None else rl.tensor.data_ptr()
+        tail = (ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, plan.qk_scale, s_base, ln.stride, rl.stride,
+                *plan.strides[R > 0])
+        # the launcher takes addresses; Triton compiles from typed tensors (slow(): first call of a variant)
+        fast = (q_ptr, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7] if R else q_ptr, p[8] if R else q_ptr,
+                *bp, sqj_ptr, p[9], p[10], lt_ptr, rt_ptr, *tail)
+        # what Triton specialises on that the plan key does not fix: the variant, the residual
+        # window's presence, the query's alignment and the device lengths
+        vkey = (use_cuda, R > 0, ptr_spec(q_ptr), ptr_spec(sqj_ptr),
+                None if ln.tensor is None else (ln.tensor.dtype, ptr_spec(lt_ptr), int_spec(ln.stride)),
+                None if rl.tensor is None else (rl.tensor.dtype, ptr_spec(rt_ptr), int_spec(rl.stride)))
+
+        def slow():
+            kq = k_qjl.qjl.view(torch.int32) if k_qjl is not None else None
+            kc32 = k_codes.view(torch.int32)
+            head = (query, plan.k_tables.signs, kc32, k_norms, v_codes.view(torch.int32), v_norms,
+                    plan.k_tables.lut32, plan.v_tables.lut32, residual_k if R else query, residual_v if R else query,
+                    m_part, l_part, acc_part, sqj if sqj is not query else query[:, :, 0],
+                    kq if kq is not None else kc32, k_qjl.rnorms if k_qjl is not None else k_norms,
+                    ln.tensor if ln.tensor is not None else k_norms, rl.tensor if rl.tensor is not None else k_norms)
+            return (head + tail,
+                    dict(plan.const, BLOCK_N=64 if use_cuda else bn, RES_IEEE=R > 0 and plan.res_ieee,
+                         LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None), plan.options)
+
+        if side is None:
+            handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
+        else:
+            with torch.cuda.stream(side):
+                handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
+        LAST_LAUNCH["partial"] = handle
+    if use_cuda:
+        from turboquant.kernels import cuda_decode
+
+        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, plan.k_tables,
+                                   plan.v_tables, plan.qk_scale, m_part, l_part, acc_part, few=B * Hkv < 16)
+    if side is not None:
+        cur.wait_stream(side)
+    Hq, d = plan.Hq, plan.d
+    plan.combine.launch(
+        (ptr_spec(bp[3]),), (B * Hq, 1), (*bp, p[11], bp[3], S_C, S, Hq, Hq * d, d),
+        lambda: ((m_part, l_part, acc_part, plan.v_tables.signs, out, S_C, S, Hq, out.stride(0), out.stride(2)),
+                 {"G": G, "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d), "BLOCK_S": 16}, {"num_warps": 4}))
+    return out
 
 
 def decode_attention(
@@ -604,150 +971,27 @@ def decode_attention(
             as_codespace(v_tables, query.device), scaling, residual_k, residual_v, k_outliers, v_outliers,
             max_length=max_length, residual_length=residual_length, workspace=workspace, block_n=block_n,
             num_splits=num_splits)
-    if query.dim() != 4 or query.shape[2] != 1:
-        raise ValueError(f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}")
-    B, Hq, _, d = query.shape
-    check_head_dim(d)
-    if k_tables.d != d or v_tables.d != d:
-        raise ValueError(f"tables built for d={k_tables.d}/{v_tables.d}, query has d={d}")
-    _check_store("k", k_codes, k_norms, k_tables, B, 0)
-    _check_store("v", v_codes, v_norms, v_tables, B, 0)
-    ln = resolve_length(length, max_length, B, min(k_codes.shape[2], v_codes.shape[2]), query.device)
-    if k_qjl is not None:
-        _check_qjl(k_qjl, k_codes, d, query.device)
-    Hkv = k_codes.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"H_q={Hq} must be a multiple of H_kv={Hkv}")
-    G = Hq // Hkv
-    R = 0 if residual_k is None else residual_k.shape[2]
-    if R and (residual_v is None or residual_v.shape != residual_k.shape or residual_k.stride(-1) != 1
-              or residual_v.stride(-1) != 1 or residual_v.dtype != residual_k.dtype):
-        raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if R and residual_k.dtype == torch.bfloat16 and residual_k.device.type == "cpu":
-        # Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a standalone 16x16
-        # load + dot returns garbage): refuse instead of returning a silently wrong result
-        raise ValueError("a bfloat16 residual window cannot run under Triton's interpreter (its tl.dot on "
-                         "bfloat16 is wrong): pass float32/float16 windows on CPU; bfloat16 runs on CUDA")
-    rl = LengthArgs(R, R, None, 0) if residual_length is None else \
-        resolve_length(residual_length, R, B, R, query.device, "residual_length")
-    if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
-        raise ValueError("nothing to attend to: length == 0 and no residual window")
-    length = ln.bound  # sizes the grid; the kernel reads ln.value / ln.tensor
-    dev = query.device
-    qk_scale = float(scaling) * LOG2E
-    if backend not in ("auto", "triton", "cuda"):
-        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
-    use_cuda = False
-    few = B * Hkv < 16  # few KV heads in flight: longer programs (launch shapes below)
-    if backend == "cuda" and k_qjl is not None:
-        raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
-                         "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")
-    if backend == "cuda" and (ln.tensor is not None or rl.tensor is not None or ln.value != ln.bound):
-        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
-                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
-    if backend != "triton" and length > 0 and k_qjl is None and ln.tensor is None and rl.tensor is None \
-            and ln.value == ln.bound:
-        from turboquant.kernels import cuda_decode
-
-        use_cuda = cuda_decode.supports(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms)
-        if backend == "auto" and B * Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
-            use_cuda = False  # below the measured crossover the Triton kernel is as fast or faster
-        if use_cuda:  # compile (first use) before anything is launched; auto falls back to Triton
-            try:
-                cuda_decode.variant(query.dtype, G, k_tables, v_tables, k_codes.shape[-1], few)
-            except RuntimeError as err:
-                if backend == "cuda":
-                    raise
-                warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
-                              RuntimeWarning, stacklevel=2)
-                use_cuda = False
-        elif backend == "cuda" and cuda_decode.COMPILE_FAILURES:
-            raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
-                               f"({next(iter(cuda_decode.COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
-        elif backend == "cuda":
-            raise ValueError(
-                f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
-                f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={d}, G={G}, "
-                f"bits={k_tables.bits}/{v_tables.bits}, device={dev}: use backend='triton' or 'auto'")
-    if use_cuda:  # a CTA step = warps x 16-token tiles
-        shape = cuda_decode.launch_shape(few)
-        block_n = 16 * shape["warps"]
-        programs_per_sm = programs_per_sm or shape["programs_per_sm"]
-    block_n = block_n or (128 if few else 64)
-    num_warps = num_warps or (8 if few else 4)
-    programs_per_sm = programs_per_sm or (2 if few else 3)
-
-    # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks
-    if length > 0:
-        if num_splits is None:
-            want = max(1, (programs_per_sm * _num_sms(dev)) // (B * Hkv))
-            chunk = triton.cdiv(triton.cdiv(length, want), block_n) * block_n
-        else:
-            chunk = triton.cdiv(triton.cdiv(length, num_splits), block_n) * block_n
-        S_C = triton.cdiv(length, chunk)
+    key = plan = None
+    if PLAN_CACHE:
+        key = _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
+                        residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
+                        max_length, residual_length)
+        try:
+            plan = _PLANS.get(key)
+        except TypeError:  # an unhashable argument: validated and launched without a plan
+            key = None
+    if plan is None:
+        plan = _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling,
+                           residual_k, residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm,
+                           backend, k_qjl, residual_length)
+        if key is not None:
+            if len(_PLANS) >= MAX_PLANS:
+                del _PLANS[next(iter(_PLANS))]  # oldest first
+            _PLANS[key] = plan
     else:
-        chunk, S_C = block_n, 0
-    block_r = 32 if d <= 128 else 16
-    chunk_r = 64
-    S_R = triton.cdiv(R, chunk_r)
-    S = S_C + S_R
-    g_pad = max(16, triton.next_power_of_2(G))
-    m_part = buffer(workspace, "m", (B * Hkv, S, G), torch.float32, dev)
-    l_part = buffer(workspace, "l", (B * Hkv, S, G), torch.float32, dev)
-    acc_part = buffer(workspace, "acc", (B * Hkv, S, G, d), torch.float32, dev)
-    out = buffer(workspace, "out", (B, 1, Hq, d), query.dtype, dev)
-    kc32 = k_codes.view(torch.int32)
-    vc32 = v_codes.view(torch.int32)
-    rk = residual_k if R else query  # dummy pointers when there is no residual window
-    rv = residual_v if R else query
-    # prod keys: S q in log2 units, QJL words, ||r||; dummies (never read) for mse keys
-    sqj = _qjl_query(query, k_qjl, qk_scale) if k_qjl is not None else query[:, :, 0]
-    kq32 = k_qjl.qjl.view(torch.int32) if k_qjl is not None else kc32
-    krn = k_qjl.rnorms if k_qjl is not None else k_norms
-    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
-    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-    side = None
-    if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
-        cur = torch.cuda.current_stream(dev)
-        side = _side_stream(dev)
-        side.wait_stream(cur)
-    if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
-        s_base = S_C if use_cuda else 0
-        with torch.cuda.stream(side) if side is not None else _nullcontext():
-            LAST_LAUNCH["partial"] = _decode_partial_kernel[(S - s_base, B * Hkv)](
-                query, k_tables.signs, kc32, k_norms, vc32, v_norms, k_tables.lut32, v_tables.lut32, rk, rv,
-                m_part, l_part, acc_part, sqj, kq32, krn,
-                ln.tensor if ln.tensor is not None else k_norms, rl.tensor if rl.tensor is not None else k_norms,
-                ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, qk_scale, s_base, ln.stride, rl.stride,
-                query.stride(0), query.stride(1),
-                kc32.stride(0), kc32.stride(1), kc32.stride(2), k_norms.stride(0), k_norms.stride(1), k_norms.stride(2),
-                vc32.stride(0), vc32.stride(1), vc32.stride(2), v_norms.stride(0), v_norms.stride(1), v_norms.stride(2),
-                rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-                sqj.stride(0), sqj.stride(1), kq32.stride(0), kq32.stride(1), kq32.stride(2),
-                krn.stride(0), krn.stride(1), krn.stride(2),
-                G=G, G_PAD=g_pad, D=d, INV_SQRT_D=1.0 / math.sqrt(d),
-                KBA=kba, KPA=kpa, KSA=ksa, KBB=kbb, KPB=kpb, KSB=ksb,
-                VBA=vba, VPA=vpa, VSA=vsa, VBB=vbb, VPB=vpb, VSB=vsb,
-                BLOCK_N=64 if use_cuda else block_n, BLOCK_R=block_r, USE_ASM=dev.type == "cuda",
-                RES_IEEE=bool(R) and rk.dtype == torch.float32,
-                K_ROW=k_tables.code_nbytes // 4, V_ROW=v_tables.code_nbytes // 4,
-                K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32), K_QJL=k_qjl is not None,
-                LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None,
-                num_warps=num_warps, num_stages=num_stages,
-            )
-    if use_cuda:
-        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables,
-                                   v_tables, qk_scale, m_part, l_part, acc_part, few=few)
-    if side is not None:
-        cur.wait_stream(side)
-    _decode_combine_kernel[(B * Hq,)](
-        m_part, l_part, acc_part, v_tables.signs, out,
-        S_C, S, Hq, out.stride(0), out.stride(2),
-        G=G, D=d, INV_SQRT_D=1.0 / math.sqrt(d), BLOCK_S=16, num_warps=4,
-    )
-    return out
+        PLAN_STATS["hits"] += 1
+    return _run_plan(plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
+                     max_length, residual_length, workspace)
 
 
 def decode_attention_store(

@@ -62,13 +62,14 @@ def resolve_length(
             raise ValueError(
                 f"`{name}` tensor must have shape [], [1] or [B]=[{batch}], got {tuple(length.shape)}"
             )
-        if length.device != device:
-            raise ValueError(f"`{name}` tensor is on {length.device}, the query on {device}")
+        ldev = length.device
+        if ldev != device:
+            raise ValueError(f"`{name}` tensor is on {ldev}, the query on {device}")
         if not 0 <= max_length <= capacity:
             raise ValueError(
                 f"`max_length`={max_length} must be in [0, {capacity}] (the buffer capacity)"
             )
-        if length.device.type == "cpu" and length.numel():
+        if ldev.type == "cpu" and length.numel():
             lo, hi = int(length.min()), int(length.max())
             if lo < 0 or hi > max_length:
                 raise ValueError(
@@ -98,9 +99,15 @@ class DecodeWorkspace:
     Pass one workspace a layer (or a cache) as ``decode_attention(..., workspace=ws)``: the first
     call allocates, every later call of the same shape reuses the tensors (no allocation, fixed
     addresses: what a CUDA graph replays). The returned output is a workspace tensor too; it is
-    overwritten by the next call with this workspace."""
+    overwritten by the next call with this workspace.
+
+    ``version`` counts the allocations (a buffer replaced changes it); ``memo`` is the decode
+    wrapper's record of the last buffer set it took (plan token, splits, version, buffers), so a
+    repeated call looks nothing up."""
 
     buffers: dict = field(default_factory=dict)
+    version: int = 0
+    memo: tuple | None = None
 
     def get(
         self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -109,6 +116,7 @@ class DecodeWorkspace:
         if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
             t = torch.empty(shape, dtype=dtype, device=device)
             self.buffers[name] = t
+            self.version += 1
         return t
 
     def nbytes(self) -> int:

@@ -1,0 +1,255 @@
+"""Benchmark: host microseconds of one eager ``decode_attention`` call (target <= 30 us, issue 14).
+
+Shape of one Qwen3.6-27B full-attention layer (24 query heads, 4 KV heads, head_dim 256, a
+128-token bf16 residual window). For every (layout, key mode, length mode, batch, context):
+
+* ``host_us_mean`` / ``host_us_median`` / ``host_us_p90``: wall time from entering the call to its
+  return, ``perf_counter_ns`` around each of ``--calls`` (>= 200) calls after a warmup, issued back
+  to back with a sync every ``--sync-every`` calls so the GPU launch queue never fills (a full
+  queue would make the host wait for the GPU and count kernel time as host time);
+* ``kernel_ms``: CUDA-event time of one call (median of 50, eager, queue drained first);
+* the same host time with the launch plan off (``PLAN_CACHE = False``: validation every call)
+  and with the compiled-kernel relaunch off (``fast_launch.ENABLED = False``: ``kernel[grid]``),
+  so the JSON shows where the microseconds went.
+
+Length modes: ``int`` (a host int length, no workspace: a new output a call) and ``device``
+(an int32 device length + ``max_length`` + a :class:`DecodeWorkspace`: the static cache's call).
+Codes, norms and QJL bits are random bytes: host time does not depend on their values.
+
+Usage (one H200, about 60-120 s, most of it first compiles; the JSON is rewritten after every row):
+``python benchmarks/gpu_decode_host_overhead.py --out $OUT/gpu_decode_host_overhead.json``
+On a machine without CUDA it exits with a message; ``--smoke`` then runs two tiny calls of each
+mode under ``TRITON_INTERPRET=1`` and reports the wrapper's own host time (launches excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+TARGET_US = 30.0
+LAYOUTS = {  # name -> (key bits, value bits, key mode)
+    "halves-3.5": (3.5, 3.5, "mse"),
+    "halves-2.5": (2.5, 2.5, "mse"),
+    "K4/V3": (4, 3, "mse"),
+    "prod-3.5": (3.5, 3.5, "prod"),
+}
+
+
+def _store(torch, name, B, hkv, n, d, dev, seed):
+    """Random codes/norms of layout ``name`` at capacity ``n`` (and the QJL part of prod keys)."""
+    from turboquant.kernels import KernelTables, KeyQJL
+    from turboquant.quantizer import TurboQuantMSE, TurboQuantProd
+
+    kb, vb, mode = LAYOUTS[name]
+    g = torch.Generator(device=dev).manual_seed(seed)
+    vq = TurboQuantMSE(d, vb, seed=12)
+    kj = None
+    if mode == "prod":
+        pq = TurboQuantProd(d, kb, seed=11)
+        kt = KernelTables.from_quantizer(pq.mse, dev)
+        kj = KeyQJL(qjl=torch.randint(0, 256, (B, hkv, n, d // 8), generator=g, device=dev, dtype=torch.uint8),
+                    rnorms=torch.rand(B, hkv, n, generator=g, device=dev).to(torch.float16),
+                    S=pq.S.to(dev), scale=float(pq.qjl_scale))
+    else:
+        kt = KernelTables.from_quantizer(TurboQuantMSE(d, kb, seed=11), dev)
+    vt = KernelTables.from_quantizer(vq, dev)
+
+    def codes(t):
+        return torch.randint(0, 256, (B, hkv, n, t.code_nbytes), generator=g, device=dev, dtype=torch.uint8)
+
+    def norms():
+        return (torch.rand(B, hkv, n, generator=g, device=dev) + 0.5).to(torch.float16)
+
+    return {"kc": codes(kt), "kn": norms(), "vc": codes(vt), "vn": norms(), "kt": kt, "vt": vt, "kj": kj}
+
+
+def _make_call(torch, s, q, rk, rv, n, mode, scaling):
+    from turboquant.kernels import DecodeWorkspace, decode_attention
+
+    if mode == "int":
+        length, kw = n, {}
+    else:
+        length = torch.tensor([n], dtype=torch.int32, device=q.device)
+        kw = {"max_length": n, "workspace": DecodeWorkspace()}
+
+    def call():
+        return decode_attention(q, s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], scaling, rk, rv,
+                                k_qjl=s["kj"], **kw)
+
+    return call
+
+
+def _host_us(torch, call, n_calls: int, sync_every: int) -> dict:
+    """Per-call host wall time (us) of ``n_calls`` calls, the queue drained every ``sync_every``."""
+    for _ in range(10):
+        call()
+    torch.cuda.synchronize()
+    ts = []
+    for i in range(n_calls):
+        t0 = time.perf_counter_ns()
+        call()
+        ts.append((time.perf_counter_ns() - t0) / 1e3)
+        if (i + 1) % sync_every == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    ts.sort()
+    return {"mean": statistics.fmean(ts), "median": statistics.median(ts), "p90": ts[int(0.9 * len(ts))]}
+
+
+def _kernel_ms(torch, call, reps: int = 50) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        call()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _smoke() -> None:
+    """Tiny CPU calls under the interpreter: each mode once for real (planned == unplanned,
+    bitwise), then the wrapper's own host time a call with the kernel launches replaced by no-ops
+    (the interpreter's launch is no measure of a GPU launch). CPU numbers only: no target check."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from turboquant.kernels import fast_launch
+
+    torch.set_num_threads(1)  # the CPU matmul of prod keys: no OpenMP spinning against other work
+    da = sys.modules["turboquant.kernels.decode_attention"]
+    dev = torch.device("cpu")
+    d, hq, hkv, B, n = 64, 4, 2, 1, 40
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, hq, 1, d, generator=g)
+    rk, rv = torch.randn(B, hkv, 5, d, generator=g), torch.randn(B, hkv, 5, d, generator=g)
+    orig = fast_launch.LaunchCache.launch
+    for name in LAYOUTS:
+        s = _store(torch, name, B, hkv, n, d, dev, 0)
+        for mode in ("int", "device"):
+            call = _make_call(torch, s, q, rk, rv, n, mode, 1 / math.sqrt(d))
+            outs, row = [], {"layout": name, "length": mode}
+            for plan in (False, True):
+                da.PLAN_CACHE = plan
+                da.clear_plans()
+                outs.append(call().clone())
+                fast_launch.LaunchCache.launch = lambda self, *a, **k: None  # wrapper time only
+                call()
+                t0 = time.perf_counter_ns()
+                for _ in range(200):
+                    call()
+                row[f"wrapper_us_plan_{'on' if plan else 'off'}"] = (time.perf_counter_ns() - t0) / 200 / 1e3
+                fast_launch.LaunchCache.launch = orig
+            row["planned_equals_unplanned"] = bool(torch.equal(outs[0], outs[1]))
+            print(json.dumps(row), flush=True)
+    da.PLAN_CACHE = True
+    print("smoke: CPU wrapper time without launches (this machine's Python speed); GPU numbers need CUDA")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--contexts", default="8192,32768")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--modes", default="int,device")
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--sync-every", type=int, default=100, help="calls between syncs (2 launches a call)")
+    ap.add_argument("--hq", type=int, default=24)
+    ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--residual", type=int, default=128)
+    ap.add_argument("--no-ablation", action="store_true", help="skip the plan-off / fast-launch-off timings")
+    ap.add_argument("--smoke", action="store_true", help="without CUDA: tiny interpreter calls (wrapper time)")
+    args = ap.parse_args()
+    if args.calls < 200:
+        ap.error("--calls must be >= 200")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        if args.smoke:
+            _smoke()
+            return
+        sys.exit("gpu_decode_host_overhead.py needs a CUDA GPU (host time of compiled launches); "
+                 "run with --smoke on CPU for a wrapper-only check under TRITON_INTERPRET=1")
+    import triton
+
+    from turboquant.kernels import fast_launch
+
+    da = sys.modules["turboquant.kernels.decode_attention"]
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    hq, hkv, d, R = args.hq, args.hkv, args.d, args.residual
+    meta = {
+        "device": props.name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "shape": {"hq": hq, "hkv": hkv, "d": d, "residual": R}, "calls": args.calls, "sync_every": args.sync_every,
+        "seed": 0, "target_us": TARGET_US,
+        "timing": "host: perf_counter_ns around each eager call, queue drained every sync_every calls; "
+                  "kernel: CUDA events around one call, median of 50",
+    }
+    print(json.dumps(meta), flush=True)
+    rows = []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for B in [int(x) for x in args.batches.split(",")]:
+        for N in [int(x) for x in args.contexts.split(",")]:
+            q = torch.randn(B, hq, 1, d, device=dev, dtype=torch.bfloat16, generator=gen)
+            rk = torch.randn(B, hkv, R, d, device=dev, dtype=torch.bfloat16, generator=gen)
+            rv = torch.randn(B, hkv, R, d, device=dev, dtype=torch.bfloat16, generator=gen)
+            for name in args.layouts.split(","):
+                s = _store(torch, name, B, hkv, N, d, dev, 1)
+                for mode in args.modes.split(","):
+                    t0 = time.time()
+                    call = _make_call(torch, s, q, rk, rv, N, mode, 1 / math.sqrt(d))
+                    h = _host_us(torch, call, args.calls, args.sync_every)
+                    fast0 = fast_launch.STATS["fast"]
+                    call()
+                    row = {"layout": name, "key_mode": LAYOUTS[name][2], "length": mode, "batch": B, "context": N,
+                           "host_us_mean": h["mean"], "host_us_median": h["median"], "host_us_p90": h["p90"],
+                           "fast_launches_a_call": fast_launch.STATS["fast"] - fast0,
+                           "kernel_ms": _kernel_ms(torch, call), "target_us": TARGET_US,
+                           "meets_target": h["mean"] <= TARGET_US}
+                    if not args.no_ablation:
+                        fast_launch.ENABLED = False
+                        row["host_us_mean_no_fast_launch"] = _host_us(torch, call, args.calls, args.sync_every)["mean"]
+                        da.PLAN_CACHE = False
+                        row["host_us_mean_no_plan"] = _host_us(torch, call, args.calls, args.sync_every)["mean"]
+                        da.PLAN_CACHE, fast_launch.ENABLED = True, True
+                    row["setup_s"] = time.time() - t0
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    _write(args.out, meta, rows)  # after every row: a timeout keeps what was measured
+                s = None
+                torch.cuda.empty_cache()
+    print("\n| batch | context | layout | length | host us (mean) | p90 | no fast launch | no plan | kernel ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['context']} | {r['layout']} | {r['length']} | {r['host_us_mean']:.1f} | "
+              f"{r['host_us_p90']:.1f} | {r.get('host_us_mean_no_fast_launch', float('nan')):.1f} | "
+              f"{r.get('host_us_mean_no_plan', float('nan')):.1f} | {r['kernel_ms']:.4f} |")
+    met = sum(r["meets_target"] for r in rows)
+    print(f"{met}/{len(rows)} cases at <= {TARGET_US} us host time a call")
+    _write(args.out, meta, rows)
+
+
+def _write(path: str | None, meta: dict, rows: list) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    t_start = time.time()
+    main()
+    print(f"total {time.time() - t_start:.1f} s", file=sys.stderr)
