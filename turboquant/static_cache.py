@@ -331,7 +331,17 @@ class StaticTurboQuantLayer(CacheLayerMixin):
         return self._attend_torch(query, scaling, attention_mask) if out is None else out
 
     def kernel_unsupported(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> str | None:
-        """Why the device-length CUDA decode kernel cannot serve this call (``None``: it can)."""
+        """Why the device-length CUDA decode kernel cannot serve this call (``None``: it can).
+
+        The answer depends only on the query's token count and device and whether a mask comes, so
+        it is worked out once per such call kind and kept (a decode step asks it every layer)."""
+        key = (int(query.shape[2]), query.device, attention_mask is None)
+        memo = self.__dict__.setdefault("_kernel_why", {})
+        if key not in memo:
+            memo[key] = self._kernel_unsupported(query, attention_mask)
+        return memo[key]
+
+    def _kernel_unsupported(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> str | None:
         try:
             import turboquant.kernels as tk
         except ImportError as err:  # pragma: no cover - the package imports without Triton
