@@ -240,11 +240,15 @@ def main() -> None:
               f"{r.get('host_us_mean_no_plan', float('nan')):.1f} | {r['kernel_ms']:.4f} |")
     met = sum(r["meets_target"] for r in rows)
     print(f"{met}/{len(rows)} cases at <= {TARGET_US} us host time a call")
+    print(f"why launches took kernel[grid]: {fast_launch.WHY_SLOW}")
     _write(args.out, meta, rows)
 
 
 def _write(path: str | None, meta: dict, rows: list) -> None:
     if path:
+        from turboquant.kernels import fast_launch
+
+        meta = {**meta, "fast_launch_why_slow": dict(fast_launch.WHY_SLOW)}  # why calls took kernel[grid]
         with open(path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

@@ -21,6 +21,11 @@ from collections.abc import Callable, Hashable, Sequence
 
 ENABLED = True
 STATS = {"fast": 0, "slow": 0}  # launches by path (tests and benchmarks read it)
+WHY_SLOW: dict[str, int] = {}  # why a launch took ``kernel[grid]``: reason -> count (diagnostics)
+
+
+def _slow_because(reason: str) -> None:
+    WHY_SLOW[reason] = WHY_SLOW.get(reason, 0) + 1
 
 
 def int_spec(v: int) -> tuple[bool, bool]:
@@ -84,11 +89,14 @@ def _handle(jit_fn, compiled, constexprs: dict, device: int) -> _Handle | None:
         elif n_sig == len(params) - len(names):
             tail = ()
         else:
+            _slow_because(f"handle: signature of {n_sig} for {len(params)} parameters ({len(names)} constexpr)")
             return None
         if list(names) != [p.name for p in params[len(params) - len(names):]]:
+            _slow_because("handle: constexprs not all last")
             return None  # constexprs not all last: positional order unknown
         return _Handle(compiled, tail, device)
-    except (AttributeError, KeyError, TypeError):
+    except (AttributeError, KeyError, TypeError) as err:
+        _slow_because(f"handle: {type(err).__name__}: {err}"[:200])
         return None
 
 
@@ -121,13 +129,17 @@ class LaunchCache:
         constexprs, options)`` (``a``: ``args`` typed as Triton compiles them), keeping the
         compiled kernel for ``key``. Returns the ``CompiledKernel`` (None under the interpreter)."""
         h = self.handles.get(key) if ENABLED and key is not None else None
+        if h is None and ENABLED and key is not None:
+            _slow_because("no handle for the key" if key not in self.handles else "handle refused earlier")
         if h is not None:
             enter, leave = _hooks()
             if not (_no_hook(enter) and _no_hook(leave)):
+                _slow_because(f"launch hooks set: {type(enter).__name__} / {type(leave).__name__}")
                 h = None  # a profiler's launch hooks: the normal launch builds their metadata
         if h is not None:
             dev, stream = _current()
             if dev != h.device:
+                _slow_because("another current device")
                 h = None  # another current device: Triton's own lookup loads the kernel there
         if h is not None:
             try:
@@ -135,15 +147,20 @@ class LaunchCache:
                 h.run(grid[0], grid[1], 1, stream, h.function, h.packed, None, None, None, *args, *h.tail)
                 STATS["fast"] += 1
                 return h.compiled
-            except TypeError:  # the launcher rejected the argument list: never try this handle again
+            except TypeError as err:  # the launcher rejected the argument list: never try this handle again
+                _slow_because(f"launcher: TypeError: {err}"[:200])
                 self.handles[key] = None
         a, constexprs, options = slow()
         compiled = self.jit_fn[grid](*a, **constexprs, **options)
         STATS["slow"] += 1
-        if ENABLED and key is not None and key not in self.handles and compiled is not None \
-                and hasattr(compiled, "run") and hasattr(compiled, "packed_metadata"):
-            self.handles[key] = _handle(self.jit_fn, compiled, constexprs, _current()[0])
+        if ENABLED and key is not None and key not in self.handles and compiled is not None:
+            missing = [a for a in ("run", "packed_metadata") if not hasattr(compiled, a)]
+            if missing:
+                _slow_because(f"compiled kernel has no {missing}")
+                self.handles[key] = None
+            else:
+                self.handles[key] = _handle(self.jit_fn, compiled, constexprs, _current()[0])
         return compiled
 
 
-__all__ = ["ENABLED", "STATS", "LaunchCache", "int_spec", "ptr_spec"]
+__all__ = ["ENABLED", "STATS", "WHY_SLOW", "LaunchCache", "int_spec", "ptr_spec"]
