@@ -32,6 +32,7 @@ import torch
 from turboquant.codebook import LAWS, Codebook, lloyd_max_codebook
 from turboquant.packing import packed_nbytes
 from turboquant.rotation import make_rotation
+from turboquant.validation import check_choice
 
 NORM_NBYTES = 2  # one float16 norm a group
 HALVES_BITS = (1.5, 2.5, 3.5)
@@ -204,8 +205,7 @@ def _group(
     slot: int,
     shared_seed: int | None = None,
 ) -> ChannelGroup:
-    if law not in LAWS:
-        raise ValueError(f"`law` must be one of {LAWS}, got {law!r}")
+    check_choice(law, "law", LAWS)  # the codebooks are built on first use: refuse a bad law here
     segs, offset = [], byte_start
     for a, b, nb in _bits_specs(bits, size):
         segs.append(Segment(start + a, start + b, nb, size, law, offset))

@@ -168,6 +168,7 @@ class StaticTurboQuantLayer(CacheLayerMixin):
         self.key_store: StaticStore | None = None
         self.value_store: StaticStore | None = None
         self._tokens = 0  # host shadow of cumulative_length (exact except under CUDA graph replay)
+        self._kernel_why: dict[tuple, str | None] = {}  # kernel_unsupported per call kind
         self._outliers_fixed = False
 
     # -- allocation -------------------------------------------------------------------------------
@@ -336,10 +337,9 @@ class StaticTurboQuantLayer(CacheLayerMixin):
         The answer depends only on the query's token count and device and whether a mask comes, so
         it is worked out once per such call kind and kept (a decode step asks it every layer)."""
         key = (int(query.shape[2]), query.device, attention_mask is None)
-        memo = self.__dict__.setdefault("_kernel_why", {})
-        if key not in memo:
-            memo[key] = self._kernel_unsupported(query, attention_mask)
-        return memo[key]
+        if key not in self._kernel_why:
+            self._kernel_why[key] = self._kernel_unsupported(query, attention_mask)
+        return self._kernel_why[key]
 
     def _kernel_unsupported(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> str | None:
         try:
