@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--no-ablation", action="store_true", help="skip the plan-off / fast-launch-off timings")
     ap.add_argument("--smoke", action="store_true", help="without CUDA: tiny interpreter calls (wrapper time)")
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="also cProfile --calls eager calls of the first case and write the top functions to PATH")
     args = ap.parse_args()
     if args.calls < 200:
         ap.error("--calls must be >= 200")
@@ -220,6 +222,8 @@ def main() -> None:
                            "fast_launches_a_call": fast_launch.STATS["fast"] - fast0,
                            "kernel_ms": _kernel_ms(torch, call), "target_us": TARGET_US,
                            "meets_target": h["mean"] <= TARGET_US}
+                    if args.profile and not rows:
+                        _profile(torch, call, args.calls, args.sync_every, args.profile, row)
                     if not args.no_ablation:
                         fast_launch.ENABLED = False
                         row["host_us_mean_no_fast_launch"] = _host_us(torch, call, args.calls, args.sync_every)["mean"]
@@ -242,6 +246,35 @@ def main() -> None:
     print(f"{met}/{len(rows)} cases at <= {TARGET_US} us host time a call")
     print(f"why launches took kernel[grid]: {fast_launch.WHY_SLOW}")
     _write(args.out, meta, rows)
+
+
+def _profile(torch, call, n_calls: int, sync_every: int, path: str, row: dict) -> None:
+    """Where the host microseconds of one case go: cProfile over ``n_calls`` eager calls (the
+    profiler's own cost inflates every entry; the ranking is the point), top 40 by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    from triton import knobs
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for i in range(n_calls):
+        call()
+        if (i + 1) % sync_every == 0:
+            torch.cuda.synchronize()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+    hooks = {n: repr(getattr(getattr(knobs.runtime, n, None), "calls", getattr(knobs.runtime, n, None)))
+             for n in ("launch_enter_hook", "launch_exit_hook")}
+    with open(path, "w") as f:
+        f.write(f"case: {json.dumps({k: row[k] for k in ('layout', 'length', 'batch', 'context')})}\n")
+        f.write(f"triton launch hooks: {hooks}\n")
+        f.write(buf.getvalue())
+    print(f"profile of {n_calls} calls -> {path}; launch hooks {hooks}", flush=True)
 
 
 def _write(path: str | None, meta: dict, rows: list) -> None:

@@ -3,6 +3,8 @@
 # The machine has torch/transformers/Triton but none of the wheels in .whl/ and no hub access; the
 # embedded 98 MB GGUF travels in two parts (.gg1/part1, .gg2/part2) over two back-to-back calls.
 #
+#   bash benchmarks/h200_session.sh diag         # carry .whl .gg1: fast-launch diagnosis + host profile
+#   bash benchmarks/h200_session.sh verify       # carry .whl: GPU tests of the host path + host-overhead table
 #   bash benchmarks/h200_session.sh kernels      # carry .whl .gg1: decode kernel + host timings
 #   bash benchmarks/h200_session.sh e2e SECONDS  # static cache end to end (paper rows, largest batch)
 #   bash benchmarks/h200_session.sh grid SECONDS # carry .whl .gg2 (+ runs/quality_grid the first time)
@@ -35,6 +37,31 @@ case "${1:-}" in
       tail -25 "$OUT/gpu_decode_host_overhead.log"
     fi
     ;;
+  diag)
+    setup
+    # why the compiled-kernel relaunch never engaged (fast_launch.WHY_SLOW) and where the host time goes
+    timeout 120 python -m pytest -m gpu tests/kernels/test_host_fast_launch.py tests/kernels/test_host_plan.py -q \
+      -p no:cacheprovider > "$OUT/gpu_pytest_host.txt" 2>&1
+    tail -30 "$OUT/gpu_pytest_host.txt"
+    timeout 150 python benchmarks/gpu_decode_host_overhead.py --batches 1,8 --contexts 32768 \
+      --layouts halves-3.5,K4/V3,prod-3.5 --profile "$OUT/gpu_decode_host_profile.txt" \
+      --out "$OUT/gpu_decode_host_overhead.json" > "$OUT/gpu_decode_host_overhead.log" 2>&1
+    tail -14 "$OUT/gpu_decode_host_overhead.log"
+    head -60 "$OUT/gpu_decode_host_profile.txt"
+    ;;
+  verify)
+    setup
+    # the relaunch fix (fast_launch engaged), the CUDA kernel's kept argument block, eager residual
+    # splits on the same stream: GPU tests of those paths, then the full host-overhead table
+    timeout 240 python -m pytest -m gpu tests/kernels/test_host_fast_launch.py tests/kernels/test_host_plan.py \
+      tests/kernels/test_decode_attention.py tests/kernels/test_cuda_decode_fallback.py \
+      tests/cache/test_static_cuda_graph.py -q -p no:cacheprovider > "$OUT/gpu_pytest_host.txt" 2>&1
+    tail -12 "$OUT/gpu_pytest_host.txt"
+    timeout 230 python benchmarks/gpu_decode_host_overhead.py --profile "$OUT/gpu_decode_host_profile.txt" \
+      --out "$OUT/gpu_decode_host_overhead.json" > "$OUT/gpu_decode_host_overhead.log" 2>&1
+    tail -40 "$OUT/gpu_decode_host_overhead.log"
+    head -45 "$OUT/gpu_decode_host_profile.txt"
+    ;;
   e2e)
     setup
     # the paper recipe's rows after its kernel changed, and the largest-batch search at 128k
@@ -54,5 +81,5 @@ case "${1:-}" in
     python benchmarks/quality_gpu_grid.py --state runs/quality_grid --budget-s "${2:-530}" --workers 14 \
       --out "$OUT" 2>&1 | tail -60 | tee "$OUT/grid_call.log"
     ;;
-  *) echo "usage: $0 kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 diag|verify|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
 esac

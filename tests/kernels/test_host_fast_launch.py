@@ -4,7 +4,8 @@ A planned ``decode_attention`` call relaunches the ``CompiledKernel`` that Trito
 the first call of the same specialisation, passing addresses instead of tensors. Checked bitwise
 against ``fast_launch.ENABLED = False`` (every launch through ``kernel[grid]``) for the Triton
 partial kernel (mse and prod keys, int and device lengths, a workspace), the CUDA partial kernel
-with the residual splits on the side stream, and a CUDA graph that replays a planned call.
+with the residual splits (same stream eager, a forked stream under capture), and a CUDA graph that
+replays a planned call.
 """
 
 from __future__ import annotations
@@ -119,3 +120,19 @@ def test_cuda_graph_replays_a_planned_call(cuda):
         got = out.clone()
         want = _call(s, ln, max_length=4096, residual_length=rl, workspace=DecodeWorkspace())
         assert torch.equal(got, want), f"graph replay differs from eager at lengths {lens}, residual {r}"
+
+
+@pytest.mark.gpu
+def test_captured_cuda_kernel_call_with_forked_residual_stream_equals_eager(cuda):
+    """The CUDA partial kernel with a residual window: eager runs the residual splits first on the
+    same stream, a captured call forks them onto a side stream. Both give the same bits."""
+    _modules()[0].clear_plans()
+    s = _store(cuda, 8, 8192, 3.5, 3.5)
+    eager = _call(s, 8000, backend="cuda").clone()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = _call(s, 8000, backend="cuda")
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), "captured (forked residual stream) and eager CUDA-kernel calls differ"

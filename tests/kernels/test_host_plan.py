@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import math
 import sys
 
@@ -262,3 +263,40 @@ def test_workspace_buffers_stay_the_call_outputs(kdev, fresh):
     assert a.data_ptr() == b.data_ptr() == ws.buffers["out"].data_ptr()
     c = _call(s, q, 37, rk[:, :, :3], rv[:, :, :3], workspace=ws)  # fewer residual rows: same splits here
     torch.testing.assert_close(c, _reference(s, q, 37, rk[:, :, :3], rv[:, :, :3]), atol=3e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_relaunch_arguments_are_the_typed_launch_arguments(kdev, fresh, case, monkeypatch):
+    """What the compiled-kernel relaunch passes (addresses and scalars, ``fast_launch``) is,
+    position by position, what Triton's own launch gets (typed tensors): same count, every tensor
+    at the address given, every scalar equal. The relaunch itself needs a GPU; this check does not
+    (an extra address here once made Triton's launcher refuse every relaunch on the H200)."""
+    from turboquant.kernels import DecodeWorkspace, fast_launch
+
+    store_kw, make = CASES[case]
+    s = _store(kdev, 48, seed=1, **store_kw)
+    q, rk, rv = _inputs(kdev)
+    length, kw = make(kdev)
+    if "max_length" in kw:
+        kw["workspace"] = DecodeWorkspace()
+    seen = []
+    orig = fast_launch.LaunchCache.launch
+
+    def launch(self, key, grid, args, slow, *rest):
+        typed, constexprs, _ = slow()
+        seen.append((self.jit_fn, tuple(args), tuple(typed), constexprs))
+        return orig(self, key, grid, args, slow, *rest)
+
+    monkeypatch.setattr(fast_launch.LaunchCache, "launch", launch)
+    _call(s, q, length, rk, rv, **kw)
+    assert len(seen) == 2, "one partial and one combine launch"
+    for jit_fn, fast, typed, constexprs in seen:
+        names = list(inspect.signature(jit_fn.fn).parameters)  # compiled (JITFunction) or interpreted
+        const = [n for n in names if "constexpr" in str(jit_fn.fn.__annotations__.get(n, ""))]
+        runtime = [n for n in names if n not in const]
+        assert len(typed) == len(runtime), f"{jit_fn.__name__}: typed launch has {len(typed)} of {len(runtime)}"
+        assert len(fast) == len(typed), f"{jit_fn.__name__}: relaunch passes {len(fast)} arguments, launch {len(typed)}"
+        for name, f, t in zip(runtime, fast, typed):
+            want = t.data_ptr() if isinstance(t, torch.Tensor) else t
+            assert f == want, f"{jit_fn.__name__}: argument {name!r} is {f!r} in the relaunch, {want!r} in the launch"
+        assert sorted(constexprs) == sorted(const), f"{jit_fn.__name__}: constexprs given {sorted(constexprs)}"

@@ -587,44 +587,67 @@ def variant(query_dtype: torch.dtype, G: int, k_tables: KernelTables, v_tables: 
 def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables, v_tables,
                    qk_scale: float, m_part, l_part, acc_part, few: bool = False) -> None:
     """Compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``); the call must
-    pass :func:`supports`."""
-    B, Hq, _, d = query.shape
-    Hkv = k_codes.shape[1]
-    G = Hq // Hkv
-    shape = launch_shape(few)
-    kern, smem = variant(query.dtype, G, k_tables, v_tables, k_codes.shape[-1], few)
-    tabs = _tables_tensor(k_tables, v_tables, query.device)
-    dst = _dst_index(d, query.device)
-    ptrs = [t.data_ptr() for t in (query, k_tables.signs, k_codes, k_norms, v_codes, v_norms, tabs, dst, m_part,
-                                    l_part, acc_part)]
-    ints = [length, chunk, S, Hkv]
-    strides = [query.stride(0), query.stride(1), k_codes.stride(0), k_codes.stride(1), k_norms.stride(0),
-               k_norms.stride(1), v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1)]
-    _launch(kern, (S_C, B * Hkv, 1), (shape["warps"] * 32, 1, 1), smem, ptrs, ints, float(qk_scale), strides,
-            torch.cuda.current_stream(query.device).cuda_stream)
+    pass :func:`supports`. (One-off form of :class:`PartialLaunch`, which a launch plan keeps.)"""
+    rec = PartialLaunch(query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale, few)
+    rec(query.data_ptr(), m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(), length, chunk, S_C, S,
+        torch.cuda.current_stream(query.device).cuda_stream)
 
 
 _LIBCUDA: list = []
 
 
-def _launch(kern, grid, block, smem: int, ptrs: list[int], ints: list[int], scale: float, strides: list[int],
-            stream: int) -> None:
-    """cuLaunchKernel with the argument list built once per call in ctypes (torch's generic launcher
-    reopens libcuda and converts every argument on each call: ~0.5 ms a call, measured)."""
+def _cu_launch_kernel():
+    """libcuda's ``cuLaunchKernel`` through ctypes (torch's generic launcher reopens libcuda and
+    converts every argument on each call: ~0.5 ms a call, measured)."""
     import ctypes
 
     if not _LIBCUDA:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuLaunchKernel
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
         fn.restype = ctypes.c_int
+        # (f, gridDim xyz, blockDim xyz, sharedMemBytes, hStream, kernelParams, extra): 64-bit handles
+        # as c_void_p (a bare Python int would pass as a 32-bit int)
+        fn.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         _LIBCUDA.append(fn)
-    vals = [ctypes.c_void_p(p) for p in ptrs] + [ctypes.c_int(int(i)) for i in ints] + [ctypes.c_double(scale)] \
-        + [ctypes.c_int(int(i)) for i in strides]
-    argv = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-    err = _LIBCUDA[0](kern.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
-                      ctypes.c_void_p(stream), argv, None)
-    if err:
-        raise RuntimeError(f"cuLaunchKernel(tq_decode_partial) failed with CUDA error {err}")
+    return _LIBCUDA[0]
+
+
+class PartialLaunch:
+    """The ``cuLaunchKernel`` argument block of one call structure, built once (the variant, the
+    code/norm/table addresses, strides, ``qk_scale``); a call rewrites only the slots that change
+    from step to step (query and split-buffer addresses, ``length``, ``chunk``, ``S``) and launches.
+    Kernel parameter order: q, ksign, kc, kn, vc, vn, tabs, dst, m, l, acc, length, chunk, S, Hkv,
+    qk_scale (double), then the 10 int strides (see the source's ``tq_decode_partial``)."""
+
+    def __init__(self, query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale: float, few: bool):
+        import ctypes
+
+        B, Hq, _, d = query.shape
+        Hkv = k_codes.shape[1]
+        shape = launch_shape(few)
+        self.kern, self.smem = variant(query.dtype, Hq // Hkv, k_tables, v_tables, k_codes.shape[-1], few)
+        tabs = _tables_tensor(k_tables, v_tables, query.device)
+        self._keep = (tabs, _dst_index(d, query.device))  # addresses below stay valid while the plan lives
+        self.grid_y, self.block = B * Hkv, shape["warps"] * 32
+        c_void, c_int = ctypes.c_void_p, ctypes.c_int
+        self.q, self.m, self.l, self.acc = c_void(0), c_void(0), c_void(0), c_void(0)
+        self.length, self.chunk, self.S = c_int(0), c_int(0), c_int(0)
+        fixed = [c_void(t.data_ptr()) for t in (k_tables.signs, k_codes, k_norms, v_codes, v_norms, *self._keep)]
+        strides = [c_int(int(x)) for x in (query.stride(0), query.stride(1), k_codes.stride(0), k_codes.stride(1),
+                                           k_norms.stride(0), k_norms.stride(1), v_codes.stride(0), v_codes.stride(1),
+                                           v_norms.stride(0), v_norms.stride(1))]
+        self._vals = [self.q, *fixed, self.m, self.l, self.acc, self.length, self.chunk, self.S, c_int(Hkv),
+                      ctypes.c_double(float(qk_scale)), *strides]
+        self.argv = (ctypes.c_void_p * len(self._vals))(*[ctypes.addressof(v) for v in self._vals])
+        self.fn = _cu_launch_kernel()
+        self.func = self.kern.func
+
+    def __call__(self, q_ptr: int, m_ptr: int, l_ptr: int, acc_ptr: int, length: int, chunk: int, S_C: int, S: int,
+                 stream: int) -> None:
+        self.q.value, self.m.value, self.l.value, self.acc.value = q_ptr, m_ptr, l_ptr, acc_ptr
+        self.length.value, self.chunk.value, self.S.value = length, chunk, S
+        err = self.fn(self.func, S_C, self.grid_y, 1, self.block, 1, 1, self.smem, stream, self.argv, None)
+        if err:
+            raise RuntimeError(f"cuLaunchKernel(tq_decode_partial) failed with CUDA error {err}")
 
 
 def kernel_info() -> list[dict]:
@@ -645,4 +668,5 @@ def kernel_info() -> list[dict]:
     return out
 
 
-__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "kernel_info", "kernel_source", "launch_partial", "launch_shape", "supports", "variant"]
+__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "PartialLaunch", "kernel_info", "kernel_source", "launch_partial",
+           "launch_shape", "supports", "variant"]

@@ -621,6 +621,7 @@ class _Plan:
     cfg: dict  # use_cuda -> (block_n, want splits or None, fixed splits or None)
     cuda_ok: bool | None = None  # cuda_decode.supports (None: not asked yet)
     partial: object = None  # LaunchCache of the partial kernel
+    cuda_launch: object = None  # cuda_decode.PartialLaunch (first CUDA-kernel call of the plan)
     combine: object = None
 
 
@@ -710,6 +711,8 @@ def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: in
     backend = plan.backend
     if backend == "auto" and plan.B * plan.Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
         return False  # below the measured crossover the Triton kernel is as fast or faster
+    if plan.cuda_launch is not None:
+        return True  # this plan's variant compiled and launched before
     from turboquant.kernels import cuda_decode
 
     if plan.cuda_ok is None:
@@ -749,6 +752,12 @@ def _raw_stream(dev: torch.device) -> int:
     if raw is None:  # pragma: no cover - older torch
         return torch.cuda.current_stream(dev).cuda_stream
     return raw(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def _current_device_stream() -> tuple[int, int]:
+    """(current CUDA device index, its current stream as an int): what ``JITFunction.run`` reads."""
+    idx = torch._C._cuda_getDevice()
+    return idx, torch._C._cuda_getCurrentRawStream(idx)
 
 
 def _split_buffers(plan: _Plan, S: int, workspace) -> tuple:
@@ -830,13 +839,18 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
         chunk, S_C = bn, 0
     chunk_r = 64
     S = S_C + _cdiv(R, chunk_r)
+    # (current device, its current raw stream): where Triton's own launch would go (read once a call)
+    current = _current_device_stream() if dev.type == "cuda" else None
     m_part, l_part, acc_part, out, bp = _split_buffers(plan, S, workspace)
     Hkv, G, p = plan.Hkv, plan.G, plan.ptrs
     # prod keys: ``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, 1, d] (the query side of the QJL
     # score in the kernel's log2 units: one product with the plan's scaled S^T); a dummy (never read) for mse
     sqj = torch.matmul(query.to(torch.float32), plan.qjl[0]).to(torch.float16) if plan.qjl is not None else query
     side = None
-    if use_cuda and R:  # the residual-window splits (Triton) run beside the CUDA kernel on a forked stream
+    # while a CUDA graph is captured the residual-window splits (Triton) run beside the CUDA kernel
+    # on a forked stream (free at replay); eager, the fork's stream and event calls would cost more
+    # host time than the overlap saves GPU time (a few us), so they run first on the same stream
+    if use_cuda and R and torch.cuda.is_current_stream_capturing():
         cur = torch.cuda.current_stream(dev)
         side = _side_stream(dev)
         side.wait_stream(cur)
@@ -850,7 +864,7 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                 *plan.strides[R > 0])
         # the launcher takes addresses; Triton compiles from typed tensors (slow(): first call of a variant)
         fast = (q_ptr, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7] if R else q_ptr, p[8] if R else q_ptr,
-                *bp, sqj_ptr, p[9], p[10], lt_ptr, rt_ptr, *tail)
+                *bp[:3], sqj_ptr, p[9], p[10], lt_ptr, rt_ptr, *tail)  # bp[:3]: m, l, acc (bp[3]: out)
         # what Triton specialises on that the plan key does not fix: the variant, the residual
         # window's presence, the query's alignment and the device lengths
         vkey = (use_cuda, R > 0, ptr_spec(q_ptr), ptr_spec(sqj_ptr),
@@ -870,23 +884,25 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                          LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None), plan.options)
 
         if side is None:
-            handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
+            handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow, current)
         else:
             with torch.cuda.stream(side):
                 handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
         LAST_LAUNCH["partial"] = handle
     if use_cuda:
-        from turboquant.kernels import cuda_decode
+        if plan.cuda_launch is None:  # the CUDA kernel's argument block, built once a plan
+            from turboquant.kernels import cuda_decode
 
-        cuda_decode.launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, plan.k_tables,
-                                   plan.v_tables, plan.qk_scale, m_part, l_part, acc_part, few=B * Hkv < 16)
+            plan.cuda_launch = cuda_decode.PartialLaunch(query, k_codes, k_norms, v_codes, v_norms, plan.k_tables,
+                                                         plan.v_tables, plan.qk_scale, few=B * Hkv < 16)
+        plan.cuda_launch(query.data_ptr(), bp[0], bp[1], bp[2], length, chunk, S_C, S, current[1])
     if side is not None:
         cur.wait_stream(side)
     Hq, d = plan.Hq, plan.d
     plan.combine.launch(
-        (ptr_spec(bp[3]),), (B * Hq, 1), (*bp, p[11], bp[3], S_C, S, Hq, Hq * d, d),
+        (ptr_spec(bp[3]),), (B * Hq, 1), (*bp[:3], p[11], bp[3], S_C, S, Hq, Hq * d, d),
         lambda: ((m_part, l_part, acc_part, plan.v_tables.signs, out, S_C, S, Hq, out.stride(0), out.stride(2)),
-                 {"G": G, "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d), "BLOCK_S": 16}, {"num_warps": 4}))
+                 {"G": G, "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d), "BLOCK_S": 16}, {"num_warps": 4}), current)
     return out
 
 

@@ -122,12 +122,14 @@ class LaunchCache:
         self.handles: dict = {}
 
     def launch(self, key: Hashable | None, grid: tuple[int, int], args: Sequence,
-               slow: Callable[[], tuple[Sequence, dict, dict]]):
+               slow: Callable[[], tuple[Sequence, dict, dict]], current: tuple[int, int] | None = None):
         """Launch the kernel over ``grid``: through the cached handle of ``key`` when there is one
         (``args``: the runtime arguments in signature order; a tensor only needs ``data_ptr()``
         here), else ``jit_fn[grid](*a, **constexprs, **options)`` with ``slow() -> (a,
         constexprs, options)`` (``a``: ``args`` typed as Triton compiles them), keeping the
-        compiled kernel for ``key``. Returns the ``CompiledKernel`` (None under the interpreter)."""
+        compiled kernel for ``key``. ``current``: (current device index, its current raw stream) where
+        the caller knows them (saves two driver queries a launch). Returns the ``CompiledKernel``
+        (None under the interpreter)."""
         h = self.handles.get(key) if ENABLED and key is not None else None
         if h is None and ENABLED and key is not None:
             _slow_because("no handle for the key" if key not in self.handles else "handle refused earlier")
@@ -137,7 +139,7 @@ class LaunchCache:
                 _slow_because(f"launch hooks set: {type(enter).__name__} / {type(leave).__name__}")
                 h = None  # a profiler's launch hooks: the normal launch builds their metadata
         if h is not None:
-            dev, stream = _current()
+            dev, stream = current if current is not None else _current()
             if dev != h.device:
                 _slow_because("another current device")
                 h = None  # another current device: Triton's own lookup loads the kernel there
