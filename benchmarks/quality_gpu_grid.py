@@ -51,12 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--recipes", default=",".join(n for n in RECIPES if n != FULL),
                     help=f"comma list; valid: {list(RECIPES)}")
-    ap.add_argument("--needle-lengths", default="1024,2048,4096,7680")
-    ap.add_argument("--needle-trials", type=int, default=25)
-    ap.add_argument("--qa-lengths", default="1024,2048,4096,7168")
-    ap.add_argument("--qa-per-cell", type=int, default=10, help="x 4 lengths x 5 positions")
-    ap.add_argument("--kl-prompts", type=int, default=64)
-    ap.add_argument("--kl-tokens", type=int, default=16)
+    tier = grid.GPU_TIER  # the GPU tier's grid, the one `pytest -m gpu` runs for C09/C10
+    ap.add_argument("--needle-lengths", default=",".join(map(str, tier.needle_lengths)))
+    ap.add_argument("--needle-trials", type=int, default=tier.needle_trials)
+    ap.add_argument("--qa-lengths", default=",".join(map(str, tier.qa_lengths)))
+    ap.add_argument("--qa-per-cell", type=int, default=tier.qa_per_cell, help="x lengths x 5 positions")
+    ap.add_argument("--kl-prompts", type=int, default=tier.kl_prompts)
+    ap.add_argument("--kl-tokens", type=int, default=tier.kl_tokens)
     ap.add_argument("--seed-logs", nargs="*", default=[str(p) for p in OLD_LOGS],
                     help="runner logs whose needle lines are imported once (default: the earlier H200 run's)")
     ap.add_argument("--name", default="quality_gpu", help="result file stem under --out")

@@ -3,7 +3,7 @@ baseline through real caches and ``generate``, judged by the decision rule (pair
 
 Evidence: real text. Default: the shipped SQuAD v2 multi-document QA set (``data/squad_qa``,
 :mod:`turboquant.eval.squad_qa`: real Wikipedia paragraphs and human questions, 1k-7k tokens,
-``qa_f1_score``); CPU uses a deterministic subset, the GPU tier all 240 examples.
+``qa_f1_score``); CPU uses a deterministic subset, the GPU tier the 200 of ``grid.GPU_TIER``.
 ``--longbench-local-dir`` points at the official LongBench-E files (THUDM/LongBench
 ``data/*_e.jsonl``) instead. The shipped fictional fixture ``data/longbench_e`` is loader test
 data only. ``--longbench-max-examples`` and ``--longbench-max-prompt-tokens`` are the seed's flags.
@@ -19,6 +19,7 @@ import pytest
 
 from turboquant.eval import squad_qa
 from turboquant.eval.claim_rows import decide_and_file, skip_rows
+from turboquant.eval.grid import GPU_TIER
 from turboquant.eval.longbench import build_prompt_ids, evaluate, load_longbench_e
 from turboquant.eval.metrics import score_example
 from turboquant.eval.quality import (
@@ -28,7 +29,7 @@ from turboquant.eval.quality import (
     shuffled_control,
     teacher_forced_kl,
 )
-from turboquant.eval.recipes import RECIPES, available, claim_recipe, get_recipe
+from turboquant.eval.recipes import available, claim_recipe, get_recipe
 from turboquant.eval.runner import default_cache_factory
 
 DEFAULT_MAX_PROMPT_TOKENS = 7500  # LongBench truncates to the model's window; SmolLM2 has 8192
@@ -36,9 +37,9 @@ MARGIN_POINTS = 1.0  # DESIGN.md C10: non-inferiority at 1 point on the 0-100 sc
 # CPU subset of the SQuAD set: 1k and 2k tokens x 5 gold positions x 3 questions = 30 examples.
 CPU_SUBSET = {"lengths": (1024, 2048), "per_cell": 3}
 CPU_RECIPES = ("K4/V3",)  # every recipe and baseline: GPU tier and benchmarks/quality.py
-GPU_RECIPES = tuple(n for n in RECIPES if n != "full")
-KL_PROMPTS = {"cpu": 4, "gpu": 64}
-KL_TOKENS = 16
+GPU_RECIPES = GPU_TIER.names  # the GPU tier: the cases of turboquant.eval.grid.GPU_TIER (200 QA, KL over 64)
+KL_PROMPTS = {"cpu": 4, "gpu": GPU_TIER.kl_prompts}
+KL_TOKENS = GPU_TIER.kl_tokens
 MAX_SHUFFLED_F1 = 0.2  # negative control: F1 against another question's answers (0-1)
 
 
@@ -102,11 +103,21 @@ def _qa_data(opts: SimpleNamespace, tier: str):
         return data, f"LongBench-E files in {opts.longbench_local_dir}"
     if tier == "cpu":
         data = squad_qa.load(**CPU_SUBSET)
-    else:
-        data = squad_qa.load()
+    else:  # the GPU tier's 200 examples, in the grid's interleaved order (a cut run covers every cell)
+        data = squad_qa.load(lengths=GPU_TIER.qa_lengths, per_cell=GPU_TIER.qa_per_cell)
+        data.tasks = {squad_qa.DATASET: GPU_TIER.qa_examples()}
     if opts.longbench_max_examples:
         data.tasks = {k: v[: int(opts.longbench_max_examples)] for k, v in data.tasks.items()}
     return data, f"SQuAD v2 multi-document QA (data/squad_qa, {tier} set)"
+
+
+def _kl_examples(data, opts: SimpleNamespace, tier: str) -> list:
+    """The KL prompts: the GPU tier's (spread evenly over the QA set, as the grid picks them), else
+    the first examples."""
+    examples = [ex for exs in data.tasks.values() for ex in exs]
+    if tier == "gpu" and not opts.longbench_local_dir and not opts.longbench_max_examples:
+        return GPU_TIER.kl_examples()
+    return examples[: KL_PROMPTS[tier]]
 
 
 def _qa_claim(claim, lm: SimpleNamespace, opts: SimpleNamespace, tier: str, recipes: tuple[str, ...]) -> None:
@@ -121,8 +132,7 @@ def _qa_claim(claim, lm: SimpleNamespace, opts: SimpleNamespace, tier: str, reci
                   model=opts.model_id or "SmolLM2-135M-Instruct (embedded GGUF)", seed=0,
                   kl_prompts=KL_PROMPTS[tier], kl_tokens=KL_TOKENS)
     records, summary = qa_run(lm.model, lm.tokenizer, data, names, max_prompt, log=print)
-    examples = [ex for exs in data.tasks.values() for ex in exs]
-    prompts = [build_prompt_ids(lm.tokenizer, ex, max_prompt)[0] for ex in examples[: KL_PROMPTS[tier]]]
+    prompts = [build_prompt_ids(lm.tokenizer, ex, max_prompt)[0] for ex in _kl_examples(data, opts, tier)]
     kl = teacher_forced_kl(lm.model, prompts, names, n_tokens=KL_TOKENS, log=print)
     bits_measured = measured_bits(lm.model, prompts[0], names)
     claim.measured(official_avg={s: summary[s]["official_avg"] for s in summary},

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from turboquant.eval.claim_rows import decide_and_file, skip_rows
+from turboquant.eval.grid import GPU_TIER
 from turboquant.eval.needle import (
     NEEDLE,
     check_context_tokens,
@@ -28,7 +29,7 @@ from turboquant.eval.needle import (
     score_all,
 )
 from turboquant.eval.quality import measured_bits, needle_run, paired_scores, shuffled_control
-from turboquant.eval.recipes import RECIPES, available, claim_recipe, get_recipe
+from turboquant.eval.recipes import available, claim_recipe, get_recipe
 from turboquant.eval.runner import needle_settings, run_task_grid
 
 # Grids declared once. CPU: one key/value per cell (9 per setting) because the compressed decode
@@ -36,10 +37,11 @@ from turboquant.eval.runner import needle_settings, run_task_grid
 # heavy processes; see results/longctx_summary_cpu.md); more trials with --needle-trials.
 # GPU: the embedded model's full 8k context, 4 keys/values per cell.
 CPU_GRID = {"lengths": (1024, 2048, 4096), "depths": (0.1, 0.5, 0.9), "trials": 1}
-# GPU: >= 500 needles (5 lengths x 5 depths x 20 trials = 500), the whole recipe table.
-GPU_GRID = {"lengths": (1024, 2048, 4096, 6144, 8000), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "trials": 20}
+# GPU: the grid of turboquant.eval.grid.GPU_TIER (4 lengths x 5 depths x 25 trials = 500 needles), the
+# cases benchmarks/quality_gpu_grid.py runs in parallel (results/quality_gpu.json), every recipe.
+GPU_GRID = {"lengths": GPU_TIER.needle_lengths, "depths": GPU_TIER.needle_depths, "trials": GPU_TIER.needle_trials}
 CPU_RECIPES = ("halves-2.5", "K4/V3", "paper-2.5")  # baselines: GPU tier and benchmarks/quality.py
-GPU_RECIPES = tuple(n for n in RECIPES if n != "full")
+GPU_RECIPES = GPU_TIER.names
 SEED = 0
 # DESIGN.md C09: non-inferiority at margin 0.02 (turboquant.verdicts, exact interval: PASS needs
 # >= 217 needles even when no needle changes, so the 9-needle CPU grid is WARN inconclusive by

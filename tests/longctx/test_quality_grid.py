@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from turboquant.eval import grid, grid_worker
+from turboquant.eval.recipes import FULL, RECIPES
 
 pytestmark = pytest.mark.synthetic
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,3 +250,28 @@ def test_readme_block_is_replaced_between_its_markers_only() -> None:
     assert quality_merge.replace_marked(text, "t", "| new |") == "intro\n<!-- t:begin -->\n| new |\n<!-- t:end -->\nrest\n"
     with pytest.raises(ValueError, match="expected one <!-- u:begin -->"):
         quality_merge.replace_marked(text, "u", "x")
+
+
+def test_gpu_tier_tests_and_the_parallel_grid_run_the_same_cases() -> None:
+    """`pytest -m gpu` (C09/C10) and benchmarks/quality_gpu_grid.py read one grid (GPU_TIER): the
+    needle grid, the 200 QA examples in one order, the 64 KL prompts and every recipe and baseline."""
+    def load(path: Path, name: str):
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    here = Path(__file__).parent
+    test_needle, test_longbench = load(here / "test_needle.py", "_c09"), load(here / "test_longbench.py", "_c10")
+    tier = grid.GPU_TIER
+    assert len(tier.needle_cases()) >= 500 and len(tier.qa_examples()) >= 200 and tier.kl_prompts >= 64
+    assert test_needle.GPU_GRID == {"lengths": tier.needle_lengths, "depths": tier.needle_depths,
+                                    "trials": tier.needle_trials}
+    assert set(test_needle.GPU_RECIPES) == set(test_longbench.GPU_RECIPES) == set(RECIPES) - {FULL}
+    opts = SimpleNamespace(longbench_local_dir=None, longbench_max_examples=None)
+    data, _ = test_longbench._qa_data(opts, "gpu")
+    ids = [ex.id for exs in data.tasks.values() for ex in exs]
+    assert ids == [ex.id for ex in tier.qa_examples()]
+    assert [ex.id for ex in test_longbench._kl_examples(data, opts, "gpu")] == [ex.id for ex in tier.kl_examples()]
+    bench = load(ROOT / "benchmarks" / "quality_gpu_grid.py", "_quality_gpu_grid")
+    assert bench.spec_from_args(bench.parse_args([])) == tier
