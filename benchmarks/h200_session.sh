@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/h200_session.sh diag         # carry .whl .gg1: fast-launch diagnosis + host profile
 #   bash benchmarks/h200_session.sh verify       # carry .whl: GPU tests of the host path + host-overhead table
+#   bash benchmarks/h200_session.sh ncu          # carry .whl: Nsight Compute of the halves / paper partial kernels
 #   bash benchmarks/h200_session.sh kernels      # carry .whl .gg1: decode kernel + host timings
 #   bash benchmarks/h200_session.sh e2e SECONDS  # static cache end to end (paper rows, largest batch)
 #   bash benchmarks/h200_session.sh grid SECONDS # carry .whl .gg2 (+ runs/quality_grid the first time)
@@ -62,6 +63,22 @@ case "${1:-}" in
     tail -40 "$OUT/gpu_decode_host_overhead.log"
     head -45 "$OUT/gpu_decode_host_profile.txt"
     ;;
+  ncu)
+    setup
+    # Nsight Compute of the partial kernel: CUDA halves-3.5 and the outlier word decoder (paper-3.5)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "no ncu on this machine"; exit 3; }
+    for pair in halves-3.5:tq_decode_partial paper-3.5:_seg_partial_kernel; do
+      lay=${pair%%:*}
+      timeout 120 "$NCU" --kernel-name "regex:${pair#*:}" \
+        --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section SchedulerStats python benchmarks/gpu_ncu_decode.py --layout "$lay" --batch 8 --context 32768 \
+        > "$OUT/ncu_${lay}_8x32768.txt" 2>&1
+      grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Block Size|Grid Size|Stall|Est. Speedup" \
+        "$OUT/ncu_${lay}_8x32768.txt" | head -30
+    done
+    ;;
   e2e)
     setup
     # the paper recipe's rows after its kernel changed, and the largest-batch search at 128k
@@ -81,5 +98,5 @@ case "${1:-}" in
     python benchmarks/quality_gpu_grid.py --state runs/quality_grid --budget-s "${2:-530}" --workers 14 \
       --out "$OUT" 2>&1 | tail -60 | tee "$OUT/grid_call.log"
     ;;
-  *) echo "usage: $0 diag|verify|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 diag|verify|ncu|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
 esac
