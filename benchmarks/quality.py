@@ -39,7 +39,7 @@ from turboquant.eval.quality import (
     save_result,
     teacher_forced_kl,
 )
-from turboquant.eval.recipes import FULL, RECIPES, available, get_recipe, verdict_recipe
+from turboquant.eval.recipes import FULL, GRID_NAMES, RECIPES, available, get_recipe, verdict_recipe
 from turboquant.verdicts import decide
 
 NEEDLE_MARGIN = 0.02
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model-id", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
-    ap.add_argument("--recipes", default=",".join(n for n in RECIPES if n != FULL),
+    ap.add_argument("--recipes", default=",".join(GRID_NAMES),
                     help=f"comma list; valid: {list(RECIPES)}")
     ap.add_argument("--n-needles", type=int, default=9, help="needles per recipe (rounded up to whole trials)")
     ap.add_argument("--lengths", default="1024,2048,4096", help="needle context lengths")

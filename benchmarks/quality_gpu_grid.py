@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from turboquant.eval import grid
-from turboquant.eval.recipes import FULL, RECIPES
+from turboquant.eval.recipes import GRID_NAMES, RECIPES
 
 OLD_LOGS = sorted((ROOT / "results" / "quality_gpu_logs").glob("part[0-9].log"))
 MERGE_RESERVE_S = 45  # merge, plots and the state archive after the workers stop
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall time of this call, merge included")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    ap.add_argument("--recipes", default=",".join(n for n in RECIPES if n != FULL),
+    ap.add_argument("--recipes", default=",".join(GRID_NAMES),
                     help=f"comma list; valid: {list(RECIPES)}")
     tier = grid.GPU_TIER  # the GPU tier's grid, the one `pytest -m gpu` runs for C09/C10
     ap.add_argument("--needle-lengths", default=",".join(map(str, tier.needle_lengths)))

@@ -53,7 +53,7 @@ def _summary(name: str, d: int, prompts: list[torch.Tensor], tail: int, per: dic
         vals = per[r.name]
         mean = {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
         rows.append({
-            "recipe": r.name, "key_layout": r.key_layout, "value_layout": r.value_layout, "note": r.note,
+            "recipe": r.name, "key_layout": r.key_layout, "value_layout": r.value_layout, "note": r.description,
             **{k: round(v, 6) for k, v in mean.items()},
             "kl_per_prompt": [round(v["kl"], 6) for v in vals],
             "top1_per_prompt": [round(v["top1_agreement"], 4) for v in vals],

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from turboquant.eval import grid, grid_worker
-from turboquant.eval.recipes import FULL, RECIPES
+from turboquant.eval.recipes import FULL, GRID_NAMES, RECIPES
 
 pytestmark = pytest.mark.synthetic
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,7 +267,8 @@ def test_gpu_tier_tests_and_the_parallel_grid_run_the_same_cases() -> None:
     assert len(tier.needle_cases()) >= 500 and len(tier.qa_examples()) >= 200 and tier.kl_prompts >= 64
     assert test_needle.GPU_GRID == {"lengths": tier.needle_lengths, "depths": tier.needle_depths,
                                     "trials": tier.needle_trials}
-    assert set(test_needle.GPU_RECIPES) == set(test_longbench.GPU_RECIPES) == set(RECIPES) - {FULL}
+    assert set(test_needle.GPU_RECIPES) == set(test_longbench.GPU_RECIPES) == set(GRID_NAMES)
+    assert FULL not in GRID_NAMES and {n for n, r in RECIPES.items() if r.in_grid} - {FULL} == set(GRID_NAMES)
     opts = SimpleNamespace(longbench_local_dir=None, longbench_max_examples=None)
     data, _ = test_longbench._qa_data(opts, "gpu")
     ids = [ex.id for exs in data.tasks.values() for ex in exs]

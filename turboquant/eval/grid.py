@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from turboquant.eval import squad_qa
-from turboquant.eval.recipes import FULL, RECIPES, get_recipe
+from turboquant.eval.recipes import FULL, GRID_NAMES, get_recipe
 
 TASKS: tuple[str, ...] = ("qa", "kl", "needle")
 # recipes whose needle chunks come right after KL, before the baselines' needles: C09's verdict is
@@ -133,7 +133,7 @@ class GridSpec:
 #: The GPU tier's grid: `pytest -m gpu` (C09 ``test_needle_grid_gpu``, C10 ``test_qa_claim_gpu``)
 #: and ``benchmarks/quality_gpu_grid.py`` (parallel, resumable) run these cases, every recipe and
 #: baseline: 500 needles, 200 QA examples, KL over 64 of them.
-GPU_TIER = GridSpec(names=tuple(n for n in RECIPES if n != FULL))
+GPU_TIER = GridSpec(names=GRID_NAMES)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""KV-cache recipes as (key layout, value layout) pairs and what they cost and do on a real prefill
-(the layout benchmark, C08 over every layout; `turboquant.eval.recipes` is the recipes + baselines
-table of the quality runs).
+"""What the TurboQuant recipes (key layout, value layout) cost and do on a real prefill (the layout
+benchmark, C08 over every layout); the recipes themselves are rows of ``turboquant.eval.recipes``,
+the one table the quality runs read too.
 
-A recipe is ``(key layout, value layout)`` (``turboquant.layout``). Per recipe:
+Per recipe (``key_layout``, ``value_layout``: ``turboquant.layout`` names):
 
 * measured bits a coordinate, per tensor: ``8 · (codes + norms + outlier indices) / (T · H · d)``
   from the bytes the cache holds (``cache_nbytes``'s categories, summed over compressed layers);
@@ -14,73 +14,33 @@ A recipe is ``(key layout, value layout)`` (``turboquant.layout``). Per recipe:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from turboquant.cache import TurboQuantCache, TurboQuantLayer, turboquant_attention
+from turboquant.eval.recipes import RECIPES as ALL_RECIPES
+from turboquant.eval.recipes import Recipe, layout_options, layout_recipe
 from turboquant.eval.throughput import Prefill
 
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    key_layout: object
-    value_layout: object
-    note: str = ""
-
-
-RECIPES = (
-    Recipe(
-        "halves-3.5", "halves-3.5", "halves-3.5", "rotated coordinates d/2 at 4 + d/2 at 3 bits"
-    ),
-    Recipe(
-        "halves-2.5", "halves-2.5", "halves-2.5", "rotated coordinates d/2 at 3 + d/2 at 2 bits"
-    ),
-    Recipe(
-        "paper-3.5",
-        "paper-3.5",
-        "paper-3.5",
-        "paper §4.3: d/4 outlier channels at 4 + rest at 3 bits",
-    ),
-    Recipe(
-        "paper-2.5",
-        "paper-2.5",
-        "paper-2.5",
-        "paper §4.3: d/4 outlier channels at 3 + rest at 2 bits",
-    ),
-    Recipe(
-        "paper-3.5-keys",
-        "paper-3.5",
-        "halves-3.5",
-        "keys-only: paper keys, halves values at the same width",
-    ),
-    Recipe(
-        "paper-2.5-keys",
-        "paper-2.5",
-        "halves-2.5",
-        "keys-only: paper keys, halves values at the same width",
-    ),
-    Recipe("K4/V3", "int-4", "int-3", "asymmetric integer widths"),
-    Recipe("K4/V2", "int-4", "int-2", "asymmetric integer widths"),
-)
+#: The TurboQuant recipes of :data:`turboquant.eval.recipes.RECIPES` (the rows that name key and value
+#: layouts), the C08 / ``benchmarks/recipes_cpu.py`` table; one table of recipes serves every claim.
+RECIPES: tuple[Recipe, ...] = tuple(r for r in ALL_RECIPES.values() if r.key_layout is not None)
 
 
 def user_recipe(opts) -> tuple[Recipe, ...]:
     """The recipe of the ``--kv_layout`` / ``--key_layout`` / ``--value_layout`` options (each side
     falling back to ``--kv_layout``, then to ``paper-3.5``), or ``()`` when none is given or it is
     one of :data:`RECIPES` already."""
-    from turboquant.eval.recipes import layout_options, layout_recipe
-
     layouts = layout_options(opts, "paper-3.5")
     if layouts is None:
         return ()
-    key, value = layouts
-    name = layout_recipe(key, value)
-    if any((r.key_layout, r.value_layout) == (key, value) or r.name == name for r in RECIPES):
+    name = layout_recipe(*layouts)
+    recipe = ALL_RECIPES[name]
+    if any((r.key_layout, r.value_layout) == (recipe.key_layout, recipe.value_layout) or r.name == name
+           for r in RECIPES):
         return ()
-    return (Recipe(name, key, value, "the layout options' recipe"),)
+    return (recipe,)
 
 
 def make_cache(config, recipe: Recipe, **kw) -> TurboQuantCache:

@@ -17,7 +17,6 @@ int at TurboQuant's bytes), ``quanto-int4`` / ``quanto-int2`` and ``hqq-int4`` /
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,9 @@ class Recipe:
     description: str
     build: Callable[[Any], Any]
     requirement: Callable[[Any], str | None] = lambda config: None
+    key_layout: str | None = None  # TurboQuant recipes: the key / value code layouts (turboquant.layout names)
+    value_layout: str | None = None
+    in_grid: bool = True  # run on the quality grids (C09/C10); False: the C08 / recipes_cpu rows only
 
     def unavailable(self, config: Any) -> str | None:
         """Why this recipe cannot run for ``config`` (None when it can)."""
@@ -53,13 +55,12 @@ def _turboquant(**kw: Any) -> Callable[[Any], Any]:
     return build
 
 
-def _needs_layouts(config: Any) -> str | None:
-    from turboquant.cache import TurboQuantCacheConfig
-
-    if "key_layout" not in {f.name for f in dataclasses.fields(TurboQuantCacheConfig)}:
-        return ("TurboQuantCache has no `key_layout` option yet (the paper's outlier-split layouts "
-                "paper-3.5/paper-2.5 land with the layout refactor)")
-    return None
+def _tq(name: str, key_layout: str, value_layout: str, nominal_bits: float, description: str,
+        in_grid: bool = True) -> Recipe:
+    """A TurboQuant recipe: ``TurboQuantCache(config, key_layout=..., value_layout=...)``."""
+    return Recipe(name, "turboquant", nominal_bits, description,
+                  _turboquant(key_layout=key_layout, value_layout=value_layout),
+                  key_layout=key_layout, value_layout=value_layout, in_grid=in_grid)
 
 
 def _dense_only(config: Any) -> str | None:
@@ -118,16 +119,16 @@ def _quantized(backend: str, nbits: int) -> Callable[[Any], Any]:
 def _table() -> dict[str, Recipe]:
     rows = [
         Recipe(FULL, "full", 16.0, "DynamicCache, full precision", _full),
-        Recipe("paper-3.5", "turboquant", 3.5, "paper outlier split: d/4 channels at 4 bits + rest at 3",
-               _turboquant(key_layout="paper-3.5", value_layout="paper-3.5"), _needs_layouts),
-        Recipe("paper-2.5", "turboquant", 2.5, "paper outlier split: d/4 channels at 3 bits + rest at 2",
-               _turboquant(key_layout="paper-2.5", value_layout="paper-2.5"), _needs_layouts),
-        Recipe("halves-3.5", "turboquant", 3.5, "TurboQuant-mse, rotated halves at 4 + 3 bits",
-               _turboquant(key_bits=3.5, value_bits=3.5)),
-        Recipe("halves-2.5", "turboquant", 2.5, "TurboQuant-mse, rotated halves at 3 + 2 bits",
-               _turboquant(key_bits=2.5, value_bits=2.5)),
-        Recipe("K4/V3", "turboquant", 3.5, "TurboQuant-mse, keys 4 bits, values 3 bits",
-               _turboquant(key_bits=4, value_bits=3)),
+        _tq("paper-3.5", "paper-3.5", "paper-3.5", 3.5, "paper outlier split: d/4 channels at 4 bits + rest at 3"),
+        _tq("paper-2.5", "paper-2.5", "paper-2.5", 2.5, "paper outlier split: d/4 channels at 3 bits + rest at 2"),
+        _tq("halves-3.5", "halves-3.5", "halves-3.5", 3.5, "TurboQuant-mse, rotated halves at 4 + 3 bits"),
+        _tq("halves-2.5", "halves-2.5", "halves-2.5", 2.5, "TurboQuant-mse, rotated halves at 3 + 2 bits"),
+        _tq("K4/V3", "int-4", "int-3", 3.5, "TurboQuant-mse, keys 4 bits, values 3 bits"),
+        _tq("paper-3.5-keys", "paper-3.5", "halves-3.5", 3.5, "keys-only: paper keys, halves values at the same width",
+            in_grid=False),
+        _tq("paper-2.5-keys", "paper-2.5", "halves-2.5", 2.5, "keys-only: paper keys, halves values at the same width",
+            in_grid=False),
+        _tq("K4/V2", "int-4", "int-2", 3.0, "TurboQuant-mse, keys 4 bits, values 2 bits", in_grid=False),
         Recipe("fp8-e4m3", "baseline", 8.0, "fp8 e4m3 K/V, one float16 scale a token and head", _codec_cache("fp8"),
                _dense_only),
         Recipe("rot-int-3.5", "baseline", 3.5, "signed Hadamard + per-vector absmax int, halves at 4 + 3 bits",
@@ -147,6 +148,9 @@ def _table() -> dict[str, Recipe]:
 
 
 RECIPES: dict[str, Recipe] = _table()
+#: The recipes and baselines the quality grids run beside full precision (C09, C10; every
+#: ``in_grid`` row of :data:`RECIPES` as defined here, not the ones the layout options add).
+GRID_NAMES: tuple[str, ...] = tuple(n for n, r in RECIPES.items() if r.in_grid and n != FULL)
 # The recipe a claim's verdict is taken on, in order of preference (the paper's when it runs).
 VERDICT_PREFERENCE: dict[str, tuple[str, ...]] = {"3.5": ("paper-3.5", "halves-3.5"), "2.5": ("paper-2.5", "halves-2.5")}
 
@@ -209,8 +213,7 @@ def layout_recipe(key_layout: str, value_layout: str) -> str:
 
         bits = (build_layout(k, 128, rotation="dense").bits_per_coordinate
                 + build_layout(v, 128, rotation="dense").bits_per_coordinate) / 2
-        RECIPES[name] = Recipe(name, "turboquant", bits, f"TurboQuant-mse, keys {k}, values {v} (user layouts)",
-                               _turboquant(key_layout=k, value_layout=v), _needs_layouts)
+        RECIPES[name] = _tq(name, k, v, bits, f"TurboQuant-mse, keys {k}, values {v} (user layouts)", in_grid=False)
     return name
 
 
