@@ -6,8 +6,9 @@ more than one query token (prefill / chunked prefill), an explicit attention mas
 (prod) *values*, prod keys at 1 bit (no MSE part), a dense rotation of a one-group layout, a
 layout :func:`turboquant.kernels.layout_unsupported` names a reason for, or a head dim outside
 ``SUPPORTED_HEAD_DIMS``. Outlier layouts (``turboquant.layout``, two channel groups; K and V may
-differ) run the code-space kernels (:mod:`turboquant.kernels.codespace`) when
-:data:`GROUPED_DECODE` is True. Prod keys of 2 ... 4 bits run in the Triton kernel: the MSE part (``b-1``
+differ) run the grouped decode kernels when :data:`GROUPED_DECODE` is True: the word decoder of
+:mod:`turboquant.kernels.segmented` where every group's code rows are whole 32-bit words, else
+the byte-column kernel of :mod:`turboquant.kernels.codespace`. Prod keys of 2 ... 4 bits run in the Triton kernel: the MSE part (``b-1``
 bits) from ``codec.mse``'s tables, the QJL term ``√(π/2)/d · ||r|| · (S q)·z`` from ``codec.S``.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from turboquant.kernels._common import HAS_TRITON, SUPPORTED_HEAD_DIMS, KernelTables
 
-# outlier layouts through the code-space decode kernel (False: they take the torch reference)
+# outlier layouts through the grouped decode kernels (False: they take the torch reference)
 GROUPED_DECODE = True
 
 
