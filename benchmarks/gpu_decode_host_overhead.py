@@ -5,8 +5,13 @@ Shape of one Qwen3.6-27B full-attention layer (24 query heads, 4 KV heads, head_
 
 * ``host_us_mean`` / ``host_us_median`` / ``host_us_p90``: wall time from entering the call to its
   return, ``perf_counter_ns`` around each of ``--calls`` (>= 200) calls after a warmup, issued back
-  to back with a sync every ``--sync-every`` calls so the GPU launch queue never fills (a full
-  queue would make the host wait for the GPU and count kernel time as host time);
+  to back as a decode loop issues them, with a sync every ``--sync-every`` calls (outside the timed
+  region) so the queue is drained now and then;
+* ``host_us_mean_sync_each``: the same with a sync after every call (``--sync-each``; 0 skips it),
+  each call enqueueing into an empty queue. It came out higher, not lower (H200, 2026-12-01 21:05:
+  40-100 µs against 35-84 back to back, ``results/gpu_decode_host_overhead_sync_each.json``, whose
+  columns are the other way round): a host that has just waited on the GPU runs the next call
+  slower, and a full launch queue was not what made the figures track kernel time;
 * ``kernel_ms``: CUDA-event time of one call (median of 50, eager, queue drained first);
 * the same host time with the launch plan off (``PLAN_CACHE = False``: validation every call)
   and with the compiled-kernel relaunch off (``fast_launch.ENABLED = False``: ``kernel[grid]``),
@@ -164,7 +169,9 @@ def main() -> None:
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--modes", default="int,device")
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--sync-every", type=int, default=100, help="calls between syncs (2 launches a call)")
+    ap.add_argument("--sync-every", type=int, default=100, help="calls between syncs (2-3 launches a call)")
+    ap.add_argument("--sync-each", type=int, default=1, choices=[0, 1],
+                    help="also time the calls with a sync after every one (host_us_mean_sync_each; 0: skip)")
     ap.add_argument("--hq", type=int, default=24)
     ap.add_argument("--hkv", type=int, default=4)
     ap.add_argument("--d", type=int, default=256)
@@ -198,7 +205,8 @@ def main() -> None:
         "python": platform.python_version(), "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "shape": {"hq": hq, "hkv": hkv, "d": d, "residual": R}, "calls": args.calls, "sync_every": args.sync_every,
         "seed": 0, "target_us": TARGET_US,
-        "timing": "host: perf_counter_ns around each eager call, queue drained every sync_every calls; "
+        "timing": "host: perf_counter_ns around each eager call, queue drained every sync_every calls "
+                  "(outside the timed region); "
                   "kernel: CUDA events around one call, median of 50",
     }
     print(json.dumps(meta), flush=True)
@@ -222,6 +230,8 @@ def main() -> None:
                            "fast_launches_a_call": fast_launch.STATS["fast"] - fast0,
                            "kernel_ms": _kernel_ms(torch, call), "target_us": TARGET_US,
                            "meets_target": h["mean"] <= TARGET_US}
+                    if args.sync_each:
+                        row["host_us_mean_sync_each"] = _host_us(torch, call, args.calls, 1)["mean"]
                     if args.profile and not rows:
                         _profile(torch, call, args.calls, args.sync_every, args.profile, row)
                     if not args.no_ablation:
@@ -236,11 +246,13 @@ def main() -> None:
                     _write(args.out, meta, rows)  # after every row: a timeout keeps what was measured
                 s = None
                 torch.cuda.empty_cache()
-    print("\n| batch | context | layout | length | host us (mean) | p90 | no fast launch | no plan | kernel ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| batch | context | layout | length | host us (mean) | p90 | sync each call | no fast launch | no plan "
+          "| kernel ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['context']} | {r['layout']} | {r['length']} | {r['host_us_mean']:.1f} | "
-              f"{r['host_us_p90']:.1f} | {r.get('host_us_mean_no_fast_launch', float('nan')):.1f} | "
+              f"{r['host_us_p90']:.1f} | {r.get('host_us_mean_sync_each', float('nan')):.1f} | "
+              f"{r.get('host_us_mean_no_fast_launch', float('nan')):.1f} | "
               f"{r.get('host_us_mean_no_plan', float('nan')):.1f} | {r['kernel_ms']:.4f} |")
     met = sum(r["meets_target"] for r in rows)
     print(f"{met}/{len(rows)} cases at <= {TARGET_US} us host time a call")
