@@ -89,12 +89,17 @@ def build_model(tiny: bool, device: torch.device):
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
         for m in model.modules():  # rotary buffers were left uninitialised by to_empty
-            if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
-                inv, scale = m.rope_init_fn(m.config, device)
-                m.inv_freq = inv.to(device)
-                if hasattr(m, "original_inv_freq"):
-                    m.original_inv_freq = inv.to(device)
-                m.attention_scaling = scale
+            if hasattr(m, "inv_freq"):
+                # a fresh module of the same class computes them (transformers >= 5.2x no longer
+                # keeps a `rope_init_fn` attribute to call)
+                fresh = type(m)(m.config)  # on the CPU (a few floats), moved below
+                for name, buf in fresh.named_buffers(recurse=False):
+                    setattr(m, name, buf.to(device))
+                m.attention_scaling = fresh.attention_scaling
+    bad = [n for n, b in model.named_buffers() if b.is_floating_point() and not torch.isfinite(b).all()]
+    bad += [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # uninitialised memory would give NaN logits, or worse, finite garbage
+        raise RuntimeError(f"random-init model has non-finite tensors after initialisation: {bad[:5]}")
     model.eval()
     return model, cfg
 
