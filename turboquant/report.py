@@ -242,8 +242,10 @@ class ClaimStore:
         claims = self.as_list()
         doc = {**_jsonable(self.run), "meta": _jsonable(self.meta), "claims": claims,
                "counts": counts(claims)}
-        _atomic_write(self.out_dir / "claims.json", json.dumps(doc, indent=2) + "\n")
+        # the Markdown first: whoever sees a claim in claims.json (the file tools poll) finds it
+        # in claims.md too, even if the process dies between the two writes
         _atomic_write(self.out_dir / "claims.md", render_markdown(claims, self.meta, self.run))
+        _atomic_write(self.out_dir / "claims.json", json.dumps(doc, indent=2) + "\n")
 
     def draw_plots(self) -> list[Path]:
         """Run every registered plot whose claim has a record; a failing plot never loses data."""
