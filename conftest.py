@@ -223,7 +223,17 @@ def _embedded_defaults(config: pytest.Config) -> bool:
     return config.getoption("model_id") is None and config.getoption("longbench_local_dir") is None
 
 
+TIERS = ("synthetic", "model", "integration", "gpu", "slow")  # pytest.ini's run tiers
+_SUITE = Path(__file__).resolve().parent / "tests"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: an untiered test would vanish silently
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    untiered = [i.nodeid for i in items if Path(str(i.path)).resolve().is_relative_to(_SUITE)
+                and not any(i.get_closest_marker(t) for t in TIERS)]
+    if untiered:
+        raise pytest.UsageError(f"{len(untiered)} test(s) carry none of the tier markers {TIERS}, so no documented "
+                                f"command runs them: {untiered[:5]}")
     for item in items:
         known = KNOWN_FAILURES.get(item.nodeid.split("[")[0])
         if known is not None and (known.condition == "always" or _embedded_defaults(config)):

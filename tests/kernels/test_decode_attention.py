@@ -86,11 +86,13 @@ def test_decode_attention_tiny(kdev, d, kb, vb, hq, hkv, n, r, b):
     _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=32)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", SMALL, ids=_ids(SMALL))
 def test_decode_attention_small(kdev, d, kb, vb, hq, hkv, n, r, b):
     _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=32)
 
 
+@pytest.mark.integration
 def test_decode_attention_interpreter_splits(kdev):
     """Several splits and partial last blocks (slower under the interpreter: no marker)."""
     _check(kdev, 256, 3.5, 3.5, 24, 4, 300, 20, 1, block_n=32, num_splits=4)
@@ -145,6 +147,7 @@ def test_decode_attention_gpu_bf16_long(cuda):
             torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=2e-2)  # bf16 output rounding
 
 
+@pytest.mark.integration
 def test_decode_attention_rejects_bad_input(kdev):
     from turboquant.kernels import decode_attention
 

@@ -123,11 +123,13 @@ def test_decode_attention_prod_tiny(kdev, d, kb, vb, hq, hkv, n, r, b):
     _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=32)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", SMALL, ids=_ids(SMALL))
 def test_decode_attention_prod_small(kdev, d, kb, vb, hq, hkv, n, r, b):
     _check(kdev, d, kb, vb, hq, hkv, n, r, b, block_n=16 if n < 40 else 32)
 
 
+@pytest.mark.integration
 def test_decode_attention_prod_splits(kdev):
     """Several splits, a partial last block and auto backend (Triton for QJL keys)."""
     _check(kdev, 64, 3.5, 3.5, 8, 2, 150, 4, 1, block_n=32, num_splits=3)
@@ -169,6 +171,7 @@ def test_store_prod_keys_match_cache_reference(kdev):
     assert float((out - ref).norm() / ref.norm()) < 2e-3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value_mode", ["mse", "prod"])
 def test_model_decode_through_hook_interpreted(kdev, monkeypatch, value_mode):
     """Tiny Llama with ``key_mode="prod"``, teacher-forced decode under the "turboquant" attention,
@@ -206,6 +209,7 @@ def test_model_decode_through_hook_interpreted(kdev, monkeypatch, value_mode):
     assert diff <= 2e-3 * scale, f"max |Δlogit| {diff:.3g} (logit scale {scale:.3g})"
 
 
+@pytest.mark.integration
 def test_hook_off_cuda_returns_none_for_prod():
     """Off CUDA (and without Triton) the hook declines: the torch reference runs."""
     from turboquant.kernels import compressed_attention_cuda
@@ -217,6 +221,7 @@ def test_hook_off_cuda_returns_none_for_prod():
 # ------------------------------------------------------------------------------------------------
 # refusals (CPU)
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_prod_rejects_bad_qjl(kdev):
     from dataclasses import replace
 
@@ -241,6 +246,7 @@ def test_prod_rejects_bad_qjl(kdev):
         decode_attention(*_args(c, 8), 0.125, k_qjl=c.kj, backend="cuda")
 
 
+@pytest.mark.integration
 def test_store_refuses_prod_values_and_1bit_prod_keys():
     from turboquant.kernels import decode_attention_store
 

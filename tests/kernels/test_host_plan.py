@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from turboquant.quantizer import TurboQuantMSE, TurboQuantProd
 
+pytestmark = pytest.mark.integration  # CPU under TRITON_INTERPRET=1 in CI; compiled where CUDA is
 D, HQ, HKV, B = 64, 4, 2, 2
 SCALE = 1 / math.sqrt(D)
 

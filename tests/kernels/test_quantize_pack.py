@@ -79,6 +79,7 @@ def test_quantize_pack_writes_into_store_slice(cuda):
     _check_codes(x.float(), q, codes[:, :, L : L + T], norms[:, :, L : L + T])
 
 
+@pytest.mark.integration
 def test_quantize_pack_rejects_bad_head_dim():
     from turboquant.kernels import KernelTables
 
