@@ -94,7 +94,7 @@ def test_decode_attention_small(kdev, d, kb, vb, hq, hkv, n, r, b):
 
 @pytest.mark.integration
 def test_decode_attention_interpreter_splits(kdev):
-    """Several splits and partial last blocks (slower under the interpreter: no marker)."""
+    """Several splits and partial last blocks (slower under the interpreter than the tiny cases)."""
     _check(kdev, 256, 3.5, 3.5, 24, 4, 300, 20, 1, block_n=32, num_splits=4)
 
 

@@ -102,17 +102,25 @@ CASES = {  # name -> (store kwargs, call kwargs builder)
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_planned_call_equals_the_uncached_call_bitwise(kdev, fresh, case):
-    """Plan off, plan built, plan reused: the three outputs are bitwise equal (and match the reference)."""
+def _case(dev, case: str) -> tuple:
+    """Store, query, residual window, length and call kwargs (a fresh workspace where the case
+    passes ``max_length``) of one :data:`CASES` entry."""
     from turboquant.kernels import DecodeWorkspace
 
     store_kw, make = CASES[case]
-    s = _store(kdev, 48, seed=1, **store_kw)
-    q, rk, rv = _inputs(kdev)
-    length, kw = make(kdev)
+    s = _store(dev, 48, seed=1, **store_kw)
+    q, rk, rv = _inputs(dev)
+    length, kw = make(dev)
     if "max_length" in kw:
         kw["workspace"] = DecodeWorkspace()
+    return s, q, rk, rv, length, kw
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_planned_call_equals_the_uncached_call_bitwise(kdev, fresh, case):
+    """Plan off, plan built, plan reused: the three outputs are bitwise equal (and match the reference)."""
+
+    s, q, rk, rv, length, kw = _case(kdev, case)
     fresh.PLAN_CACHE = False
     uncached = _call(s, q, length, rk, rv, **kw).clone()
     assert fresh.PLAN_STATS["hits"] == 0 or not fresh._PLANS
@@ -272,14 +280,9 @@ def test_relaunch_arguments_are_the_typed_launch_arguments(kdev, fresh, case, mo
     position by position, what Triton's own launch gets (typed tensors): same count, every tensor
     at the address given, every scalar equal. The relaunch itself needs a GPU; this check does not
     (an extra address here once made Triton's launcher refuse every relaunch on the H200)."""
-    from turboquant.kernels import DecodeWorkspace, fast_launch
+    from turboquant.kernels import fast_launch
 
-    store_kw, make = CASES[case]
-    s = _store(kdev, 48, seed=1, **store_kw)
-    q, rk, rv = _inputs(kdev)
-    length, kw = make(kdev)
-    if "max_length" in kw:
-        kw["workspace"] = DecodeWorkspace()
+    s, q, rk, rv, length, kw = _case(kdev, case)
     seen = []
     orig = fast_launch.LaunchCache.launch
 

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.synthetic
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+def _load(name: str, path: Path | None = None):
+    """The module at ``path`` (default: ``benchmarks/<name>.py``), imported as ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path or ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -255,14 +256,8 @@ def test_readme_block_is_replaced_between_its_markers_only() -> None:
 def test_gpu_tier_tests_and_the_parallel_grid_run_the_same_cases() -> None:
     """`pytest -m gpu` (C09/C10) and benchmarks/quality_gpu_grid.py read one grid (GPU_TIER): the
     needle grid, the 200 QA examples in one order, the 64 KL prompts and every recipe and baseline."""
-    def load(path: Path, name: str):
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
     here = Path(__file__).parent
-    test_needle, test_longbench = load(here / "test_needle.py", "_c09"), load(here / "test_longbench.py", "_c10")
+    test_needle, test_longbench = _load("_c09", here / "test_needle.py"), _load("_c10", here / "test_longbench.py")
     tier = grid.GPU_TIER
     assert len(tier.needle_cases()) >= 500 and len(tier.qa_examples()) >= 200 and tier.kl_prompts >= 64
     assert test_needle.GPU_GRID == {"lengths": tier.needle_lengths, "depths": tier.needle_depths,
@@ -274,5 +269,5 @@ def test_gpu_tier_tests_and_the_parallel_grid_run_the_same_cases() -> None:
     ids = [ex.id for exs in data.tasks.values() for ex in exs]
     assert ids == [ex.id for ex in tier.qa_examples()]
     assert [ex.id for ex in test_longbench._kl_examples(data, opts, "gpu")] == [ex.id for ex in tier.kl_examples()]
-    bench = load(ROOT / "benchmarks" / "quality_gpu_grid.py", "_quality_gpu_grid")
+    bench = _load("quality_gpu_grid")
     assert bench.spec_from_args(bench.parse_args([])) == tier

@@ -584,15 +584,6 @@ def variant(query_dtype: torch.dtype, G: int, k_tables: KernelTables, v_tables: 
         raise RuntimeError(f"the CUDA decode kernel did not compile with NVRTC ({type(err).__name__}: {err})") from err
 
 
-def launch_partial(query, k_codes, k_norms, v_codes, v_norms, length, chunk, S_C, S, k_tables, v_tables,
-                   qk_scale: float, m_part, l_part, acc_part, few: bool = False) -> None:
-    """Compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``); the call must
-    pass :func:`supports`. (One-off form of :class:`PartialLaunch`, which a launch plan keeps.)"""
-    rec = PartialLaunch(query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale, few)
-    rec(query.data_ptr(), m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(), length, chunk, S_C, S,
-        torch.cuda.current_stream(query.device).cuda_stream)
-
-
 _LIBCUDA: list = []
 
 
@@ -616,7 +607,9 @@ class PartialLaunch:
     code/norm/table addresses, strides, ``qk_scale``); a call rewrites only the slots that change
     from step to step (query and split-buffer addresses, ``length``, ``chunk``, ``S``) and launches.
     Kernel parameter order: q, ksign, kc, kn, vc, vn, tabs, dst, m, l, acc, length, chunk, S, Hkv,
-    qk_scale (double), then the 10 int strides (see the source's ``tq_decode_partial``)."""
+    qk_scale (double), then the 10 int strides (see the source's ``tq_decode_partial``). It fills
+    the compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``); the call
+    must pass :func:`supports`."""
 
     def __init__(self, query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale: float, few: bool):
         import ctypes
@@ -668,5 +661,5 @@ def kernel_info() -> list[dict]:
     return out
 
 
-__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "PartialLaunch", "kernel_info", "kernel_source", "launch_partial",
-           "launch_shape", "supports", "variant"]
+__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "PartialLaunch", "kernel_info", "kernel_source", "launch_shape",
+           "supports", "variant"]
