@@ -26,8 +26,8 @@ def main() -> None:
 
     t = KernelTables.from_quantizer(TurboQuantMSE(256, args.bits, seed=1), "cuda")
     tun, shape = cuda_decode.TUNING, cuda_decode.launch_shape(args.few)
-    src = cuda_decode.kernel_source(6, t, t, 2, t.code_nbytes, tun["stages"], shape["min_blocks"], tun["chains"],
-                                    tun["qf_smem"], shape["warps"])
+    src = cuda_decode.kernel_source(6, t, t, 2, tun["stages"], shape["min_blocks"], tun["chains"], tun["qf_smem"],
+                                    shape["warps"])
     cubin, _ = _nvrtc_compile(src, "tq_decode_partial", None, None, ["-std=c++17"])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

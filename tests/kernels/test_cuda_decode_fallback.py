@@ -29,7 +29,7 @@ def broken_nvrtc(monkeypatch):
 def test_compile_failure_is_reported_and_recorded(broken_nvrtc):
     t = KernelTables.from_quantizer(TurboQuantMSE(256, 3.5, seed=0), "cpu")
     with pytest.raises(RuntimeError, match=r"did not compile with NVRTC \(RuntimeError: NVRTC_ERROR_COMPILATION"):
-        cuda_decode.variant(torch.bfloat16, 6, t, t, t.code_nbytes, few=True)
+        cuda_decode.variant(torch.bfloat16, 6, t, t, few=True)
     assert len(cuda_decode.COMPILE_FAILURES) == 1
 
 

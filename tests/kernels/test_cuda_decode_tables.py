@@ -1,9 +1,13 @@
 """The CUDA decode kernel's host-side contract, checked on CPU (CI has no GPU; the kernel itself is
-checked against the torch reference by the ``gpu`` tests in ``test_decode_attention.py``).
+checked against the torch reference by the ``gpu`` tests in ``test_decode_attention.py`` and
+``test_layout_kernels.py``).
 
-* the byte tables ``_tables_of`` builds, read the way the kernel's ``prmt`` decoder reads them
-  (8-entry low/high byte tables, 4-bit codes as 3-bit magnitude + sign), give back exactly the
-  float16 centroid of every code of every supported width;
+* ``tensor_words`` reads every 32-coordinate word of a row where the layout packs it: pulling each
+  code out of the plane words it names (plane-0 byte, stride, bits) and scaling by its norm slot
+  gives the layout's own unpacked code-space vectors, for halves, integer and outlier layouts;
+* the per-thread byte tables ``round_tables`` builds, read the way the kernel's ``prmt`` decoder
+  reads them (8-entry low/high byte tables; a 4-bit round decodes 3-bit magnitude + sign flip, and
+  narrower words in it read top bit 0), give back exactly the float16 centroid of every code;
 * a codebook that is not symmetric in float16 is refused (the kernel would decode it wrongly);
 * ``_dst_index`` inverts the Triton combine kernel's position order (``coord_perm``), so the
   CUDA partials land where the combine reads them.
@@ -16,9 +20,14 @@ import torch
 
 from turboquant.kernels import cuda_decode
 from turboquant.kernels._common import KernelTables, coord_perm
+from turboquant.kernels.codespace import CodeSpaceTables, unpack_codespace_reference
+from turboquant.layout import build_layout
 from turboquant.quantizer import TurboQuantMSE
 
 pytestmark = pytest.mark.synthetic
+
+LAYOUTS = ["halves-3.5", "halves-2.5", "halves-1.5", "int-4", "int-3", "int-2", "paper-3.5", "paper-2.5",
+           "outliers-64-4-2", "outliers-128-3-2"]
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
@@ -35,31 +44,81 @@ def _prmt(a: int, b: int, sel: int) -> int:
     return out
 
 
-def _decode_code(code: int, bits: int, tab: list[int]) -> float:
-    """One code through the kernel's table logic (``decode32``), as a float."""
-    if bits == 4:
-        h, r = code >> 3, code & 7
-        sel = r if h else 7 - r
+def _decode_code(code: int, round_bits: int, tab: list[int]) -> float:
+    """One code through ``decode32<round_bits>``'s table logic, as a float (a narrower word's
+    missing planes are zero, so its code's high bits are 0)."""
+    if round_bits == 4:
+        y, x = code >> 3, code & 7
+        sel = x ^ (7 - 7 * y)  # h ? r : 7 - r
         lo = _prmt(tab[0], tab[1], sel) & 0xFF
         hi = _prmt(tab[2], tab[3], sel) & 0xFF
-        raw = (h << 3) | r
+        raw = (y << 3) | x
         t = (_prmt(0x80808080, 0x80808080, raw) << 1) & 0xFF
-        hi |= (~t) & 0x80
+        hi ^= (~t) & 0x80  # sign flip where h == 0
     else:
         lo = _prmt(tab[0], tab[1], code) & 0xFF
         hi = _prmt(tab[2], tab[3], code) & 0xFF
     return torch.tensor([lo | (hi << 8)], dtype=torch.int32).to(torch.int16).view(torch.float16).item()
 
 
-@pytest.mark.parametrize("bits", [1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
-def test_cuda_tables_decode_every_code_to_its_float16_centroid(bits):
-    kt = KernelTables.from_quantizer(TurboQuantMSE(256, bits, seed=0))
-    tabs = cuda_decode._tables_of(kt)
+def _tables(spec: str, seed: int = 0):
+    lay = build_layout(spec, 256, seed=seed)
+    return CodeSpaceTables.from_layout(lay) if lay.is_grouped else KernelTables.from_layout(lay)
+
+
+@pytest.mark.parametrize("spec", LAYOUTS)
+def test_cuda_tables_decode_every_code_to_its_float16_centroid(spec):
+    t = _tables(spec)
+    tw = cuda_decode.tensor_words(t)
+    assert not isinstance(tw, str), tw
+    tabs = cuda_decode.round_tables(tw)
     assert tabs is not None
-    for s, (nb, _, _) in enumerate(kt.seg):
-        cent = kt.centroids[s, : 2**nb].to(torch.float16)
-        got = torch.tensor([_decode_code(c, nb, tabs[s]) for c in range(2**nb)], dtype=torch.float16)
-        assert torch.equal(got, cent), f"segment {s} ({nb} bits): {got.tolist()} != {cent.tolist()}"
+    for w, ((nb, _, _, _), book) in enumerate(zip(tw.words, tw.books)):
+        cent = torch.tensor(book).to(torch.float16)
+        got = torch.tensor([_decode_code(c, tw.round_bits(w // 4), tabs[w]) for c in range(2**nb)],
+                           dtype=torch.float16)
+        assert torch.equal(got, cent), f"word {w} ({nb} bits in a {tw.round_bits(w // 4)}-bit round)"
+
+
+@pytest.mark.parametrize("spec", LAYOUTS)
+def test_cuda_words_read_each_code_where_the_layout_packs_it(spec):
+    """Random bytes are valid codes of any layout: the words' reading of them (and the norm slot
+    of each word) must equal the layout's own unpacking, coordinate by coordinate."""
+    t = _tables(spec, seed=3)
+    cs = t if isinstance(t, CodeSpaceTables) else CodeSpaceTables.from_layout(t.layout)
+    tw = cuda_decode.tensor_words(t)
+    gen = torch.Generator().manual_seed(11)
+    n = 5
+    codes = torch.randint(0, 256, (n, tw.nbytes), generator=gen, dtype=torch.uint8)
+    norms = torch.rand(n, tw.num_norms, generator=gen).to(torch.float16) + 0.5
+    want = unpack_codespace_reference(codes, norms if cs.grouped else norms[:, 0], cs)
+    got = torch.zeros(n, 256)
+    for w, ((nb, base, stride, slot), book) in enumerate(zip(tw.words, tw.books)):
+        idx = torch.zeros(n, 32, dtype=torch.long)
+        for j in range(nb):
+            word = codes[:, base + j * stride: base + j * stride + 4].long()
+            u32 = word[:, 0] | word[:, 1] << 8 | word[:, 2] << 16 | word[:, 3] << 24
+            idx |= ((u32[:, None] >> torch.arange(32)) & 1) << j
+        got[:, 32 * w: 32 * w + 32] = torch.tensor(book)[idx] * norms[:, slot, None].float()
+    torch.testing.assert_close(got, want, atol=0, rtol=1e-6)
+
+
+def test_paper_layouts_decode_a_mixed_first_round_and_a_uniform_second():
+    """paper-3.5 at d=256: outliers 64 @ 4 bits (words 0, 1) + rest 192 @ 3 (words 2-7): round 0
+    mixes both groups (4-bit decode, norms in the decode), round 1 is the rest (3 bits, slot 1)."""
+    tw = cuda_decode.tensor_words(_tables("paper-3.5"))
+    assert [w[0] for w in tw.words] == [4, 4, 3, 3, 3, 3, 3, 3]
+    assert [w[3] for w in tw.words] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert (tw.round_bits(0), tw.round_class(0), tw.round_bits(1), tw.round_class(1)) == (4, 2, 3, 1)
+    halves = cuda_decode.tensor_words(_tables("halves-3.5"))
+    assert (halves.round_bits(0), halves.round_class(0), halves.round_bits(1), halves.round_class(1)) == (4, 0, 3, 0)
+
+
+def test_cuda_words_refuse_what_the_kernel_cannot_read():
+    assert "head_dim 128" in cuda_decode.tensor_words(CodeSpaceTables.from_layout(build_layout("paper-3.5", 128)))
+    # 48 outliers at d=256: the rest group's segment starts at code coordinate 48, inside word 1
+    why = cuda_decode.tensor_words(CodeSpaceTables.from_layout(build_layout("outliers-48-4-3", 256)))
+    assert "segment boundary inside" in why
 
 
 def test_cuda_tables_refuse_an_asymmetric_4bit_codebook():
@@ -83,3 +142,18 @@ def test_cuda_backend_is_not_picked_without_a_gpu():
     codes = torch.zeros(1, 2, 8, kt.code_nbytes, dtype=torch.uint8)
     norms = torch.zeros(1, 2, 8, dtype=torch.float16)
     assert not cuda_decode.supports(256, 6, kt, kt, codes, codes, norms, norms)
+
+
+@pytest.mark.parametrize("kl,vl", [("paper-3.5", "paper-3.5"), ("paper-2.5", "halves-2.5"), ("halves-3.5", "halves-3.5")])
+def test_kernel_source_carries_each_layouts_words(kl, vl):
+    """The variant's source is generated from the words: per-round bits and classes, K and V row
+    bytes of their own, and the query path (FWHT in the kernel for halves tables, none for code space)."""
+    kt, vt = _tables(kl), _tables(vl)
+    if isinstance(kt, KernelTables) != isinstance(vt, KernelTables):
+        kt = kt if isinstance(kt, CodeSpaceTables) else CodeSpaceTables.from_layout(kt.layout)
+        vt = vt if isinstance(vt, CodeSpaceTables) else CodeSpaceTables.from_layout(vt.layout)
+    src = cuda_decode.kernel_source(6, kt, vt, 0, 2, 4, 2, 1, 4)
+    kw, vw = cuda_decode.tensor_words(kt), cuda_decode.tensor_words(vt)
+    assert f"#define NBK {kw.nbytes}\n" in src and f"#define NBV {vw.nbytes}\n" in src
+    assert f"#define K_B0 {kw.round_bits(0)}\n" in src and f"#define V_C1 {vw.round_class(1)}\n" in src
+    assert f"#define Q_ROT {int(isinstance(kt, CodeSpaceTables))}\n" in src

@@ -22,13 +22,31 @@ the tensor-core operand layout. This kernel decodes codes *directly in the regis
   ``(m, l, acc)`` a CTA, written in the position order of the Triton combine kernel, which merges
   the splits, adds the residual window (Triton partial programs) and un-rotates once a head.
 
+Every layout runs from its words (:class:`TensorWords`, read from the layout object): code space is
+cut into 32-coordinate words of ``(bits, plane-0 byte, plane stride, norm slot)``; thread ``r`` of a
+*round* (128 coordinates, 8 k-tiles) decodes word ``4·round + r`` at the round's widest bits (a
+narrower word reads its missing planes as zero and a table built for it). A round whose words share
+a group (halves: both rounds; ``paper-3.5``: the 192-channel rest) sums first and scales by that
+group's norm; a round mixing groups (``paper-3.5`` round 0: outliers 64 @ 4 + rest @ 3) scales each
+decoded centroid by its group's norm (``||x_g|| c_g[idx]``, float16) before the MMA:
+
+    s[t, h] = Σ_rounds n_round(t) Σ_j q̃[h, j] c[idx_tj],   acc[j, h] = Σ_t p[t, h] n_g(j)(t) c[idx_tj].
+
+``KernelTables`` (halves): the kernel applies ``s ∘`` and the FWHT to the raw query and the halves
+combine un-rotates; ``CodeSpaceTables`` (outlier and other grouped layouts): the query arrives
+rotated per group in code space and the partials land in the word decoder's position order
+(:mod:`turboquant.kernels.segmented` rotates, combines and un-rotates).
+
 Compiled at first use with NVRTC (``torch.cuda._compile_kernel``; no nvcc needed). Supports
-head_dim 256 (the Qwen3.6 full-attention shape), segment widths 1-4 bits (so 1.5 ... 4.0 bits),
-G <= 8 query heads a KV head; :func:`supports` says whether a call qualifies, and
-``decode_attention(..., backend="auto")`` falls back to the Triton kernel otherwise.
+head_dim 256 (the Qwen3.6 full-attention shape), words of 1-4 bits with at most two norm slots
+(every halves / int / paper preset and outlier splits on 32-channel boundaries), G <= 8 query heads
+a KV head; :func:`unsupported` says why a call does not qualify, and ``backend="auto"`` falls back
+to the Triton kernels then.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -116,12 +134,12 @@ __device__ __forceinline__ void decode32(const u32* P, const u32* tab, u32* H) {
     const u32 s16 = shr<16>(sel);
     u32 l0 = prmt(tab[0], tab[1], sel), h0 = prmt(tab[2], tab[3], sel);
     u32 l1 = prmt(tab[0], tab[1], s16), h1 = prmt(tab[2], tab[3], s16);
-    if (BITS == 4) {  // float16 sign bit where h == 0 (c[r] = -c[15 - r])
+    if (BITS == 4) {  // flip the float16 sign where h == 0 (c[r] = -c[15 - r]; narrower words: h = 0)
       const u32 raw = x + (y << 3);                  // nibble = 8h + r
       const u32 t0 = prmt(0x80808080u, 0x80808080u, raw) << 1;        // byte bit 7 = h
       const u32 t1 = prmt(0x80808080u, 0x80808080u, shr<16>(raw)) << 1;
-      h0 |= ~t0 & 0x80808080u;
-      h1 |= ~t1 & 0x80808080u;
+      h0 ^= ~t0 & 0x80808080u;
+      h1 ^= ~t1 & 0x80808080u;
     }
     H[4 * I + 0] = prmt(l0, h0, 0x5140);
     H[4 * I + 1] = prmt(l0, h0, 0x7362);
@@ -130,11 +148,47 @@ __device__ __forceinline__ void decode32(const u32* P, const u32* tab, u32* H) {
   }
 }
 
-template <int BITS>
-__device__ __forceinline__ void load_planes(const u8* row, int base, int stride, int r, u32* P) {
-#pragma unroll
-  for (int j = 0; j < BITS; ++j) P[j] = *(const u32*)(row + base + j * stride + 4 * r);
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+  u32 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
 }
+
+// planes 0..BITS-1 of this thread's word (plane j at row + base + j * stride); planes at or past
+// `nb` (a narrower word in a wider round) read as zero
+template <int BITS>
+__device__ __forceinline__ void load_planes(const u8* row, int base, int stride, int nb, u32* P) {
+#pragma unroll
+  for (int j = 0; j < BITS; ++j) P[j] = j < nb ? *(const u32*)(row + base + j * stride) : 0u;
+}
+
+// One round (128 code-space coordinates, thread r: word 4 * round + r) of tokens g (H0) and g + 8
+// (H1): 16 half2 centroids each. MIXED (the round's words belong to different groups): scaled by
+// the half2 norms n0 / n1 of the thread's group, so the MMA sums true coordinates.
+template <int BITS, int MIXED>
+__device__ __forceinline__ void decode_round(const u8* row0, const u8* row1, int base, int stride, int nb,
+                                             const u32* tab, u32 n0, u32 n1, u32* H0, u32* H1) {
+  u32 P0[4], P1[4];
+  load_planes<BITS>(row0, base, stride, nb, P0);
+  load_planes<BITS>(row1, base, stride, nb, P1);
+  decode32<BITS>(P0, tab, H0);
+  decode32<BITS>(P1, tab, H1);
+  if (MIXED) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) { H0[i] = hmul2(H0[i], n0); H1[i] = hmul2(H1[i], n1); }
+  }
+}
+
+#if K_NN == 2
+#define KNORM(t) (*(const u32*)(knb + 2 * (t)))
+#else
+#define KNORM(t) ((u32)knb[t])
+#endif
+#if V_NN == 2
+#define VNORM(t) (*(const u32*)(vnb + 2 * (t)))
+#else
+#define VNORM(t) ((u32)vnb[t])
+#endif
+#define LO(x) h2f((u16)((x) & 0xFFFFu))
+#define HI(x) h2f((u16)((x) >> 16))
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
@@ -147,15 +201,24 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
                   int svc_b, int svc_h, int svn_b, int svn_h) {
   extern __shared__ __align__(16) u8 smem[];
   float* qs = (float*)smem;                                     // [G][D] rotated, scaled queries
-  u8* stage = smem + G * D * 4 + QF_SMEM * 4096;               // [WARPS][STAGES][2][TILE * NB]
+  u8* stage = smem + G * D * 4 + QF_SMEM * 4096;               // [WARPS][STAGES][TILE * (NBK + NBV)]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, r = lane & 3;
   const int s_idx = blockIdx.x, bh = blockIdx.y, b = bh / Hkv, h = bh % Hkv;
   const int start = s_idx * chunk;
   const int end = min(start + chunk, length);
-  const float qk_scale = (float)qk_scale_d;
 
+#if Q_ROT
+  // ---- query given in code space (Π_g q_g per group, scaling · log2 e folded in), float32 -------
+  for (int i = tid; i < G * D; i += WARPS * 32) {
+    int gi = i / D, c = i % D;
+    qs[i] = ((const float*)q)[(long)b * sq_b + (long)(h * G + gi) * sq_h + c];
+  }
+  __syncthreads();
+  const float qmul = 1.f;
+#else
   // ---- query: s ∘ q, FWHT, scale (Π q · scaling · log2 e) -------------------------------------
+  const float qk_scale = (float)qk_scale_d;
   for (int i = tid; i < G * D; i += WARPS * 32) {
     int gi = i / D, c = i % D;
     qs[i] = load_q(q, (long)b * sq_b + (long)(h * G + gi) * sq_h + c) * ksign[c];
@@ -174,6 +237,7 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
     __syncthreads();
   }
   const float qmul = qk_scale * rsqrtf((float)D);
+#endif
 #if QF_SMEM
   // query B fragments, the same for every warp: u32 [16 k-tiles][2][32 lanes] after the queries
   u32* qfs = (u32*)(smem + G * D * 4);
@@ -206,11 +270,21 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
   }
 #define QF(t, i) qf[t][i]
 #endif
+  // byte tables of this thread's word in each round: [K|V][round][thread r][lo0, lo1, hi0, hi1]
   u32 ktab[2][4], vtab[2][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ktab[0][i] = tabs[i]; ktab[1][i] = tabs[4 + i]; vtab[0][i] = tabs[8 + i]; vtab[1][i] = tabs[12 + i];
+    ktab[0][i] = tabs[r * 4 + i]; ktab[1][i] = tabs[16 + r * 4 + i];
+    vtab[0][i] = tabs[32 + r * 4 + i]; vtab[1][i] = tabs[48 + r * 4 + i];
   }
+  // this thread's word in each round: plane-0 byte, plane stride, bits; prmt selector of its
+  // group's norm as half2 (mixed rounds only: norm slot 0 -> low half of the pair, 1 -> high)
+  const int kb0 = K_BASE0(r), ks0 = K_STRIDE0(r), kq0 = K_NB0(r), kb1 = K_BASE1(r), ks1 = K_STRIDE1(r),
+            kq1 = K_NB1(r);
+  const int vb0 = V_BASE0(r), vs0 = V_STRIDE0(r), vq0 = V_NB0(r), vb1 = V_BASE1(r), vs1 = V_STRIDE1(r),
+            vq1 = V_NB1(r);
+  const u32 kh0 = K_SLOT0(r) ? 0x3232u : 0x1010u, kh1 = K_SLOT1(r) ? 0x3232u : 0x1010u;
+  const u32 vh0 = V_SLOT0(r) ? 0x3232u : 0x1010u, vh1 = V_SLOT1(r) ? 0x3232u : 0x1010u;
 
   // ---- stream this warp's 16-token tiles ------------------------------------------------------
   const u8* kbase = kc + (long long)b * skc_b + (long long)h * skc_h;
@@ -219,29 +293,32 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
   const u16* vnb = vn + (long long)b * svn_b + (long long)h * svn_h;
   const int ntiles = (end - start + TILE - 1) / TILE;
   const int nmy = ntiles > warp ? (ntiles - warp + WARPS - 1) / WARPS : 0;
-  u8* wstage = stage + warp * (STAGES * 2 * TILE * NB);
+  u8* wstage = stage + warp * (STAGES * TILE * (NBK + NBV));
   u32 wstage_s;
   asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(wstage_s) : "l"(wstage));
 
   auto issue = [&](int k) {
     if (k < nmy) {
       const int n0 = start + (warp + k * WARPS) * TILE;
-      const long long valid = (long long)(end - n0) * NB;       // bytes of real rows in this tile
-      const u8* ksrc = kbase + (long long)n0 * NB;
-      const u8* vsrc = vbase + (long long)n0 * NB;
-      const u32 kd = wstage_s + (k % STAGES) * (2 * TILE * NB);
-      const u32 vd = kd + TILE * NB;
-      if (valid >= TILE * NB) {  // full tile: no bounds
+      const long long rows = end - n0;                          // real rows in this tile
+      const u8* ksrc = kbase + (long long)n0 * NBK;
+      const u8* vsrc = vbase + (long long)n0 * NBV;
+      const u32 kd = wstage_s + (k % STAGES) * (TILE * (NBK + NBV));
+      const u32 vd = kd + TILE * NBK;
+      if (rows >= TILE) {  // full tile: no bounds (TILE * NB / 16 = NB chunks of 16 bytes)
 #pragma unroll
-        for (int c = lane; c < TILE * NB / 16; c += 32) {
-          cp_async16(kd + 16 * c, ksrc + 16 * c, 16);
-          cp_async16(vd + 16 * c, vsrc + 16 * c, 16);
-        }
+        for (int c = lane; c < NBK; c += 32) cp_async16(kd + 16 * c, ksrc + 16 * c, 16);
+#pragma unroll
+        for (int c = lane; c < NBV; c += 32) cp_async16(vd + 16 * c, vsrc + 16 * c, 16);
       } else {  // last tile: rows past `end` are zero-filled, never read from global memory
-        for (int c = lane; c < TILE * NB / 16; c += 32) {
-          long long rem = valid - 16LL * c;
+        for (int c = lane; c < NBK; c += 32) {
+          long long rem = rows * NBK - 16LL * c;
           int nb = rem >= 16 ? 16 : (rem > 0 ? (int)rem : 0);
           cp_async16(kd + 16 * c, nb ? (const void*)(ksrc + 16 * c) : (const void*)kbase, nb);
+        }
+        for (int c = lane; c < NBV; c += 32) {
+          long long rem = rows * NBV - 16LL * c;
+          int nb = rem >= 16 ? 16 : (rem > 0 ? (int)rem : 0);
           cp_async16(vd + 16 * c, nb ? (const void*)(vsrc + 16 * c) : (const void*)vbase, nb);
         }
       }
@@ -254,67 +331,75 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
 #pragma unroll
   for (int t = 0; t < 16; ++t) { acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f; }
 
-  // norms of tokens g / g+8 of tile k, loaded one tile ahead (global latency off the critical path)
-  auto load_norms = [&](int k, u16* nrm) {
-    nrm[0] = nrm[1] = nrm[2] = nrm[3] = 0;
+  // norms of tokens g / g+8 of tile k (K then V; a pair slot0 | slot1 << 16 for two groups),
+  // loaded one tile ahead (global latency off the critical path)
+  auto load_norms = [&](int k, u32* nrm) {
+    nrm[0] = nrm[1] = nrm[2] = nrm[3] = 0u;
     if (k < nmy) {
       const int n0 = start + (warp + k * WARPS) * TILE, t0 = n0 + g, t1 = n0 + g + 8;
-      if (t0 < end) { nrm[0] = knb[t0]; nrm[2] = vnb[t0]; }
-      if (t1 < end) { nrm[1] = knb[t1]; nrm[3] = vnb[t1]; }
+      if (t0 < end) { nrm[0] = KNORM(t0); nrm[2] = VNORM(t0); }
+      if (t1 < end) { nrm[1] = KNORM(t1); nrm[3] = VNORM(t1); }
     }
   };
-  u16 cur[4];
+  u32 cur[4];
   load_norms(0, cur);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) issue(k);
 #pragma unroll 1
   for (int k = 0; k < nmy; ++k) {
     issue(k + STAGES - 1);
-    u16 nxt[4];
+    u32 nxt[4];
     load_norms(k + 1, nxt);
     cp_wait<STAGES - 1>();
     __syncwarp();
     const int n0 = start + (warp + k * WARPS) * TILE;
-    const u8* kt = wstage + (k % STAGES) * (2 * TILE * NB);
-    const u8* vt = kt + TILE * NB;
-    const u8* krow0 = kt + g * NB;
-    const u8* krow1 = kt + (g + 8) * NB;
+    const u8* kt = wstage + (k % STAGES) * (TILE * (NBK + NBV));
+    const u8* vt = kt + TILE * NBK;
+    const u8* krow0 = kt + g * NBK;
+    const u8* krow1 = kt + (g + 8) * NBK;
 
-    // scores: s[0..1] token g heads 2r, 2r+1; s[2..3] token g+8. CHAINS independent accumulator
-    // chains (k-tile % CHAINS) so consecutive MMAs need not wait on each other.
+    // scores: s[0..1] token g heads 2r, 2r+1; s[2..3] token g+8. Accumulators by norm class (a
+    // round's K_C: 0 / 1 = one group's norm slot, applied after the sum; 2 = mixed, applied in the
+    // decode), CHAINS independent chains each (k-tile % CHAINS) so consecutive MMAs need not wait.
     float s[4];
     {
-      float sc[CHAINS][4];
+      float sc[3][KCH][4];
 #pragma unroll
-      for (int i = 0; i < CHAINS; ++i) { sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f; }
-      u32 P0[4], P1[4], H0[16], H1[16];
-      load_planes<KBA>(krow0, KPA, KSA, r, P0);
-      load_planes<KBA>(krow1, KPA, KSA, r, P1);
-      decode32<KBA>(P0, ktab[0], H0);
-      decode32<KBA>(P1, ktab[0], H1);
+      for (int c = 0; c < 3; ++c)
 #pragma unroll
-      for (int tl = 0; tl < 8; ++tl)
-        mma16816(sc[tl % CHAINS], H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], QF(tl, 0), QF(tl, 1));
-      load_planes<KBB>(krow0, KPB, KSB, r, P0);
-      load_planes<KBB>(krow1, KPB, KSB, r, P1);
-      decode32<KBB>(P0, ktab[1], H0);
-      decode32<KBB>(P1, ktab[1], H1);
+        for (int i = 0; i < KCH; ++i) { sc[c][i][0] = sc[c][i][1] = sc[c][i][2] = sc[c][i][3] = 0.f; }
+      u32 H0[16], H1[16];
+      decode_round<K_B0, K_C0 == 2>(krow0, krow1, kb0, ks0, kq0, ktab[0], prmt(cur[0], 0u, kh0),
+                                    prmt(cur[1], 0u, kh0), H0, H1);
 #pragma unroll
       for (int tl = 0; tl < 8; ++tl)
-        mma16816(sc[tl % CHAINS], H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], QF(8 + tl, 0), QF(8 + tl, 1));
+        mma16816(sc[K_C0][tl % KCH], H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], QF(tl, 0), QF(tl, 1));
+      decode_round<K_B1, K_C1 == 2>(krow0, krow1, kb1, ks1, kq1, ktab[1], prmt(cur[0], 0u, kh1),
+                                    prmt(cur[1], 0u, kh1), H0, H1);
+#pragma unroll
+      for (int tl = 0; tl < 8; ++tl)
+        mma16816(sc[K_C1][tl % KCH], H0[2 * tl], H1[2 * tl], H0[2 * tl + 1], H1[2 * tl + 1], QF(8 + tl, 0),
+                 QF(8 + tl, 1));
+      float sum[3][4];
+#pragma unroll
+      for (int c = 0; c < 3; ++c)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sum[c][i] = sc[c][0][i];
+#pragma unroll
+          for (int j = 1; j < KCH; ++j) sum[c][i] += sc[c][j][i];
+        }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s[i] = sc[0][i];
-#pragma unroll
-        for (int c = 1; c < CHAINS; ++c) s[i] += sc[c][i];
+        const u32 nk = cur[i >> 1];
+        s[i] = K_SCORE(LO(nk), HI(nk), sum[0][i], sum[1][i], sum[2][i]);
       }
     }
     const int t0 = n0 + g, t1 = n0 + g + 8;
-    const float kn0 = h2f(cur[0]), kn1 = h2f(cur[1]);
-    s[0] = t0 < end ? s[0] * kn0 : -TQ_INF;
-    s[1] = t0 < end ? s[1] * kn0 : -TQ_INF;
-    s[2] = t1 < end ? s[2] * kn1 : -TQ_INF;
-    s[3] = t1 < end ? s[3] * kn1 : -TQ_INF;
+    s[0] = t0 < end ? s[0] : -TQ_INF;
+    s[1] = t0 < end ? s[1] : -TQ_INF;
+    s[2] = t1 < end ? s[2] : -TQ_INF;
+    s[3] = t1 < end ? s[3] : -TQ_INF;
     float x0 = fmaxf(s[0], s[2]), x1 = fmaxf(s[1], s[3]);
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) {
@@ -331,27 +416,29 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
 #pragma unroll
       for (int t = 0; t < 16; ++t) { acc[t][0] *= a0; acc[t][1] *= a1; acc[t][2] *= a0; acc[t][3] *= a1; }
     }
-    const float vn0 = h2f(cur[2]), vn1 = h2f(cur[3]);
-    const u32 pb0 = movt(pack_h2(p0 * vn0, p1 * vn0));   // B operand: tokens 2r, 2r+1 of head g
-    const u32 pb1 = movt(pack_h2(p2 * vn1, p3 * vn1));   // tokens 2r+8, 2r+9
+    // B operands P^T of the value MMAs of a round of norm class c: tokens 2r, 2r+1 (PB(c, 0)) /
+    // 2r+8, 2r+9 (PB(c, 1)) of head g; class 0 / 1 scaled by that slot's value norm, 2 (mixed) not
+#define PBN(c, x) ((c) == 2 ? 1.f : (c) == 1 ? HI(x) : LO(x))
+#define PB(c, i) movt(pack_h2((i) ? p2 * PBN(c, cur[3]) : p0 * PBN(c, cur[2]), (i) ? p3 * PBN(c, cur[3]) : p1 * PBN(c, cur[2])))
+    u32 pa0 = PB(V_C0, 0), pa1 = PB(V_C0, 1);
     {
-      const u8* vrow0 = vt + g * NB;
-      const u8* vrow1 = vt + (g + 8) * NB;
-      u32 P0[4], P1[4], H0[16], H1[16];
-      load_planes<VBA>(vrow0, VPA, VSA, r, P0);
-      load_planes<VBA>(vrow1, VPA, VSA, r, P1);
-      decode32<VBA>(P0, vtab[0], H0);
-      decode32<VBA>(P1, vtab[0], H1);
+      const u8* vrow0 = vt + g * NBV;
+      const u8* vrow1 = vt + (g + 8) * NBV;
+      u32 H0[16], H1[16];
+      decode_round<V_B0, V_C0 == 2>(vrow0, vrow1, vb0, vs0, vq0, vtab[0], prmt(cur[2], 0u, vh0),
+                                    prmt(cur[3], 0u, vh0), H0, H1);
 #pragma unroll
       for (int tl = 0; tl < 8; ++tl)
-        mma16816(acc[tl], movt(H0[2 * tl]), movt(H0[2 * tl + 1]), movt(H1[2 * tl]), movt(H1[2 * tl + 1]), pb0, pb1);
-      load_planes<VBB>(vrow0, VPB, VSB, r, P0);
-      load_planes<VBB>(vrow1, VPB, VSB, r, P1);
-      decode32<VBB>(P0, vtab[1], H0);
-      decode32<VBB>(P1, vtab[1], H1);
+        mma16816(acc[tl], movt(H0[2 * tl]), movt(H0[2 * tl + 1]), movt(H1[2 * tl]), movt(H1[2 * tl + 1]), pa0, pa1);
+#if V_C1 != V_C0
+      pa0 = PB(V_C1, 0); pa1 = PB(V_C1, 1);
+#endif
+      decode_round<V_B1, V_C1 == 2>(vrow0, vrow1, vb1, vs1, vq1, vtab[1], prmt(cur[2], 0u, vh1),
+                                    prmt(cur[3], 0u, vh1), H0, H1);
 #pragma unroll
       for (int tl = 0; tl < 8; ++tl)
-        mma16816(acc[8 + tl], movt(H0[2 * tl]), movt(H0[2 * tl + 1]), movt(H1[2 * tl]), movt(H1[2 * tl + 1]), pb0, pb1);
+        mma16816(acc[8 + tl], movt(H0[2 * tl]), movt(H0[2 * tl + 1]), movt(H1[2 * tl]), movt(H1[2 * tl + 1]), pa0,
+                 pa1);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
@@ -417,6 +504,9 @@ _KERNELS: dict = {}
 TUNING = {"stages": 2, "min_blocks": None, "programs_per_sm": None, "warps": None, "chains": 2, "qf_smem": 1}
 DEFAULT_TUNING = dict(TUNING)
 _DST_INDEX: dict = {}
+WORD = 32  # code-space coordinates a 32-bit plane word (one thread's share of a round)
+ROUND = 128  # code-space coordinates a round: 4 threads x one word (the MMA k-tiles 8t .. 8t+7)
+NUM_CLASSES = 3  # norm classes of a round: 0 / 1 = one group's norm slot, 2 = mixed groups
 
 
 def launch_shape(few: bool) -> dict:
@@ -428,34 +518,146 @@ def launch_shape(few: bool) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class TensorWords:
+    """How the kernel reads the code rows of one tensor (K or V), read from its tables' layout.
+
+    ``words[w] = (bits, plane-0 byte, plane stride, norm slot)`` of code-space coordinates
+    ``[32w, 32w + 32)`` (one 32-bit word a bit plane: packing puts code ``32w + i`` of the segment in
+    bit ``i``); ``books[w]`` its codebook's centroids (ascending). Thread ``r`` of a warp decodes word
+    ``4·round + r`` of every token row; a round decodes at its widest word's bits (narrower words
+    read their missing planes as zero) and, where its words belong to different groups, scales
+    the centroids by each word's group norm in the decode (``class 2``); else the group's norm
+    scales the round's sum afterwards (``class`` = the norm slot)."""
+
+    words: tuple[tuple[int, int, int, int], ...]
+    books: tuple[tuple[float, ...], ...]
+    num_norms: int
+    nbytes: int
+
+    def round_words(self, i: int) -> tuple[tuple[int, int, int, int], ...]:
+        return self.words[4 * i : 4 * i + 4]
+
+    def round_bits(self, i: int) -> int:
+        return max(w[0] for w in self.round_words(i))
+
+    def round_class(self, i: int) -> int:
+        slots = {w[3] for w in self.round_words(i)}
+        return slots.pop() if len(slots) == 1 else 2
+
+    @property
+    def classes(self) -> set[int]:
+        return {self.round_class(i) for i in range(len(self.words) // 4)}
+
+
+def tensor_words(tables) -> TensorWords | str:
+    """The :class:`TensorWords` of ``KernelTables`` (halves: kernel segments A/B = rounds 0/1) or of
+    ``CodeSpaceTables`` (any layout whose segments are whole words), or why the kernel cannot
+    read them. Cached on the tables object."""
+    cache = tables.__dict__.setdefault("_cuda_decode", {})
+    if "words" not in cache:
+        cache["words"] = _words_of(tables)
+    return cache["words"]
+
+
+def _words_of(tables) -> TensorWords | str:
+    if isinstance(tables, KernelTables):
+        if tables.d != 2 * ROUND:
+            return f"head_dim {tables.d}"
+        words, books = [], []
+        for s, (nb, base, stride) in enumerate(tables.seg):
+            cent = tuple(float(c) for c in tables.centroids[s, : 2**nb].detach().cpu())
+            for r in range(4):
+                words.append((nb, base + 4 * r, stride, 0))
+                books.append(cent)
+        return TensorWords(tuple(words), tuple(books), 1, tables.code_nbytes)
+    layout = getattr(tables, "layout", None)
+    if layout is None:
+        return "tables without a layout"
+    if layout.d != 2 * ROUND:
+        return f"head_dim {layout.d}"
+    if layout.num_norms > 2:
+        return f"{layout.num_norms} channel groups (the kernel takes at most 2 norm slots)"
+    words, books = [], []
+    for w in range(layout.d // WORD):
+        lo, hi = WORD * w, WORD * (w + 1)
+        hit = [(g, s) for g in layout.groups for s in g.segments if s.start <= lo and hi <= s.stop]
+        if not hit:
+            return f"a segment boundary inside code-space coordinates [{lo}, {hi}) (segments must be whole 32-coordinate words)"
+        g, s = hit[0]
+        if not 1 <= s.bits <= 4:
+            return f"a {s.bits}-bit segment (the kernel decodes 1-4 bits)"
+        words.append((s.bits, s.byte_start + (lo - s.start) // 8, s.plane_nbytes, g.norm_slot))
+        books.append(tuple(float(c) for c in s.codebook.centroids))
+    return TensorWords(tuple(words), tuple(books), layout.num_norms, layout.code_nbytes)
+
+
+def round_tables(tw: TensorWords) -> list[list[int]] | None:
+    """uint32 ``[round · 4 + r][lo0, lo1, hi0, hi1]``: low / high bytes of the 8 float16 entries the
+    ``prmt`` decoder of thread ``r``'s word looks up, or None when a 4-bit codebook is not symmetric
+    in float16. A 3-bit (or narrower) round: the word's centroids ``c[0..]`` (zero padded). A 4-bit
+    round: a 4-bit word's ``c[8..15]`` (``c[r] = -c[15 - r]``: 3-bit magnitude index + sign flip
+    where the top bit is 0); a narrower word there reads top bit 0 (its plane 3 is zero), so its
+    entry ``7 - x`` holds ``-c[x]`` and the sign flip gives ``c[x]`` back."""
+    out = []
+    for w, ((nb, _, _, _), book) in enumerate(zip(tw.words, tw.books)):
+        rb = tw.round_bits(w // 4)
+        c = torch.tensor(book, dtype=torch.float32).to(torch.float16)
+        ent = torch.zeros(8, dtype=torch.float16)
+        if rb == 4 and nb == 4:
+            if not torch.equal(c[:8], -c.flip(0)[:8]):
+                return None
+            ent = c[8:].clone()
+        elif rb == 4:
+            for x in range(2**nb):
+                ent[7 - x] = -c[x]
+        else:
+            ent[: c.numel()] = c
+        bits = ent.view(torch.int16).to(torch.int32) & 0xFFFF
+        lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
+        word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24
+        out.append([word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])])
+    return out
+
+
+def _tables_of(t):
+    """:func:`round_tables` of ``t``'s words (None: unsupported words or an asymmetric 4-bit codebook)."""
+    tw = tensor_words(t)
+    return None if isinstance(tw, str) else round_tables(tw)
+
+
 def unsupported(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_codes: torch.Tensor,
                 k_norms: torch.Tensor, v_norms: torch.Tensor) -> str | None:
     """Why the CUDA kernel does not handle this call (None: it does; else the Triton kernel runs).
-    It takes head_dim 256, G <= 8, halves layouts (``KernelTables``: one Hadamard group, two
-    ``d/2`` kernel segments) of 1-4 bits with float16-symmetric 4-bit codebooks, K and V codes of
-    one width in 16-byte aligned contiguous rows, norms contiguous along tokens, a CUDA device
-    with NVRTC. Outlier layouts (code-space tables) are not ported: they run in Triton."""
-    if not isinstance(k_tables, KernelTables) or not isinstance(v_tables, KernelTables):
-        name = getattr(getattr(k_tables, "layout", None), "name", "?") + "/" + \
-            getattr(getattr(v_tables, "layout", None), "name", "?")
-        return f"layouts {name}: the CUDA kernel runs halves layouts only (outlier layouts run in Triton)"
+    It takes head_dim 256, G <= 8, and K/V layouts whose segments are whole 32-coordinate words of
+    1-4 bits with at most two channel groups (every halves and paper preset at d=256) and float16-
+    symmetric 4-bit codebooks; both tables of one kind (``KernelTables``: the halves path, the
+    kernel rotates the query; ``CodeSpaceTables``: the query comes rotated per group); code rows
+    contiguous with 16-byte aligned tiles; norms contiguous along tokens; a CUDA device with NVRTC."""
     if d not in CUDA_HEAD_DIMS or not 1 <= G <= 8 or k_codes.device.type != "cuda":
         return f"head_dim {d} / G={G} / device {k_codes.device} (needs head_dim {CUDA_HEAD_DIMS}, G <= 8, CUDA)"
     if not hasattr(torch.cuda, "_compile_kernel") or COMPILE_FAILURES:
         return "NVRTC unavailable or a compile failure earlier in this process"
-    for t in (k_tables, v_tables):
-        if any(not 1 <= nb <= 4 for nb, _, _ in t.seg):
-            return "a kernel segment outside 1-4 bits"
-        if _tables_of(t) is None:
-            return "a 4-bit codebook that is not symmetric in float16"
-    if k_codes.shape[-1] != v_codes.shape[-1] or k_norms.stride(2) != 1 or v_norms.stride(2) != 1:
-        return "K and V codes of different widths, or norms not contiguous along tokens"
+    if isinstance(k_tables, KernelTables) != isinstance(v_tables, KernelTables):
+        return "K and V tables of different kinds (halves KernelTables with code-space tables)"
+    for name, t, codes, norms in (("K", k_tables, k_codes, k_norms), ("V", v_tables, v_codes, v_norms)):
+        tw = tensor_words(t)
+        if isinstance(tw, str):
+            return f"{name} layout: {tw}"
+        if round_tables(tw) is None:
+            return f"{name} layout: a 4-bit codebook that is not symmetric in float16"
+        if codes.shape[-1] != tw.nbytes or codes.shape[-1] % 4:
+            return f"{name} code rows of {codes.shape[-1]} bytes (layout: {tw.nbytes}, the kernel reads 4-byte words)"
+        if codes.stride(-1) != 1 or codes.stride(2) != codes.shape[-1] or codes.data_ptr() % 16 \
+                or any((s * codes.element_size()) % 16 for s in codes.stride()[:2]):
+            return "code rows not contiguous and 16-byte aligned"
+        nn = tw.num_norms
+        lead = norms.dim() - (1 if nn == 2 else 0)
+        if lead != 3 or (nn == 2 and (norms.shape[-1] != 2 or norms.stride(-1) != 1)) or norms.stride(2) != nn \
+                or (nn == 2 and (norms.data_ptr() % 4 or any(s % 2 for s in norms.stride()[:2]))):
+            return f"{name} norms not [B, H, T{', 2' if nn == 2 else ''}] contiguous along tokens"
     if any(st >= 2**31 for t in (k_codes, v_codes, k_norms, v_norms) for st in t.stride()):
         return "strides of 2^31 or more (the kernel takes 32-bit strides; Triton handles larger)"
-    for c in (k_codes, v_codes):
-        if c.stride(-1) != 1 or c.stride(2) != c.shape[-1] or c.data_ptr() % 16 or c.shape[-1] % 16 \
-                or any((s * c.element_size()) % 16 for s in c.stride()[:2]):
-            return "code rows not contiguous and 16-byte aligned"
     return None
 
 
@@ -465,78 +667,70 @@ def supports(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_codes:
     return unsupported(d, G, k_tables, v_tables, k_codes, v_codes, k_norms, v_norms) is None
 
 
-def layout_defines(k_tables: KernelTables, v_tables: KernelTables) -> dict:
-    """``D``, ``LOG2_D``, ``D2`` (coordinates a kernel segment) and each segment's (bits, base,
-    stride) read from the tables' layout: K and V must share ``D`` and ``D2``."""
-    dims = []
-    for t in (k_tables, v_tables):
-        lay = getattr(t, "layout", None)
-        if lay is not None:
-            segs = lay.segments
-            d2 = segs[0].size if len(segs) == 2 else lay.d // 2  # integer bits: two halves of one segment
-            dims.append((lay.d, d2))
-        else:  # tables built from raw parts: the halves split
-            dims.append((t.d, t.d // 2))
-    if dims[0] != dims[1]:
-        raise ValueError(f"K and V tables disagree on (D, D2): {dims[0]} vs {dims[1]}")
-    d, d2 = dims[0]
-    if d not in CUDA_HEAD_DIMS or 2 * d2 != d:
-        raise ValueError(f"the CUDA kernel needs head_dim in {CUDA_HEAD_DIMS} and two d/2 segments, got D={d}, D2={d2}")
-    (kba, kpa, ksa), (kbb, kpb, ksb) = k_tables.seg
-    (vba, vpa, vsa), (vbb, vpb, vsb) = v_tables.seg
-    names = ("KBA", "KPA", "KSA", "KBB", "KPB", "KSB", "VBA", "VPA", "VSA", "VBB", "VPB", "VSB")
-    segs = (kba, kpa, ksa, kbb, kpb, ksb, vba, vpa, vsa, vbb, vpb, vsb)
-    return {"D": d, "LOG2_D": d.bit_length() - 1, "D2": d2, **dict(zip(names, segs))}
+def _per_thread(vals: list[int]) -> str:
+    """A C expression of ``r`` (0..3) taking ``vals[r]`` (a constant or ``a + s·r`` where it can)."""
+    if len(set(vals)) == 1:
+        return str(vals[0])
+    step = vals[1] - vals[0]
+    if all(vals[i] == vals[0] + step * i for i in range(4)):
+        return f"({vals[0]} + {step} * (r))"
+    return f"((r) == 0 ? {vals[0]} : (r) == 1 ? {vals[1]} : (r) == 2 ? {vals[2]} : {vals[3]})"
 
 
-def _cache(t: KernelTables) -> dict:
-    """Per-tables cache of what the CUDA kernel derives from them (lives and dies with ``t``)."""
-    return t.__dict__.setdefault("_cuda_decode", {})
+def word_defines(prefix: str, tw: TensorWords) -> list[str]:
+    """The ``#define`` lines of one tensor's :class:`TensorWords` (``prefix`` K or V): per round
+    ``i`` the decode bits ``{p}_B{i}``, norm class ``{p}_C{i}`` and this thread's word
+    ``{p}_BASE{i}(r)``, ``{p}_STRIDE{i}(r)``, ``{p}_NB{i}(r)``, ``{p}_SLOT{i}(r)``; ``{p}_NN``."""
+    lines = [f"#define {prefix}_NN {tw.num_norms}"]
+    for i in range(2):
+        ws = tw.round_words(i)
+        lines += [f"#define {prefix}_B{i} {tw.round_bits(i)}", f"#define {prefix}_C{i} {tw.round_class(i)}"]
+        for j, name in enumerate(("NB", "BASE", "STRIDE", "SLOT")):
+            col = [w[(0, 1, 2, 3)[j]] for w in ws]
+            lines.append(f"#define {prefix}_{name}{i}(r) {_per_thread(col)}")
+    return lines
 
 
-def _tables_of(t: KernelTables):
-    """uint32 ``[2 segments][lo0, lo1, hi0, hi1]`` byte tables (CPU), or None when a 4-bit
-    codebook is not symmetric in float16 (the kernel needs ``c[r] = -c[15 - r]``)."""
-    cache = _cache(t)
-    if "words" not in cache:
-        cache["words"] = _byte_tables(t)
-    return cache["words"]
+def _score_expr(classes: set[int]) -> str:
+    """``K_SCORE(n0, n1, a0, a1, a2)``: a token's score from its per-class sums and key norms."""
+    terms = [t for c, t in ((0, "(a0) * (n0)"), (1, "(a1) * (n1)"), (2, "(a2)")) if c in classes]
+    return "#define K_SCORE(n0, n1, a0, a1, a2) (" + " + ".join(terms) + ")"
 
 
-def _byte_tables(t: KernelTables):
-    out = []
-    for s, (nb, _, _) in enumerate(t.seg):
-        c = t.centroids[s, : 2**nb].detach().cpu().to(torch.float16)
-        if nb == 4:
-            if not torch.equal(c[:8], -c.flip(0)[:8]):
-                return None
-            ent = c[8:]
-        else:
-            ent = torch.cat([c, torch.zeros(8 - c.numel(), dtype=torch.float16)])
-        bits = ent.view(torch.int16).to(torch.int32) & 0xFFFF
-        lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
-        word = lambda v: v[0] | v[1] << 8 | v[2] << 16 | v[3] << 24
-        out.append([word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])])
-    return out
+def kernel_source(G: int, k_tables, v_tables, q_kind: int, stages: int, min_blocks: int, chains: int,
+                  qf_smem: int, warps: int) -> str:
+    """The CUDA source of one kernel variant: compile-time ``#define``s (the layouts' words from
+    :func:`tensor_words`) + :data:`_SOURCE`. ``KernelTables`` (halves): the kernel applies
+    ``s ∘`` and the FWHT to the raw query; ``CodeSpaceTables``: the query arrives rotated."""
+    kw, vw = tensor_words(k_tables), tensor_words(v_tables)
+    for name, tw in (("K", kw), ("V", vw)):
+        if isinstance(tw, str):
+            raise ValueError(f"the CUDA kernel cannot read the {name} layout: {tw}")  # noqa: TRY004
+    d = 2 * ROUND
+    q_rot = int(not isinstance(k_tables, KernelTables))
+    defs = {"G": G, "NBK": kw.nbytes, "NBV": vw.nbytes, "STAGES": stages, "MIN_BLOCKS": min_blocks,
+            "CHAINS": chains, "QF_SMEM": qf_smem, "WARPS": warps, "TILE": TILE, "Q_KIND": q_kind, "Q_ROT": q_rot,
+            "D": d, "LOG2_D": d.bit_length() - 1, "D2": ROUND, "KCH": max(1, chains // len(kw.classes))}
+    lines = [f"#define {k} {v}" for k, v in defs.items()] + word_defines("K", kw) + word_defines("V", vw)
+    lines += [_score_expr(kw.classes), "#define TQ_INF __int_as_float(0x7f800000)"]
+    return "\n".join(lines) + "\n" + _SOURCE
 
 
-def kernel_source(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int,
-                  min_blocks: int, chains: int, qf_smem: int, warps: int) -> str:
-    """The CUDA source of one kernel variant: compile-time ``#define``s (the layout's from
-    :func:`layout_defines`) + :data:`_SOURCE`."""
-    defs = dict(G=G, NB=nb, STAGES=stages, MIN_BLOCKS=min_blocks, CHAINS=chains, QF_SMEM=qf_smem, WARPS=warps,
-                TILE=TILE, Q_KIND=q_kind, **layout_defines(k_tables, v_tables))
-    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + "#define TQ_INF __int_as_float(0x7f800000)\n" \
-        + _SOURCE
+def _smem_bytes(G: int, nbk: int, nbv: int, stages: int, qf_smem: int, warps: int) -> int:
+    return G * 256 * 4 + 4096 * qf_smem + max(warps * stages * TILE * (nbk + nbv), (warps * 8 * 2 + warps * 8 * 256) * 4)
 
 
-def _kernel(G: int, k_tables: KernelTables, v_tables: KernelTables, q_kind: int, nb: int, stages: int,
-            min_blocks: int, chains: int, qf_smem: int, warps: int):
-    key = (G, k_tables.seg, v_tables.seg, q_kind, nb, stages, min_blocks, chains, qf_smem, warps)
+def _kernel(G: int, k_tables, v_tables, q_kind: int, stages: int, min_blocks: int, chains: int, qf_smem: int,
+            warps: int):
+    kw, vw = tensor_words(k_tables), tensor_words(v_tables)
+    q_rot = not isinstance(k_tables, KernelTables)
+    # compiled modules belong to the current device's context: the device is part of the variant
+    dev = torch.cuda.current_device() if torch.cuda.is_available() else -1
+    key = (dev, G, kw, vw, q_kind, q_rot, stages, min_blocks, chains, qf_smem, warps)
     if key not in _KERNELS:
-        src = kernel_source(G, k_tables, v_tables, q_kind, nb, stages, min_blocks, chains, qf_smem, warps)
+        src = kernel_source(G, k_tables, v_tables, q_kind, stages, min_blocks, chains, qf_smem, warps)
         kern = torch.cuda._compile_kernel(src, "tq_decode_partial", nvcc_options=["-std=c++17"])
-        smem = G * 256 * 4 + 4096 * qf_smem + max(warps * stages * 2 * TILE * nb, (warps * 8 * 2 + warps * 8 * 256) * 4)
+        smem = _smem_bytes(G, kw.nbytes, vw.nbytes, stages, qf_smem, warps)
         if smem >= 48 * 1024:
             kern.set_shared_memory_config(smem)
         _KERNELS[key] = (kern, smem)
@@ -552,12 +746,28 @@ def _dst_index(d: int, device: torch.device) -> torch.Tensor:
     return _DST_INDEX[key]
 
 
-def _tables_tensor(k_tables: KernelTables, v_tables: KernelTables, device: torch.device) -> torch.Tensor:
-    """int32 [16] on ``device``: the K tables' 8 words then the V tables' 8 (cached on ``k_tables``)."""
-    cache = _cache(k_tables)
+def _codespace_dst(v_tables, device: torch.device) -> torch.Tensor:
+    """int32 [d]: where the code-space combine expects code-space coordinate j (the word-decoder
+    kernel's position order, :attr:`SegmentTables.inverse`)."""
+    from turboquant.kernels.segmented import SegmentTables
+
+    cache = v_tables.__dict__.setdefault("_cuda_decode", {})
+    key = ("dst", str(device))
+    if key not in cache:
+        seg = SegmentTables.of(v_tables)
+        if seg is None:
+            raise ValueError(f"layout {v_tables.layout.name!r} has no word-decoder position order")
+        cache[key] = seg.inverse.to(device=device, dtype=torch.int32)
+    return cache[key]
+
+
+def _tables_tensor(k_tables, v_tables, device: torch.device) -> torch.Tensor:
+    """int32 [64] on ``device``: the K round tables (:func:`round_tables`, 8 x 4 words) then the V
+    ones (cached on ``k_tables``)."""
+    cache = k_tables.__dict__.setdefault("_cuda_decode", {})
     key = ("tabs", id(v_tables), str(device))
     if key not in cache:
-        vals = [w for seg in _tables_of(k_tables) for w in seg] + [w for seg in _tables_of(v_tables) for w in seg]
+        vals = [w for e in _tables_of(k_tables) for w in e] + [w for e in _tables_of(v_tables) for w in e]
         t = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in vals], dtype=torch.int32)
         cache[key] = (v_tables, t.to(device))  # holds v_tables so its id() stays unique
     return cache[key][1]
@@ -568,18 +778,19 @@ def _tables_tensor(k_tables: KernelTables, v_tables: KernelTables, device: torch
 COMPILE_FAILURES: dict = {}
 
 
-def variant(query_dtype: torch.dtype, G: int, k_tables: KernelTables, v_tables: KernelTables, nb: int,
-            few: bool):
+def variant(query_dtype: torch.dtype, G: int, k_tables, v_tables, few: bool):
     """The compiled kernel (and its shared-memory bytes) for one call shape, compiling it at first
-    use. Raises ``RuntimeError`` (and records it in :data:`COMPILE_FAILURES`) where NVRTC fails."""
-    q_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query_dtype]
+    use. Raises ``RuntimeError`` (and records it in :data:`COMPILE_FAILURES`) where NVRTC fails.
+    ``query_dtype`` is that of the raw query (halves path); code-space tables take float32."""
+    q_kind = 0 if not isinstance(k_tables, KernelTables) else \
+        {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query_dtype]
     shape = launch_shape(few)
-    args = (G, k_tables, v_tables, q_kind, nb, int(TUNING["stages"]), int(shape["min_blocks"]),
+    args = (G, k_tables, v_tables, q_kind, int(TUNING["stages"]), int(shape["min_blocks"]),
             int(TUNING["chains"]), int(TUNING["qf_smem"]), int(shape["warps"]))
     try:
         return _kernel(*args)
     except Exception as err:  # NVRTC missing or failing on this CUDA install
-        key = (G, k_tables.seg, v_tables.seg, q_kind, nb)
+        key = (G, tensor_words(k_tables), tensor_words(v_tables), q_kind)
         COMPILE_FAILURES[key] = f"{type(err).__name__}: {err}"
         raise RuntimeError(f"the CUDA decode kernel did not compile with NVRTC ({type(err).__name__}: {err})") from err
 
@@ -609,22 +820,26 @@ class PartialLaunch:
     Kernel parameter order: q, ksign, kc, kn, vc, vn, tabs, dst, m, l, acc, length, chunk, S, Hkv,
     qk_scale (double), then the 10 int strides (see the source's ``tq_decode_partial``). It fills
     the compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``); the call
-    must pass :func:`supports`."""
+    must pass :func:`supports`. ``query``: the raw ``[B, H_q, 1, d]`` query for ``KernelTables``;
+    for code-space tables the rotated, scaled float32 ``[B, H_q, (1,) d]`` (qk_scale unused)."""
 
     def __init__(self, query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale: float, few: bool):
         import ctypes
 
-        B, Hq, _, d = query.shape
+        B, Hq, d = query.shape[0], query.shape[1], query.shape[-1]
         Hkv = k_codes.shape[1]
         shape = launch_shape(few)
-        self.kern, self.smem = variant(query.dtype, Hq // Hkv, k_tables, v_tables, k_codes.shape[-1], few)
+        halves = isinstance(k_tables, KernelTables)
+        self.kern, self.smem = variant(query.dtype, Hq // Hkv, k_tables, v_tables, few)
         tabs = _tables_tensor(k_tables, v_tables, query.device)
-        self._keep = (tabs, _dst_index(d, query.device))  # addresses below stay valid while the plan lives
+        dst = _dst_index(d, query.device) if halves else _codespace_dst(v_tables, query.device)
+        ksign = k_tables.signs if halves else tabs  # code-space queries arrive rotated: never read
+        self._keep = (tabs, dst)  # addresses below stay valid while the plan lives
         self.grid_y, self.block = B * Hkv, shape["warps"] * 32
         c_void, c_int = ctypes.c_void_p, ctypes.c_int
         self.q, self.m, self.l, self.acc = c_void(0), c_void(0), c_void(0), c_void(0)
         self.length, self.chunk, self.S = c_int(0), c_int(0), c_int(0)
-        fixed = [c_void(t.data_ptr()) for t in (k_tables.signs, k_codes, k_norms, v_codes, v_norms, *self._keep)]
+        fixed = [c_void(t.data_ptr()) for t in (ksign, k_codes, k_norms, v_codes, v_norms, *self._keep)]
         strides = [c_int(int(x)) for x in (query.stride(0), query.stride(1), k_codes.stride(0), k_codes.stride(1),
                                            k_norms.stride(0), k_norms.stride(1), v_codes.stride(0), v_codes.stride(1),
                                            v_norms.stride(0), v_norms.stride(1))]
@@ -655,11 +870,13 @@ def kernel_info() -> list[dict]:
             v = ctypes.c_int()
             lib.cuFuncGetAttribute(ctypes.byref(v), attr, kern.func)
             vals[name] = v.value
-        out.append({"G": key[0], "k_seg": key[1], "v_seg": key[2], "stages": key[5], "min_blocks": key[6],
-                    "chains": key[7], "qf_smem": key[8], "warps": key[9],
+        kw, vw = key[2], key[3]
+        out.append({"device": key[0], "G": key[1], "k_words": [w[:2] for w in kw.words], "v_words": [w[:2] for w in vw.words],
+                    "k_classes": sorted(kw.classes), "v_classes": sorted(vw.classes), "q_rotated": key[5],
+                    "stages": key[6], "min_blocks": key[7], "chains": key[8], "qf_smem": key[9], "warps": key[10],
                     "smem": smem, **vals})
     return out
 
 
-__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "PartialLaunch", "kernel_info", "kernel_source", "launch_shape",
-           "supports", "variant"]
+__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "PartialLaunch", "TensorWords", "kernel_info", "kernel_source",
+           "launch_shape", "round_tables", "supports", "tensor_words", "unsupported", "variant"]
