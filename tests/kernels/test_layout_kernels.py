@@ -456,8 +456,12 @@ def test_cuda_backend_refuses_device_length_and_outlier_layouts(kdev):
     with pytest.raises(ValueError, match="device-side"):
         _kernel(c, torch.tensor(4, dtype=torch.int32, device=kdev), max_length=30, backend="cuda")
     g = _case(kdev, 64, "paper-3.5", "paper-2.5", 4, 2, 20, 0, 1)
-    with pytest.raises(ValueError, match="outlier layouts run in Triton"):
+    with pytest.raises(ValueError, match="byte-column Triton kernel"):
         _kernel(g, 20, backend="cuda")
+    if kdev.type == "cpu":  # word-decoder layouts: the CUDA kernel needs a GPU (and says so)
+        w = _case(kdev, 256, "paper-3.5", "paper-2.5", 4, 2, 20, 0, 1)
+        with pytest.raises(ValueError, match="backend='cuda': the CUDA decode kernel cannot run this call"):
+            _kernel(w, 20, backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,6 +503,51 @@ def test_decode_attention_outlier_layouts_gpu(cuda, case):
             else {"atol": 1e-2, "rtol": 2e-2, "rel": 1e-2}
         )
         _assert_attention_close(_kernel(c, case[5]), _reference(c, case[5]), **tol)
+
+
+CUDA_CASES = [  # (d, key layout, value layout, H_q, H_kv, length, residual, batch): head_dim 256 only
+    (256, "paper-3.5", "paper-3.5", 24, 4, 4097, 128, 1),
+    (256, "paper-2.5", "paper-2.5", 24, 4, 1001, 37, 3),
+    (256, "paper-3.5", "halves-2.5", 32, 4, 3333, 0, 2),
+    (256, "halves-3.5", "paper-3.5", 4, 4, 515, 1, 2),
+    (256, "outliers-64-4-2", "outliers-128-3-2", 12, 4, 2049, 64, 2),
+    (256, "int-4", "paper-2.5", 8, 8, 77, 5, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CUDA_CASES, ids=_ids(CUDA_CASES))
+def test_cuda_kernel_runs_outlier_layouts_like_the_reference(cuda, case):
+    """backend="cuda" on outlier (and mixed halves/outlier) layouts at head_dim 256: the CUDA kernel
+    runs the compressed splits (``LAST_KERNEL``) and matches the float32 reference and the Triton
+    word decoder; odd lengths, GQA 1-8, K and V rows of different widths, float32 and bfloat16."""
+    from turboquant.kernels.codespace import LAST_KERNEL
+
+    for dtype in (torch.float32, torch.bfloat16):
+        c = _case(cuda, *case, dtype=dtype)
+        tol = (
+            {"atol": 2e-3, "rtol": 1e-2, "rel": 2e-3}
+            if dtype == torch.float32
+            else {"atol": 1e-2, "rtol": 2e-2, "rel": 1e-2}
+        )
+        got = _kernel(c, case[5], backend="cuda")
+        assert LAST_KERNEL["decode"] == "segmented+cuda"
+        _assert_attention_close(got, _reference(c, case[5]), **tol)
+        _assert_attention_close(got, _kernel(c, case[5], backend="triton"), **tol)
+        assert LAST_KERNEL["decode"] == "segmented"
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_refuses_rows_whose_tiles_are_not_16_byte_aligned(cuda):
+    """paper-2.5 rows are 72 bytes: a capacity of 1011 tokens puts heads at 8-byte offsets, which
+    the kernel's 16-byte cp.async cannot read. backend="cuda" says so; "auto" runs Triton."""
+    from turboquant.kernels.codespace import LAST_KERNEL
+
+    c = _case(cuda, 256, "paper-2.5", "paper-2.5", 24, 4, 1000, 37, 3)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        _kernel(c, 1000, backend="cuda")
+    _assert_attention_close(_kernel(c, 1000), _reference(c, 1000))
+    assert LAST_KERNEL["decode"] == "segmented"
 
 
 @pytest.mark.gpu

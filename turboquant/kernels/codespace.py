@@ -837,6 +837,7 @@ def decode_attention_codespace(
     num_splits: int | None = None,
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Decode attention over packed K/V stores of any layouts (K and V may differ) + the residual
     window; ``[B, 1, H_q, d]`` in the query's dtype. ``decode_attention`` forwards here whenever a
@@ -845,7 +846,8 @@ def decode_attention_codespace(
 
     Runs the word-decoder kernel of :mod:`turboquant.kernels.segmented` when both layouts' rows are
     whole 32-bit words (every head dim 128/256 preset); else (d=64 outlier layouts, 16-channel
-    groups) the byte-column kernel below."""
+    groups) the byte-column kernel below. ``backend`` as in ``decode_attention``: "cuda" / "auto"
+    run the compressed splits of head_dim 256 layouts in the CUDA kernel (word-decoder layouts only)."""
     from turboquant.kernels.decode_attention import _num_sms
 
     _need_triton("decode_attention")
@@ -900,7 +902,16 @@ def decode_attention_codespace(
             query, k_codes, k_norms, v_codes, v_norms, ln, rl, *seg, scaling, residual_k,
             residual_v, k_outliers, v_outliers, workspace=workspace, block_n=block_n,
             num_splits=num_splits, num_warps=num_warps, programs_per_sm=programs_per_sm,
+            backend=backend,
         )  # fmt: skip
+    if backend == "cuda":
+        raise ValueError(
+            f"backend='cuda': layouts {k_tables.layout.name!r}/{v_tables.layout.name!r} at head_dim {d} "
+            "run in the byte-column Triton kernel (rows are not whole 32-bit words); use "
+            "backend='triton' or 'auto'"
+        )
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
     num_warps, programs_per_sm = num_warps or 4, programs_per_sm or 3
     qk_scale = float(scaling) * LOG2E
     block_n = block_n or (64 if d <= 128 else 32)

@@ -721,7 +721,7 @@ def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: in
     few = plan.B * plan.Hkv < 16
     if plan.cuda_ok and not cuda_decode.COMPILE_FAILURES:  # compile (first use) before anything is launched
         try:
-            cuda_decode.variant(query.dtype, plan.G, plan.k_tables, plan.v_tables, k_codes.shape[-1], few)
+            cuda_decode.variant(query.dtype, plan.G, plan.k_tables, plan.v_tables, few)
             return True
         except RuntimeError as err:
             if backend == "cuda":
@@ -733,10 +733,13 @@ def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: in
         raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
                            f"({next(iter(cuda_decode.COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
     if backend == "cuda":
+        why = cuda_decode.unsupported(plan.d, plan.G, plan.k_tables, plan.v_tables, k_codes, v_codes, k_norms,
+                                      v_norms)
         raise ValueError(
-            f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, K and V of one "
-            f"bit width, 16-byte aligned contiguous code rows and a CUDA device; got d={plan.d}, G={plan.G}, "
-            f"bits={plan.k_tables.bits}/{plan.v_tables.bits}, device={plan.dev}: use backend='triton' or 'auto'")
+            f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, layouts of whole "
+            f"32-coordinate words, 16-byte aligned contiguous code rows and a CUDA device; got d={plan.d}, "
+            f"G={plan.G}, bits={plan.k_tables.bits}/{plan.v_tables.bits}, device={plan.dev} ({why}): use "
+            "backend='triton' or 'auto'")
     return False
 
 
@@ -830,6 +833,7 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                          "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
     use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None and host_len \
         and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length)
+    LAST_LAUNCH["cuda"] = use_cuda
     bn, want, fixed = plan.cfg[use_cuda]
     # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks of 64
     if length > 0:
@@ -947,9 +951,10 @@ def decode_attention(
             few KV heads in flight (B·H_kv < 16): 128 tokens a block, 8 warps, 2 programs/SM;
             else 64 tokens, 4 warps, 3 programs/SM). num_splits overrides the split count.
         backend: "triton" (every supported shape), "cuda" (the tensor-core register-LUT kernel of
-            :mod:`turboquant.kernels.cuda_decode`: head_dim 256, G <= 8; raises where it does not
-            apply) or "auto" (cuda where it applies and B·H_kv·length >= 65536, the measured
-            crossover; else triton). The residual window and the combine step run in Triton.
+            :mod:`turboquant.kernels.cuda_decode`: head_dim 256, G <= 8, halves and outlier layouts
+            of whole 32-coordinate words; raises where it does not apply) or "auto" (cuda where it
+            applies and B·H_kv·length >= 65536, the measured crossover; else triton). The residual
+            window and the combine step run in Triton.
             Prod keys (``k_qjl``) always run in Triton; backend="cuda" raises for them.
         k_qjl: the QJL part of TurboQuant-prod keys (:class:`KeyQJL`: bit plane uint8
             [B, H_kv, capacity, d/8], ``||r||`` float16 [B, H_kv, capacity], ``S`` [d, d] and
@@ -979,14 +984,11 @@ def decode_attention(
         if k_qjl is not None:
             raise ValueError("TurboQuant-prod keys (`k_qjl`) run with one-group (halves-*/int-*) layouts only; "
                              "outlier layouts are mse")
-        if backend == "cuda":
-            raise ValueError("backend='cuda': the CUDA decode kernel runs halves layouts only; outlier layouts "
-                             "run in Triton (backend='triton' or 'auto')")
         return decode_attention_codespace(
             query, k_codes, k_norms, v_codes, v_norms, length, as_codespace(k_tables, query.device),
             as_codespace(v_tables, query.device), scaling, residual_k, residual_v, k_outliers, v_outliers,
             max_length=max_length, residual_length=residual_length, workspace=workspace, block_n=block_n,
-            num_splits=num_splits)
+            num_splits=num_splits, backend=backend)
     key = plan = None
     if PLAN_CACHE:
         key = _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,

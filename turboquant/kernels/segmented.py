@@ -42,6 +42,7 @@ if HAS_TRITON:
 MAX_PIECES = 4  # pieces a row (constexpr slots of the kernel); d=256 needs at most 4
 PIECE_MIN = 32  # coordinates: one 32-bit word a bit plane
 PIECE_MAX = 128  # coordinates: the halves kernel's d/2 tile at d=256 (registers)
+MAP_BN = 32  # output columns a program of the per-head map kernel
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,11 +266,11 @@ if HAS_TRITON:
         offs = OFF + tl.arange(0, N)
         tl.store(acc_ptr + part[:, None] * D + offs[None, :], acc, mask=gmask[:, None])
 
-    @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r"])
+    @triton.jit(do_not_specialize=["length", "chunk", "S_C", "S", "R", "chunk_r", "s_base"])
     def _seg_partial_kernel(
         qc_ptr, q_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, klut_ptr, vlut_ptr, rk_ptr, rv_ptr,
         m_ptr, l_ptr, acc_ptr, len_ptr, rlen_ptr,
-        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, len_sb, rlen_sb,
+        length, chunk, S_C, S, R, chunk_r, Hkv, qk_scale, s_base, len_sb, rlen_sb,
         sqc_b, sqc_h, sq_b, sq_h,
         skc_b, skc_h, skn_b, skn_h, skn_n,
         svc_b, svc_h, svn_b, svn_h, svn_n,
@@ -288,7 +289,8 @@ if HAS_TRITON:
         #   group in K's kernel position order, scaling · log2 e folded in.
         # Programs [S_C, S): `chunk_r` residual-window tokens, raw channels, full precision.
         # LEN_TENSOR / RLEN_TENSOR: valid lengths from device memory, clamped to the grid's bounds.
-        pid_s = tl.program_id(0)
+        # s_base: the grid's first split (S_C: only the residual splits, the CUDA kernel runs the rest).
+        pid_s = tl.program_id(0) + s_base
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hkv).to(tl.int64)
         h = (pid_bh % Hkv).to(tl.int64)
@@ -413,6 +415,151 @@ if HAS_TRITON:
             )
 
 
+    @triton.jit(do_not_specialize=["Hq"])
+    def _head_map_kernel(
+        x_ptr, m_ptr, add_ptr, out_ptr, Hq, sx_b, sx_h, so_b, so_h,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+        PER_HEAD: tl.constexpr, HAS_ADD: tl.constexpr,
+    ):  # fmt: skip
+        # Program (sequence b, KV head h, column block n): for the G query heads i of the group,
+        # out[b, h·G + i, n·BN : (n+1)·BN] = float32 x[b, h·G + i] @ M[h][:, block] (+ add[b, h·G + i,
+        # block], a contiguous [B, H_q, D] float32), in out's dtype. M [H_kv or 1, D, D]: a whole
+        # per-head map (gather, per-group rotation, order, scale) in one IEEE fp32 product.
+        pid = tl.program_id(0)
+        n0 = tl.program_id(1) * BN
+        Hkv = Hq // G
+        b = (pid // Hkv).to(tl.int64)
+        h = pid % Hkv
+        gi = tl.arange(0, G_PAD)
+        gmask = gi < G
+        offs_d = tl.arange(0, D)
+        cols = n0 + tl.arange(0, BN)
+        x = tl.load(
+            x_ptr + (b * sx_b + (h * G + gi) * sx_h)[:, None] + offs_d[None, :],
+            mask=gmask[:, None], other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        m_base = m_ptr
+        if PER_HEAD:
+            m_base = m_ptr + h.to(tl.int64) * D * D
+        m = tl.load(m_base + offs_d[:, None] * D + cols[None, :])
+        y = tl.dot(x, m, input_precision="ieee")
+        if HAS_ADD:
+            rows = (b * Hq + h * G + gi) * D
+            y += tl.load(add_ptr + rows[:, None] + cols[None, :], mask=gmask[:, None], other=0.0)
+        dst = out_ptr + (b * so_b + (h * G + gi) * so_h)[:, None] + cols[None, :]
+        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-head maps around the kernels: raw query -> kernel query, kernel output -> raw channels
+# ------------------------------------------------------------------------------------------------
+def _cached_map(seg, tag: str, outliers, extra: tuple, build):
+    """``build()`` cached on ``seg`` per outliers tensor (its in-place version checked, as
+    :meth:`CodeSpaceTables._perm` does: a store's outliers are fixed after its first update)."""
+    from turboquant.kernels.codespace import _version
+
+    cache = seg.__dict__.setdefault("_maps", {})
+    version = None if outliers is None else _version(outliers)
+    key = (tag, id(outliers), *extra)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is outliers and (outliers is None or (version is not None and hit[1] == version)):
+        return hit[2]
+    m = build()
+    if len(cache) >= 32:
+        cache.clear()
+    cache[key] = (outliers, version, m)  # holds `outliers`, so its id stays unique while cached
+    return m
+
+
+def query_map(k_seg: SegmentTables, outliers, hkv: int, qk_scale: float, code_order: bool, device) -> torch.Tensor:
+    """float32 ``R`` [H_kv (outlier layouts) or 1, d, d] with ``q @ R[h]`` = ``qk_scale · [Π_g q_g]_g``
+    of a raw query row of KV head ``h``: in code space (``code_order``: the CUDA kernel) or in the
+    Triton kernel's position order (:attr:`SegmentTables.positions`)."""
+    kt = k_seg.codespace
+
+    def build():
+        d = kt.d
+        eye = torch.eye(d, device=device)
+        r = kt.rotate(eye.expand(hkv, d, d), outliers) if kt.grouped else kt.rotate(eye.unsqueeze(0))
+        if not code_order:
+            r = r.index_select(-1, k_seg.positions.to(device))
+        return (r * qk_scale).contiguous()
+
+    return _cached_map(k_seg, "R", outliers, (hkv, float(qk_scale), code_order, str(device)), build)
+
+
+def output_map(v_seg: SegmentTables, outliers, hkv: int, device) -> torch.Tensor:
+    """float32 ``U`` [H_kv (outlier layouts) or 1, d, d] with ``y @ U[h]`` = the raw-channel vector
+    of a kernel-order (:attr:`SegmentTables.positions`) code-space output row of KV head ``h``:
+    per-group ``Π_g^T`` and the scatter back to the channels."""
+    vt = v_seg.codespace
+
+    def build():
+        d = vt.d
+        y = torch.eye(d, device=device).index_select(-1, v_seg.inverse.to(device))  # row t: position t
+        u = vt.unrotate(y.expand(hkv, d, d), outliers) if vt.grouped else vt.unrotate(y.unsqueeze(0))
+        return u.contiguous()
+
+    return _cached_map(v_seg, "U", outliers, (hkv, str(device)), build)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA kernel for the compressed splits
+# ------------------------------------------------------------------------------------------------
+# backend="auto" runs the CUDA kernel from this many packed token-heads (B · H_kv · length) up. H200
+# 2026-12-01 (results/gpu_decode_attention_layouts*.json): at 1 x 8k (32768) the CUDA kernel takes
+# 42.9 us a call (graph) against 61.5 us for the Triton word decoder; smaller sizes not compared.
+AUTO_CUDA_MIN_TOKEN_HEADS = 32768
+_CUDA_LAUNCHES: dict = {}  # cuda_decode.PartialLaunch per call structure (addresses, shapes), oldest first
+MAX_CUDA_LAUNCHES = 64
+
+
+def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, rl, kt, vt, few: bool, backend: str):
+    """The CUDA kernel's launch for the compressed splits of this call (``qcs``: the rotated,
+    scaled float32 query [B, H_q, d]), or None where the Triton kernel runs them."""
+    if backend not in ("auto", "triton", "cuda"):
+        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
+    if backend == "triton":
+        return None
+    host = ln.tensor is None and rl.tensor is None and ln.value == ln.bound
+    if backend == "cuda" and not host:
+        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
+                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
+    B, Hq, d = qcs.shape
+    Hkv = k_codes.shape[1]
+    if not host or ln.value == 0:
+        return None
+    from turboquant.kernels import cuda_decode
+
+    if backend == "auto" and B * Hkv * ln.value < AUTO_CUDA_MIN_TOKEN_HEADS:
+        return None  # below the measured crossover the Triton kernel is as fast or faster
+    key = (id(kt), id(vt), few, tuple(cuda_decode.TUNING.values()), qcs.device, tuple(qcs.shape), qcs.stride()[:2],
+           *((t.data_ptr(), tuple(t.shape), t.stride()) for t in (k_codes, k_norms, v_codes, v_norms)))
+    launch = _CUDA_LAUNCHES.get(key)  # a hit passed the checks below with these very tensors
+    if launch is None:
+        why = cuda_decode.unsupported(d, Hq // Hkv, kt, vt, k_codes, v_codes, k_norms, v_norms)
+        if why is not None:
+            if backend == "cuda":
+                raise ValueError(f"backend='cuda': the CUDA decode kernel cannot run this call ({why}); "
+                                 "use backend='triton' or 'auto'")
+            return None
+        try:
+            launch = cuda_decode.PartialLaunch(qcs, k_codes, k_norms, v_codes, v_norms, kt, vt, 1.0, few)
+        except RuntimeError as err:  # NVRTC failed: recorded in COMPILE_FAILURES, auto stays on Triton
+            if backend == "cuda":
+                raise
+            import warnings
+
+            warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        if len(_CUDA_LAUNCHES) >= MAX_CUDA_LAUNCHES:
+            del _CUDA_LAUNCHES[next(iter(_CUDA_LAUNCHES))]
+        _CUDA_LAUNCHES[key] = (launch, kt, vt)  # holds the tables so their id()s stay unique
+        return launch
+    return launch[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # wrapper
 # ------------------------------------------------------------------------------------------------
@@ -436,14 +583,19 @@ def decode_attention_segmented(
     num_splits: int | None = None,
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The word-decoder decode of :func:`~turboquant.kernels.codespace.decode_attention_codespace`
     (which validates the arguments and resolves ``ln``/``rl`` first): ``[B, 1, H_q, d]``.
 
     Launch shapes as the halves kernel: few KV heads in flight (``B·H_kv < 16``) take 128-token
-    blocks, 8 warps, 2 programs an SM; else 64 tokens, 4 warps, 3 programs an SM."""
-    from turboquant.kernels.codespace import _cs_combine_kernel
-    from turboquant.kernels.decode_attention import _num_sms, _slab_align
+    blocks, 8 warps, 2 programs an SM; else 64 tokens, 4 warps, 3 programs an SM. ``backend``:
+    "cuda" runs the compressed splits in the CUDA kernel of :mod:`turboquant.kernels.cuda_decode`
+    (the query rotated per group here, partials in this kernel's position order; raises where it
+    does not apply), "auto" does where it applies from ``AUTO_CUDA_MIN_TOKEN_HEADS`` packed token-
+    heads up, "triton" never. The residual window and the combine always run in Triton."""
+    from turboquant.kernels.codespace import LAST_KERNEL, _cs_combine_kernel
+    from turboquant.kernels.decode_attention import _num_sms, _raw_stream, _slab_align
 
     B, Hq, _, d = query.shape
     Hkv = k_codes.shape[1]
@@ -452,6 +604,18 @@ def decode_attention_segmented(
     kt, vt = k_seg.codespace, v_seg.codespace
     R = 0 if residual_k is None else residual_k.shape[2]
     few = B * Hkv < 16
+    kn = k_norms if kt.grouped else k_norms.unsqueeze(-1)
+    vn = v_norms if vt.grouped else v_norms.unsqueeze(-1)
+    qk_scale = float(scaling) * LOG2E
+    # Π_g q_g per group, scaled to log2 units: [B, H_q, d] float32 (filled below), in code space for
+    # the CUDA kernel, in K's kernel position order for the Triton one
+    qc = buffer(workspace, "qc", (B, Hq, d), torch.float32, dev)
+    cuda = _cuda_launch(qc, k_codes, k_norms, v_codes, v_norms, ln, rl, kt, vt, few, backend)
+    if cuda is not None:  # a CTA step = warps x 16-token tiles, the CUDA kernel's split count
+        from turboquant.kernels import cuda_decode
+
+        shape = cuda_decode.launch_shape(few)
+        block_n, programs_per_sm = 16 * shape["warps"], programs_per_sm or shape["programs_per_sm"]
     block_n = block_n or (128 if few else 64)
     num_warps = num_warps or (8 if few else 4)
     programs_per_sm = programs_per_sm or (2 if few else 3)
@@ -463,49 +627,59 @@ def decode_attention_segmented(
         chunk, S_C = block_n, 0
     chunk_r = 64
     S = S_C + triton.cdiv(R, chunk_r)
-    qk_scale = float(scaling) * LOG2E
-    # Π_g q_g per group, then K's kernel position order, scaled to log2 units: [B, H_q, d] float32
-    qc = (kt.rotate(query, k_outliers, repeat=G)[:, :, 0] * qk_scale).index_select(
-        -1, k_seg.positions
-    )
     m_part = buffer(workspace, "m", (B * Hkv, S, G), torch.float32, dev)
     l_part = buffer(workspace, "l", (B * Hkv, S, G), torch.float32, dev)
     acc_part = buffer(workspace, "acc", (B * Hkv, S, G, d), torch.float32, dev)
-    out_c = buffer(workspace, "out_c", (B, Hq, 1, d), torch.float32, dev)
-    out_r = buffer(workspace, "out_r", (B, Hq, 1, d), torch.float32, dev)
+    out_c = buffer(workspace, "out_c", (B, Hq, d), torch.float32, dev)
+    out_r = buffer(workspace, "out_r", (B, Hq, d), torch.float32, dev)
+    out = buffer(workspace, "out", (B, 1, Hq, d), query.dtype, dev)
     if query.stride(-1) != 1:
         query = query.contiguous()
-    kn = k_norms if kt.grouped else k_norms.unsqueeze(-1)
-    vn = v_norms if vt.grouped else v_norms.unsqueeze(-1)
+    qmap = query_map(k_seg, k_outliers, Hkv, qk_scale, cuda is not None, dev)
+    g_pad = max(16, triton.next_power_of_2(G))
+    _head_map_kernel[(B * Hkv, d // MAP_BN)](
+        query, qmap, qc, qc, Hq, query.stride(0), query.stride(1), qc.stride(0), qc.stride(1),
+        G=G, G_PAD=g_pad, D=d, BN=MAP_BN, PER_HEAD=qmap.shape[0] > 1, HAS_ADD=False, num_warps=4,
+    )  # fmt: skip
     kc32, vc32 = k_codes.view(torch.int32), v_codes.view(torch.int32)
     rk = residual_k if R else query
     rv = residual_v if R else query
     lt = ln.tensor if ln.tensor is not None else kn
     rt = rl.tensor if rl.tensor is not None else kn
     ks, vs = k_seg.specs, v_seg.specs
-    _seg_partial_kernel[(S, B * Hkv)](
-        qc, query, kc32, kn, vc32, vn, k_seg.lut32, v_seg.lut32, rk, rv, m_part, l_part, acc_part,
-        lt, rt, ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, qk_scale, ln.stride, rl.stride,
-        qc.stride(0), qc.stride(1), query.stride(0), query.stride(1),
-        kc32.stride(0), kc32.stride(1), kn.stride(0), kn.stride(1), kn.stride(2),
-        vc32.stride(0), vc32.stride(1), vn.stride(0), vn.stride(1), vn.stride(2),
-        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d,
-        KS0=ks[0], KS1=ks[1], KS2=ks[2], KS3=ks[3], VS0=vs[0], VS1=vs[1], VS2=vs[2], VS3=vs[3],
-        K_NORMS=kt.num_norms, V_NORMS=vt.num_norms,
-        K_ROW=kt.code_nbytes // 4, V_ROW=vt.code_nbytes // 4,
-        K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
-        BLOCK_N=block_n, BLOCK_R=32 if d <= 128 else 16, USE_ASM=dev.type == "cuda",
-        RES_IEEE=bool(R) and rk.dtype == torch.float32,
-        LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None,
-        num_warps=num_warps,
-    )  # fmt: skip
+    s_base = S_C if cuda is not None else 0  # the CUDA kernel fills the compressed splits
+    if cuda is not None:
+        LAST_KERNEL["decode"] = "segmented+cuda"
+        cuda(qc.data_ptr(), m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(), ln.value, chunk, S_C, S,
+             _raw_stream(dev))
+    if S > s_base:
+        _seg_partial_kernel[(S - s_base, B * Hkv)](
+            qc, query, kc32, kn, vc32, vn, k_seg.lut32, v_seg.lut32, rk, rv, m_part, l_part, acc_part,
+            lt, rt, ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, qk_scale, s_base, ln.stride, rl.stride,
+            qc.stride(0), qc.stride(1), query.stride(0), query.stride(1),
+            kc32.stride(0), kc32.stride(1), kn.stride(0), kn.stride(1), kn.stride(2),
+            vc32.stride(0), vc32.stride(1), vn.stride(0), vn.stride(1), vn.stride(2),
+            rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+            G=G, G_PAD=g_pad, D=d,
+            KS0=ks[0], KS1=ks[1], KS2=ks[2], KS3=ks[3], VS0=vs[0], VS1=vs[1], VS2=vs[2], VS3=vs[3],
+            K_NORMS=kt.num_norms, V_NORMS=vt.num_norms,
+            K_ROW=kt.code_nbytes // 4, V_ROW=vt.code_nbytes // 4,
+            K_ALIGN=_slab_align(kc32), V_ALIGN=_slab_align(vc32),
+            BLOCK_N=64 if cuda is not None else block_n, BLOCK_R=32 if d <= 128 else 16, USE_ASM=dev.type == "cuda",
+            RES_IEEE=bool(R) and rk.dtype == torch.float32,
+            LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None,
+            num_warps=num_warps,
+        )  # fmt: skip
     _cs_combine_kernel[(B * Hq,)](
         m_part, l_part, acc_part, out_c, out_r, S_C, S, Hq, G=G, D=d, BLOCK_S=16, num_warps=4
     )
-    yc = out_c.index_select(-1, v_seg.inverse)  # V kernel order -> V code space
-    out = vt.unrotate(yc, v_outliers, repeat=G) + out_r
-    return out.transpose(1, 2).to(query.dtype)
+    # V kernel order -> V code space -> per-group Π_g^T -> raw channels, + the residual part
+    umap = output_map(v_seg, v_outliers, Hkv, dev)
+    _head_map_kernel[(B * Hkv, d // MAP_BN)](
+        out_c, umap, out_r, out, Hq, out_c.stride(0), out_c.stride(1), out.stride(0), out.stride(2),
+        G=G, G_PAD=g_pad, D=d, BN=MAP_BN, PER_HEAD=umap.shape[0] > 1, HAS_ADD=True, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 __all__ = [
