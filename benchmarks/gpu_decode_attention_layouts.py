@@ -146,6 +146,19 @@ def _call(s, q, N, scaling, rk, rv, **kw):
     )
 
 
+def _kernel_ran(s) -> str:
+    """Which decode kernel the last call of set ``s`` ran: ``halves`` / ``halves+cuda`` (the halves
+    kernels, the CUDA one for the compressed splits), ``segmented`` / ``segmented+cuda`` (outlier
+    layouts: the word decoder in Triton, or the CUDA kernel) or ``byte-columns``."""
+    from turboquant.kernels import KernelTables
+    from turboquant.kernels.codespace import LAST_KERNEL
+    from turboquant.kernels.decode_attention import LAST_LAUNCH
+
+    if isinstance(s["kt"], KernelTables) and isinstance(s["vt"], KernelTables):
+        return "halves+cuda" if LAST_LAUNCH.get("cuda") else "halves"
+    return LAST_KERNEL.get("decode", "?")
+
+
 def _sdpa_calls(q, kv, scaling):
     """``i -> call`` of bf16 SDPA over buffer set ``i`` (the baseline)."""
     return lambda i: (
@@ -204,7 +217,14 @@ def main() -> None:
     ap.add_argument(
         "--host-overhead", action="store_true", help="also time the host side of one eager call"
     )
+    ap.add_argument("--segmented-cuda-min", type=int, default=None,
+                    help="packed token-heads from which backend='auto' runs outlier layouts in the CUDA "
+                         "kernel (default: segmented.AUTO_CUDA_MIN_TOKEN_HEADS)")
     args = ap.parse_args()
+    from turboquant.kernels import segmented
+
+    if args.segmented_cuda_min is not None:
+        segmented.AUTO_CUDA_MIN_TOKEN_HEADS = args.segmented_cuda_min
 
     import triton
     import triton.testing
@@ -232,6 +252,7 @@ def main() -> None:
             for n in layouts
         },
         "timing": "median; graph = CUDA graph over rotating buffer sets (> L2), eager = do_bench (L2 flushed)",
+        "segmented_cuda_min_token_heads": segmented.AUTO_CUDA_MIN_TOKEN_HEADS,
     }
     print(json.dumps(meta), flush=True)
     rows, host_rows = [], []
@@ -271,6 +292,7 @@ def main() -> None:
                     for _ in range(n_tq - 1)
                 ]
                 out = _call(first, q[0], N, scaling, rk, rv)()
+                kernel = _kernel_ran(first)
                 err = (
                     _error(out, first, q[0], N, scaling, rk, rv)
                     if B * N <= 262144
@@ -286,6 +308,7 @@ def main() -> None:
                     "key_layout": first["kl"].name,
                     "value_layout": first["vl"].name,
                     "key_mode": LAYOUTS[name][2],
+                    "kernel": kernel,
                     "batch": B,
                     "context": N,
                     "bits_per_coord_k": first["kl"].bits_per_coordinate,
@@ -351,15 +374,15 @@ def add_ratio_vs_halves(rows: list[dict]) -> None:
 
 def _report(args, meta, rows, host_rows) -> None:
     print(
-        "\n| batch | context | layout | SDPA ms (graph) | TQ ms (graph) | speedup | vs halves | TQ TB/s "
+        "\n| batch | context | layout | kernel | SDPA ms (graph) | TQ ms (graph) | speedup | vs halves | TQ TB/s "
         "| TQ ms (eager) | rel err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{r['rel_err_vs_dequant']:.1e}" if r["rel_err_vs_dequant"] is not None else "-"
         vs = f"{r['ratio_vs_halves']:.2f}x ({r['halves_ref']})" if r["ratio_vs_halves"] is not None else "-"
         print(
-            f"| {r['batch']} | {r['context']} | {r['layout']} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
+            f"| {r['batch']} | {r['context']} | {r['layout']} | {r.get('kernel', '?')} | {r['sdpa_graph_ms']:.4f} | {r['tq_graph_ms']:.4f} | "
             f"{r['speedup_graph']:.2f}x | {vs} | {r['tq_TBps_graph']:.2f} | {r['tq_eager_ms']:.4f} | {rel} |"
         )
     for h in host_rows:

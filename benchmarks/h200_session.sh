@@ -10,6 +10,7 @@
 #   bash benchmarks/h200_session.sh e2e SECONDS  # static cache end to end (paper rows, largest batch)
 #   bash benchmarks/h200_session.sh grid SECONDS # carry .whl .gg2 (+ runs/quality_grid the first time)
 #   bash benchmarks/h200_session.sh tests        # GPU pytest of kernels + caches (runs beside the grid)
+#   bash benchmarks/h200_session.sh outliers [all] # carry .whl: CUDA kernel on outlier layouts: profile, tests, table
 set -u
 OUT=${OUT:-runs/h200_out}
 mkdir -p "$OUT"
@@ -26,6 +27,21 @@ setup() {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 }
 case "${1:-}" in
+  outliers)
+    setup
+    # the CUDA decode kernel on the paper's outlier layouts (issue 12): correctness against the torch
+    # reference and the Triton word decoder, the halves kernels unchanged, then one timing table
+    timeout 60 python benchmarks/gpu_profile_layouts.py > "$OUT/gpu_profile_layouts.txt" 2>&1
+    cat "$OUT/gpu_profile_layouts.txt"
+    TESTS="tests/kernels/test_layout_kernels.py"  # 'outliers all': + the halves / fallback GPU tests
+    [ "${2:-}" = "all" ] && TESTS="$TESTS tests/kernels/test_decode_attention.py tests/kernels/test_cuda_decode_fallback.py"
+    timeout 330 python -m pytest -m gpu $TESTS -q -p no:cacheprovider > "$OUT/gpu_pytest_outliers.txt" 2>&1
+    tail -15 "$OUT/gpu_pytest_outliers.txt"
+    timeout 330 python benchmarks/gpu_decode_attention_layouts.py --batches 1,8 --contexts 8192,32768,131072 \
+      --layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5 \
+      --out "$OUT/gpu_decode_attention_layouts.json" > "$OUT/gpu_decode_attention_layouts.log" 2>&1
+    tail -30 "$OUT/gpu_decode_attention_layouts.log"
+    ;;
   kernels)
     setup
     timeout 330 python benchmarks/gpu_decode_attention_layouts.py --batches 1,8 --contexts 32768,131072 \
