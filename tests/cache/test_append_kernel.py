@@ -276,10 +276,10 @@ def test_kernel_append_norm_overflow_is_raised_without_a_host_sync_gpu(cuda):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     if early is None:
-        with pytest.raises(ValueError, match=r"layer \d+: a vector norm appended at tokens \[3, 6\) exceeds the float16"):
+        with pytest.raises(ValueError, match=r"layer \d+: a vector norm appended at tokens \[3, 6\) lies outside the float16"):
             cache.check_norms()
     else:
-        assert "a vector norm appended at tokens [3, 6) exceeds the float16" in str(early)
+        assert "a vector norm appended at tokens [3, 6) lies outside the float16" in str(early)
     layer = cache.layers[idx]
     assert layer.key_store.length == 3, "the store keeps only the tokens before the failed append"
     # a layer that is only appended to (no read in between) reports it at its next update
@@ -288,6 +288,6 @@ def test_kernel_append_norm_overflow_is_raised_without_a_host_sync_gpu(cuda):
     layer2.append(k, k)
     layer2.append(k * 1e5, k)
     torch.cuda.synchronize()
-    with pytest.raises(ValueError, match=r"tokens \[3, 6\) exceeds the float16"):
+    with pytest.raises(ValueError, match=r"tokens \[3, 6\) lies outside the float16"):
         cache2.update(k, k, idx)
     assert layer2.key_store.length == 3
