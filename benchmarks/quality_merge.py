@@ -6,7 +6,8 @@
 * ``--grid DIR``: the state directory of :mod:`turboquant.eval.grid` (``benchmarks/
   quality_gpu_grid.py``). Per recipe and baseline, cases are paired with full precision by key
   and judged by :func:`turboquant.verdicts.decide` (needles: exact binary interval, margin 0.02;
-  QA F1 on 0-100: paired bootstrap, margin 1 point); KL / top-1 are means over the KL prompts and
+  QA F1 on 0-100: paired bootstrap, margin 1 point); KL / top-1 are means over the KL prompts with
+  a 95% BCa bootstrap interval over the prompts (no verdict: no claim thresholds them), and
   measured bits the mean over them. A recipe that could not run is a ``skipped`` row with why.
 * ``--readme-table``: print the Markdown table of a result (README's quality section).
 
@@ -65,6 +66,20 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _mean_interval(values: list[float]) -> list[float] | None:
+    """95% BCa bootstrap interval of the mean over the KL prompts (each prompt's KL / top-1 is
+    already against full precision), or None below 2 prompts. A description, not a verdict: no
+    claim has a KL threshold; it says which differences between recipes the prompts can tell."""
+    import numpy as np
+
+    from turboquant.verdicts import bootstrap_interval
+
+    if len(values) < 2:
+        return None
+    lo, hi = bootstrap_interval(np.asarray(values, dtype=np.float64))
+    return [round(float(lo), 5), round(float(hi), 5)]
+
+
 def _paired(comp: dict[str, dict], full: dict[str, dict], score: str) -> tuple[list[str], list[float], list[float]]:
     keys = [k for k in comp if k in full]
     return keys, [float(comp[k][score]) for k in keys], [float(full[k][score]) for k in keys]
@@ -103,7 +118,8 @@ def grid_row(name: str, needles: dict[str, dict], qa: dict[str, dict], kl: dict[
         row.update(kl=0.0, top1=1.0, bits_measured=16.0, n_kl_prompts=len(kl))
     else:
         bits = [r["bits_measured"] for r in kl.values() if r.get("bits_measured") is not None]
-        row.update(kl=_mean([r["kl"] for r in kl.values()]), top1=_mean([r["top1"] for r in kl.values()]),
+        kls, top1s = [float(r["kl"]) for r in kl.values()], [float(r["top1"]) for r in kl.values()]
+        row.update(kl=_mean(kls), kl_ci95=_mean_interval(kls), top1=_mean(top1s), top1_ci95=_mean_interval(top1s),
                    bits_measured=_mean(bits), n_kl_prompts=len(kl),
                    n_kl_positions=sum(r.get("positions", 0) for r in kl.values()))
     if name != "full":  # a task not run (yet) has no verdict, never PASS
@@ -170,11 +186,16 @@ def _ci(row: dict, prefix: str, scale: float = 1.0, spec: str = "+.3f") -> str:
     return f"{row[f'{prefix}_diff'] * scale:{spec}} [{ci[0] * scale:{spec}}, {ci[1] * scale:{spec}}]"
 
 
+def _mean_ci(row: dict, key: str, spec: str) -> str:
+    ci = row.get(f"{key}_ci95")
+    return _fmt(row.get(key), spec) + ("" if not ci else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
+
+
 def readme_table(result: dict) -> str:
     """Markdown: one line a recipe / baseline (bits, needles, QA, KL, top-1, verdicts), then the
     skipped ones with their reason."""
     lines = [("| recipe | bits measured | needle acc (n) | needle diff [95% CI] | verdict | QA F1 (n) | "
-              "QA diff [95% CI] | verdict | KL (nats) | top-1 |"),
+              "QA diff [95% CI] | verdict | KL (nats) [95% CI] | top-1 [95% CI] |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["recipes"].items():
         n_needles = r.get("n_needles", result.get("n_needles"))
@@ -182,8 +203,8 @@ def readme_table(result: dict) -> str:
         lines.append(
             f"| {name} | {_fmt(r.get('bits_measured'), '.2f')} | {_fmt(r.get('needle_acc'))} ({n_needles}) | "
             f"{_ci(r, 'needle')} | {r.get('needle_verdict') or '—'} | {_fmt(r.get('qa_f1'), '.1f')} ({n_qa}) | "
-            f"{_ci(r, 'qa', spec='+.2f')} | {r.get('qa_verdict') or '—'} | {_fmt(r.get('kl'), '.4f')} | "
-            f"{_fmt(r.get('top1'))} |")
+            f"{_ci(r, 'qa', spec='+.2f')} | {r.get('qa_verdict') or '—'} | {_mean_ci(r, 'kl', '.4f')} | "
+            f"{_mean_ci(r, 'top1', '.3f')} |")
     for name, why in result.get("skipped", {}).items():
         lines.append(f"| {name} | SKIP: {why} | | | | | | | | |")
     return "\n".join(lines)

@@ -39,3 +39,21 @@ def test_parts_of_another_grid_are_refused():
     other["meta"]["needle_grid"] = {"lengths": [2048], "depths": [0.5], "trials": 2}
     with pytest.raises(ValueError, match="needle_grid"):
         quality_merge.merge([_part("a"), other])
+
+
+def test_kl_and_top1_carry_a_bootstrap_interval_over_the_prompts():
+    """KL / top-1 are means over prompts; their 95% interval (BCa bootstrap) covers the mean,
+    shrinks with more prompts, is a point for identical prompts and absent below two."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    few, many = list(rng.exponential(0.05, 8)), list(rng.exponential(0.05, 512))
+    lo8, hi8 = quality_merge._mean_interval(few)
+    lo, hi = quality_merge._mean_interval(many)
+    assert lo8 < float(np.mean(few)) < hi8 and lo < float(np.mean(many)) < hi
+    assert hi - lo < hi8 - lo8
+    assert quality_merge._mean_interval([0.2] * 4) == [0.2, 0.2]
+    assert quality_merge._mean_interval([0.3]) is None
+    row = {"kl": 0.0123, "kl_ci95": [0.01, 0.015], "top1": 0.9}
+    assert quality_merge._mean_ci(row, "kl", ".4f") == "0.0123 [0.0100, 0.0150]"
+    assert quality_merge._mean_ci(row, "top1", ".3f") == "0.900"
