@@ -68,8 +68,9 @@ def needle_heatmap_plot(record: dict, out_dir: Path) -> list[Path]:
 def draw_quality_vs_bits(result: dict, path: Path) -> Path:
     """Three panels over measured bits a coordinate (one point per recipe / baseline): needle
     accuracy and QA F1 with the 95% interval of the paired difference as error bars (drawn around
-    the recipe's score), and next-token KL against full precision (log scale). A row without
-    measured bits is drawn hollow at its nominal bits."""
+    the recipe's score), and next-token KL against full precision (log scale) with the 95% interval
+    of its mean over the prompts; one colour a recipe in all panels. A row without measured bits is
+    drawn hollow at its nominal bits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +82,10 @@ def draw_quality_vs_bits(result: dict, path: Path) -> Path:
               ("qa_f1", "qa_diff", "QA F1 (0-100)"),
               ("kl", None, "next-token KL vs full (nats)"))
     markers = {"full": "*", "turboquant": "o", "baseline": "s"}
+    # one colour a recipe in every panel (the KL panel has no full-precision point: a shared cycle
+    # would shift every colour there)
+    cmap = plt.get_cmap("tab20")
+    colours = {name: cmap(i % 20) for i, name in enumerate(rows)}
     for ax, (key, diff_key, label) in zip(axes, panels):
         for name, row in rows.items():
             x, y = row.get("bits_measured"), row.get(key)
@@ -94,8 +99,11 @@ def draw_quality_vs_bits(result: dict, path: Path) -> Path:
             if diff_key and row.get(diff_key + "_ci95"):  # the diff's interval, moved onto the score
                 lo, hi = row[diff_key + "_ci95"]
                 err = [[max(0.0, row[diff_key] - lo)], [max(0.0, hi - row[diff_key])]]
+            elif key == "kl" and row.get("kl_ci95"):  # the mean's interval over the KL prompts
+                lo, hi = row["kl_ci95"]
+                err = [[max(0.0, y - lo)], [max(0.0, hi - y)]]
             ax.errorbar(x, y, yerr=err, fmt=markers.get(row["family"], "o"), capsize=3, label=name,
-                        mfc="none" if nominal else None)
+                        color=colours[name], mfc="none" if nominal else None)
             ax.annotate(name + (" (nominal bits)" if nominal else ""), (x, y), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
         ax.set_xscale("log", base=2)
@@ -106,7 +114,7 @@ def draw_quality_vs_bits(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_title(f"needles (n={result['n_needles']}); bars: 95% CI of the paired diff", fontsize=9)
     axes[1].set_title(f"SQuAD multi-doc QA (n={result['n_qa']})", fontsize=9)
-    axes[2].set_title("teacher-forced next-token KL", fontsize=9)
+    axes[2].set_title("teacher-forced next-token KL; bars: 95% CI of the mean", fontsize=9)
     fig.suptitle(f"Quality vs measured bits ({result['meta']['device']}, {result['meta']['date'][:10]})", fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
