@@ -157,3 +157,43 @@ def test_kernel_source_carries_each_layouts_words(kl, vl):
     assert f"#define NBK {kw.nbytes}\n" in src and f"#define NBV {vw.nbytes}\n" in src
     assert f"#define K_B0 {kw.round_bits(0)}\n" in src and f"#define V_C1 {vw.round_class(1)}\n" in src
     assert f"#define Q_ROT {int(isinstance(kt, CodeSpaceTables))}\n" in src
+
+
+def test_kernel_entry_points_make_the_inputs_device_current(monkeypatch):
+    """decode_attention / quantize_pack / dequantize switch to their input's GPU when another one
+    is current (accelerate's device_map), and leave CPU inputs and the current device alone. The
+    switch is watched by faking two devices (CI has none)."""
+    from turboquant.kernels._common import on_input_device
+
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    fn = on_input_device(lambda x, y=1: (x.device, y))
+
+    class OnGpu1:
+        device = torch.device("cuda", 1)
+
+    class OnGpu0:
+        device = torch.device("cuda", 0)
+
+    assert fn(OnGpu1(), y=2) == (torch.device("cuda", 1), 2) and entered == [torch.device("cuda", 1)]
+    fn(x=OnGpu1())  # the input by keyword switches too
+    assert entered == [torch.device("cuda", 1)] * 2
+    fn(OnGpu0())
+    fn(torch.zeros(1))
+    assert entered == [torch.device("cuda", 1)] * 2, "no switch for the current device or CPU tensors"
+    from turboquant.kernels import decode_attention, dequantize, quantize_pack
+
+    for f in (decode_attention, dequantize, quantize_pack):
+        assert getattr(f, "__wrapped__", None) is not None, f"{f.__name__} does not switch devices"

@@ -18,6 +18,8 @@ the byte-column kernel.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -36,6 +38,25 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_KERNEL_BITS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 LOG2E = 1.4426950408889634
+
+
+def on_input_device(fn):
+    """Run ``fn(x, ...)`` with ``x``'s CUDA device current. The kernels launch on the *current*
+    device (Triton's launcher, ``cuLaunchKernel`` into the current context), so a layer that
+    accelerate's ``device_map`` put on another GPU would otherwise launch on the wrong one (a CUDA
+    error at best). A no-op where ``x`` is on the current device or not on CUDA."""
+
+    first = next(iter(inspect.signature(fn).parameters))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = getattr(args[0] if args else kwargs.get(first), "device", None)
+        if dev is not None and dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_head_dim(d: int) -> int:

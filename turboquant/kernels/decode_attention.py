@@ -51,7 +51,13 @@ from dataclasses import dataclass
 
 import torch
 
-from turboquant.kernels._common import HAS_TRITON, LOG2E, KernelTables, check_head_dim
+from turboquant.kernels._common import (
+    HAS_TRITON,
+    LOG2E,
+    KernelTables,
+    check_head_dim,
+    on_input_device,
+)
 from turboquant.kernels.fast_launch import LaunchCache, int_spec, ptr_spec
 from turboquant.kernels.workspace import DecodeWorkspace, LengthArgs, buffer, resolve_length
 from turboquant.packing import unpack_bits
@@ -910,6 +916,7 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     return out
 
 
+@on_input_device
 def decode_attention(
     query: torch.Tensor,
     k_codes: torch.Tensor,

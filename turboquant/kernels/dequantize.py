@@ -19,7 +19,13 @@ import math
 
 import torch
 
-from turboquant.kernels._common import HAS_TRITON, KernelTables, check_head_dim, position_coords
+from turboquant.kernels._common import (
+    HAS_TRITON,
+    KernelTables,
+    check_head_dim,
+    on_input_device,
+    position_coords,
+)
 from turboquant.kernels.decode_attention import _slab_align
 
 if HAS_TRITON:
@@ -100,6 +106,7 @@ def signed_hadamard_positions(tables: KernelTables) -> torch.Tensor:
     return cache["pm"]
 
 
+@on_input_device
 def dequantize(
     codes: torch.Tensor,
     norms: torch.Tensor,

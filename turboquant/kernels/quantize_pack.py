@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from turboquant.kernels._common import HAS_TRITON, KernelTables, check_head_dim
+from turboquant.kernels._common import HAS_TRITON, KernelTables, check_head_dim, on_input_device
 from turboquant.packing import pack_bits
 
 if HAS_TRITON:
@@ -120,6 +120,7 @@ def _as4d(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t
 
 
+@on_input_device
 def quantize_pack(
     x: torch.Tensor,
     tables: KernelTables,
