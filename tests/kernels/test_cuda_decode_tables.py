@@ -197,3 +197,33 @@ def test_kernel_entry_points_make_the_inputs_device_current(monkeypatch):
 
     for f in (decode_attention, dequantize, quantize_pack):
         assert getattr(f, "__wrapped__", None) is not None, f"{f.__name__} does not switch devices"
+
+
+def test_halves_path_keeps_k_and_v_of_different_widths_on_triton():
+    """K4/V3 through KernelTables: the CUDA kernel's mixed widths are GPU-tested on the code-space
+    path only, so the halves path names the reason and stays on Triton (what it ran before)."""
+    kt = KernelTables.from_layout(build_layout("int-4", 256, seed=0))
+    vt = KernelTables.from_layout(build_layout("int-3", 256, seed=1))
+
+    class FakeCuda:  # only what unsupported() reads of the stores, on a "cuda" device
+        def __init__(self, t):
+            self.t, self.device, self.shape = t, torch.device("cuda", 0), t.shape
+
+        def stride(self, *a):
+            return self.t.stride(*a)
+
+        def dim(self):
+            return self.t.dim()
+
+        def data_ptr(self):
+            return 0
+
+        element_size = staticmethod(lambda: 1)
+
+    kc = FakeCuda(torch.zeros(1, 2, 256, kt.code_nbytes, dtype=torch.uint8))
+    vc = FakeCuda(torch.zeros(1, 2, 256, vt.code_nbytes, dtype=torch.uint8))
+    n = FakeCuda(torch.zeros(1, 2, 256, dtype=torch.float16))
+    why = cuda_decode.unsupported(256, 6, kt, vt, kc, vc, n, n)
+    if why and "NVRTC" in why:  # this torch has no NVRTC hook: the width rule comes later
+        pytest.skip("torch.cuda._compile_kernel is missing in this torch build")
+    assert "different widths on the halves path" in why
