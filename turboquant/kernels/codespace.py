@@ -185,19 +185,11 @@ class CodeSpaceTables:
                 f"`outliers` has {outliers.shape[-1]} channels a head, layout {self.layout.name!r} "
                 f"needs n_out={self.layout.n_out}"
             )
-        key = (id(outliers), repeat, x.device)
-        hit = self._perms.get(key)
-        version = _version(outliers)
-        if hit is not None and hit[0] is outliers and version is not None and hit[1] == version:
-            perm = hit[2]
-        else:
+        def build():
             perm = channel_permutation(outliers.to(x.device).long(), self.d)  # [H, d]
-            if repeat > 1:
-                perm = perm.repeat_interleave(repeat, dim=0)
-            if len(self._perms) >= 64:
-                self._perms.clear()
-            # the entry holds `outliers`, so its id stays unique while cached
-            self._perms[key] = (outliers, version, perm)
+            return perm.repeat_interleave(repeat, dim=0) if repeat > 1 else perm
+
+        perm = cached_per_outliers(self._perms, (repeat, x.device), outliers, build, 64)
         if x.dim() < 3 or perm.dim() != 2 or perm.shape[0] != x.shape[-3]:
             raise ValueError(
                 f"`outliers` [H, n_out] = {tuple(outliers.shape)} must match the head axis of "
@@ -240,6 +232,23 @@ def _version(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:
         return None
+
+
+def cached_per_outliers(cache: dict, key: tuple, outliers: torch.Tensor | None, build, max_entries: int):
+    """``build()`` cached in ``cache`` per ``(outliers tensor, *key)``: a hit needs the very tensor
+    at the in-place version it was built at (never for inference-mode tensors, which have no
+    version; a store's outliers are fixed after its first update). ``outliers`` None (a one-group
+    layout): cached per ``key``. The cache is emptied when it holds ``max_entries``."""
+    version = None if outliers is None else _version(outliers)
+    full_key = (id(outliers), *key)
+    hit = cache.get(full_key)
+    if hit is not None and hit[0] is outliers and (outliers is None or (version is not None and hit[1] == version)):
+        return hit[2]
+    value = build()
+    if len(cache) >= max_entries:
+        cache.clear()
+    cache[full_key] = (outliers, version, value)  # holds `outliers`, so its id stays unique while cached
+    return value
 
 
 def as_codespace(tables, device: torch.device | None = None) -> CodeSpaceTables:

@@ -454,21 +454,10 @@ if HAS_TRITON:
 # the per-head maps around the kernels: raw query -> kernel query, kernel output -> raw channels
 # ------------------------------------------------------------------------------------------------
 def _cached_map(seg, tag: str, outliers, extra: tuple, build):
-    """``build()`` cached on ``seg`` per outliers tensor (its in-place version checked, as
-    :meth:`CodeSpaceTables._perm` does: a store's outliers are fixed after its first update)."""
-    from turboquant.kernels.codespace import _version
+    """``build()`` cached on ``seg`` per outliers tensor (:func:`codespace.cached_per_outliers`)."""
+    from turboquant.kernels.codespace import cached_per_outliers
 
-    cache = seg.__dict__.setdefault("_maps", {})
-    version = None if outliers is None else _version(outliers)
-    key = (tag, id(outliers), *extra)
-    hit = cache.get(key)
-    if hit is not None and hit[0] is outliers and (outliers is None or (version is not None and hit[1] == version)):
-        return hit[2]
-    m = build()
-    if len(cache) >= 32:
-        cache.clear()
-    cache[key] = (outliers, version, m)  # holds `outliers`, so its id stays unique while cached
-    return m
+    return cached_per_outliers(seg.__dict__.setdefault("_maps", {}), (tag, *extra), outliers, build, 32)
 
 
 def query_map(k_seg: SegmentTables, outliers, hkv: int, qk_scale: float, code_order: bool, device) -> torch.Tensor:
