@@ -621,9 +621,13 @@ def round_tables(tw: TensorWords) -> list[list[int]] | None:
 
 
 def _tables_of(t):
-    """:func:`round_tables` of ``t``'s words (None: unsupported words or an asymmetric 4-bit codebook)."""
-    tw = tensor_words(t)
-    return None if isinstance(tw, str) else round_tables(tw)
+    """:func:`round_tables` of ``t``'s words (None: unsupported words or an asymmetric 4-bit
+    codebook), cached on the tables object beside the words."""
+    cache = t.__dict__.setdefault("_cuda_decode", {})
+    if "round_tables" not in cache:
+        tw = tensor_words(t)
+        cache["round_tables"] = None if isinstance(tw, str) else round_tables(tw)
+    return cache["round_tables"]
 
 
 def unsupported(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_codes: torch.Tensor,
@@ -644,7 +648,7 @@ def unsupported(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_cod
         tw = tensor_words(t)
         if isinstance(tw, str):
             return f"{name} layout: {tw}"
-        if round_tables(tw) is None:
+        if _tables_of(t) is None:
             return f"{name} layout: a 4-bit codebook that is not symmetric in float16"
         if codes.shape[-1] != tw.nbytes or codes.shape[-1] % 4:
             return f"{name} code rows of {codes.shape[-1]} bytes (layout: {tw.nbytes}, the kernel reads 4-byte words)"
