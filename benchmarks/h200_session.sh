@@ -11,6 +11,7 @@
 #   bash benchmarks/h200_session.sh grid SECONDS # carry .whl .gg2 (+ runs/quality_grid the first time)
 #   bash benchmarks/h200_session.sh tests        # GPU pytest of kernels + caches (runs beside the grid)
 #   bash benchmarks/h200_session.sh outliers [all] # carry .whl: CUDA kernel on outlier layouts: profile, tests, table
+#   bash benchmarks/h200_session.sh devlen       # carry .whl: CUDA kernel with device lengths + graph overlap: tests, table
 set -u
 OUT=${OUT:-runs/h200_out}
 mkdir -p "$OUT"
@@ -41,6 +42,20 @@ case "${1:-}" in
       --layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5 \
       --out "$OUT/gpu_decode_attention_layouts.json" > "$OUT/gpu_decode_attention_layouts.log" 2>&1
     tail -30 "$OUT/gpu_decode_attention_layouts.log"
+    ;;
+  devlen)
+    setup
+    # the CUDA kernel reading device lengths (static cache, graphs), K/V rows of different widths on
+    # the halves path, the outlier path's residual splits beside the CUDA kernel under capture:
+    # GPU tests, then the per-layout table at 8k-128k (every layout, prod keys)
+    timeout 300 python -m pytest -m gpu tests/kernels/test_layout_kernels.py tests/kernels/test_decode_attention.py \
+      tests/kernels/test_cuda_decode_fallback.py tests/kernels/test_append_kernel.py tests/kernels/test_host_plan.py \
+      tests/cache/test_static_cuda_graph.py -q -p no:cacheprovider > "$OUT/gpu_pytest_devlen.txt" 2>&1
+    tail -25 "$OUT/gpu_pytest_devlen.txt"
+    timeout 250 python benchmarks/gpu_decode_attention_layouts.py --batches 1,8 --contexts 8192,32768,65536,131072 \
+      --layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5,K4/V3,prod-3.5 \
+      --out "$OUT/gpu_decode_attention_layouts.json" > "$OUT/gpu_decode_attention_layouts.log" 2>&1
+    tail -52 "$OUT/gpu_decode_attention_layouts.log"
     ;;
   kernels)
     setup
@@ -114,5 +129,5 @@ case "${1:-}" in
     python benchmarks/quality_gpu_grid.py --state runs/quality_grid --budget-s "${2:-530}" --workers 14 \
       --out "$OUT" 2>&1 | tail -60 | tee "$OUT/grid_call.log"
     ;;
-  *) echo "usage: $0 diag|verify|ncu|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 outliers|devlen|diag|verify|ncu|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
 esac

@@ -1,7 +1,8 @@
 """The CUDA decode kernel's generated source compiles for sm_90 with NVRTC, for every layout the
 kernel takes (CI has no GPU: without this a source the layout object generates wrongly would only
 fail on a GPU machine). NVRTC is a library (``nvidia-cuda-nvrtc-cu12``, in the test extras); it
-compiles to SASS through its built-in ptxas, whose report gives registers and spills.
+compiles to SASS through its built-in ptxas, whose report gives registers and spills. Each layout
+compiles with a host length and with int32 / int64 device lengths (``LEN_KIND``).
 
 Also checked: the halves-3.5 / halves-2.5 variants compile without local-memory spills at the
 shipped launch shapes (ptxas of NVRTC 12.9; a spill is L1 traffic in the decode loop). Measured
@@ -62,11 +63,12 @@ def _tables(kl: str, vl: str):
 def test_generated_cuda_source_compiles_for_sm90(nvrtc, kl, vl, few):
     kt, vt = _tables(kl, vl)
     shape, tun = cuda_decode.launch_shape(few), cuda_decode.DEFAULT_TUNING
-    for G in (1, 6, 8):
+    for G, lkind in ((1, 2), (6, 0), (6, 1), (8, 0)):  # lkind: host length, int32 / int64 device lengths
         src = cuda_decode.kernel_source(G, kt, vt, 2, tun["stages"], shape["min_blocks"], tun["chains"],
-                                        tun["qf_smem"], shape["warps"])
+                                        tun["qf_smem"], shape["warps"], lkind)
+        assert f"#define LEN_KIND {lkind}" in src
         res, log = _compile(nvrtc, src)
-        assert res == 0, f"{kl}/{vl} G={G}: NVRTC error {res}\n{log[-3000:]}"
+        assert res == 0, f"{kl}/{vl} G={G} LEN_KIND={lkind}: NVRTC error {res}\n{log[-3000:]}"
         regs = re.search(r"Used (\d+) registers", log)
         assert regs and int(regs.group(1)) <= 65536 // (32 * shape["warps"] * shape["min_blocks"]), log
         if isinstance(kt, KernelTables) and kl == vl and G == 6:

@@ -105,6 +105,8 @@ CUDA_CASES = [  # the CUDA (tensor-core register-LUT) kernel: head_dim 256, ever
     (256, 3, 3, 8, 1, 65, 5, 1),
     (256, 2, 2, 4, 4, 17, 0, 1),
     (256, 1.5, 1.5, 12, 2, 1, 3, 2),
+    (256, 4, 3, 24, 4, 3001, 64, 2),  # K and V rows of different widths (K4/V3)
+    (256, 3.5, 2.5, 8, 1, 777, 0, 1),
 ]
 
 

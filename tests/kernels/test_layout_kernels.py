@@ -451,9 +451,11 @@ def test_device_length_bad_input_is_named():
 
 
 @pytest.mark.integration
-def test_cuda_backend_refuses_device_length_and_outlier_layouts(kdev):
+def test_cuda_backend_names_what_it_cannot_run(kdev):
+    """backend="cuda" takes device lengths (the kernel reads them) but not head_dim 64, nor the
+    byte-column layouts; each refusal names the reason."""
     c = _halves_case(kdev)
-    with pytest.raises(ValueError, match="device-side"):
+    with pytest.raises(ValueError, match="needs head_dim in"):
         _kernel(c, torch.tensor(4, dtype=torch.int32, device=kdev), max_length=30, backend="cuda")
     g = _case(kdev, 64, "paper-3.5", "paper-2.5", 4, 2, 20, 0, 1)
     with pytest.raises(ValueError, match="byte-column Triton kernel"):
@@ -584,6 +586,84 @@ def test_device_length_decode_replays_in_a_cuda_graph(cuda, kind):
         graph.replay()
         torch.testing.assert_close(out, _kernel(c, n, max_length=cap), atol=1e-5, rtol=1e-5)
         _assert_attention_close(out, _reference(c, n))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["halves", "outliers"])
+def test_cuda_kernel_reads_device_lengths_like_int_lengths(cuda, kind):
+    """backend="cuda" with a device length a sequence (int32 and int64, the grid sized by
+    ``max_length``): each sequence's row equals the int-length call at that sequence's length on the
+    same grid, and the float32 reference; captured in a CUDA graph, replays follow the lengths as
+    they move on the device (CTAs past a length write empty partials and read no row)."""
+    from turboquant.kernels import DecodeWorkspace
+    from turboquant.kernels.codespace import LAST_KERNEL
+    from turboquant.kernels.decode_attention import LAST_LAUNCH
+
+    c = (
+        _halves_case(cuda, d=256, hq=24, hkv=4, n=3000, r=64, b=2)
+        if kind == "halves"
+        else _case(cuda, 256, "paper-3.5", "paper-2.5", 24, 4, 3000, 64, 2)
+    )
+    cap = c["k_codes"].shape[2]
+
+    def ran_cuda():
+        return LAST_LAUNCH["cuda"] if kind == "halves" else LAST_KERNEL["decode"] == "segmented+cuda"
+
+    def check(out, lens):
+        for b, n in enumerate(lens):
+            want = _kernel(c, n, max_length=cap, backend="cuda")
+            assert ran_cuda()
+            torch.testing.assert_close(out[b], want[b], atol=1e-6, rtol=0)
+            _assert_attention_close(out[b : b + 1], _reference(_row(c, b), n), **GPU_TOL[torch.float32])
+
+    for dtype in (torch.int32, torch.int64):
+        lens = [1000, 2999]
+        out = _kernel(c, torch.tensor(lens, dtype=dtype, device=cuda), max_length=cap, backend="cuda")
+        assert ran_cuda()
+        check(out, lens)
+    ws, ln = DecodeWorkspace(), torch.tensor([5, 5], dtype=torch.int32, device=cuda)
+    _kernel(c, ln, max_length=cap, workspace=ws, backend="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _kernel(c, ln, max_length=cap, workspace=ws, backend="cuda")
+    for lens in ([17, 3000], [2048, 1], [0, 1500]):
+        ln.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out.clone(), lens)
+
+
+def _row(c, b):
+    """Sequence ``b`` of a case: the batched tensors sliced to ``[b : b + 1]`` (outliers are per head)."""
+    return {k: v[b : b + 1] if isinstance(v, torch.Tensor) and not k.endswith("outliers") else v for k, v in c.items()}
+
+
+@pytest.mark.gpu
+def test_cuda_segmented_decode_in_a_cuda_graph_equals_eager(cuda):
+    """The outlier layouts' CUDA path captured in a CUDA graph: the residual window's splits run on
+    a forked stream beside the query map and the CUDA kernel (joined before the combine). Replayed
+    after the query and the window were rewritten in place, the graph gives the eager call's bits
+    (same kernels, same split grid), and the float32 reference at the kernel tolerance."""
+    from turboquant.kernels import DecodeWorkspace
+    from turboquant.kernels.codespace import LAST_KERNEL
+
+    c = _case(cuda, 256, "paper-3.5", "paper-3.5", 24, 4, 8191, 128, 2)
+    n, ws = 8191, DecodeWorkspace()
+    _kernel(c, n, workspace=ws, backend="cuda")  # compile + allocate outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _kernel(c, n, workspace=ws, backend="cuda")
+    assert LAST_KERNEL["decode"] == "segmented+cuda"
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for name in ("query", "residual_k", "residual_v"):
+            c[name].copy_(torch.randn(c[name].shape, generator=gen) * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, _kernel(c, n, backend="cuda"))
+        _assert_attention_close(out, _reference(c, n), **GPU_TOL[torch.float32])
 
 
 @pytest.mark.integration

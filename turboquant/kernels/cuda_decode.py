@@ -198,13 +198,21 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
                   float* __restrict__ m_part, float* __restrict__ l_part, float* __restrict__ acc_part,
                   int length, int chunk, int S, int Hkv, double qk_scale_d,
                   int sq_b, int sq_h, int skc_b, int skc_h, int skn_b, int skn_h,
-                  int svc_b, int svc_h, int svn_b, int svn_h) {
+                  int svc_b, int svc_h, int svn_b, int svn_h, const void* __restrict__ lenp, int len_sb) {
   extern __shared__ __align__(16) u8 smem[];
   float* qs = (float*)smem;                                     // [G][D] rotated, scaled queries
   u8* stage = smem + G * D * 4 + QF_SMEM * 4096;               // [WARPS][STAGES][TILE * (NBK + NBV)]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, r = lane & 3;
   const int s_idx = blockIdx.x, bh = blockIdx.y, b = bh / Hkv, h = bh % Hkv;
+  // LEN_KIND 1 / 2: this sequence's valid length from device memory (int32 / int64, batch stride
+  // len_sb), clamped to the host bound `length`; the grid is sized by the bound, so CTAs past the
+  // valid length write an empty partial (m = -inf, l = 0, acc = 0) without reading a row
+#if LEN_KIND == 1
+  length = min(length, ((const int*)lenp)[(long long)b * len_sb]);
+#elif LEN_KIND == 2
+  length = (int)min((long long)length, ((const long long*)lenp)[(long long)b * len_sb]);
+#endif
   const int start = s_idx * chunk;
   const int end = min(start + chunk, length);
 
@@ -660,11 +668,6 @@ def unsupported(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_cod
         if lead != 3 or (nn == 2 and (norms.shape[-1] != 2 or norms.stride(-1) != 1)) or norms.stride(2) != nn \
                 or (nn == 2 and (norms.data_ptr() % 4 or any(s % 2 for s in norms.stride()[:2]))):
             return f"{name} norms not [B, H, T{', 2' if nn == 2 else ''}] contiguous along tokens"
-    if isinstance(k_tables, KernelTables) and k_codes.shape[-1] != v_codes.shape[-1]:
-        # the kernel reads K and V rows of their own widths (GPU-tested on the code-space path:
-        # paper-3.5 keys with halves-2.5 values, int-4 with paper-2.5); on the halves path (K4/V3)
-        # it has not run on a GPU yet, so that call stays on the Triton kernel it ran before
-        return "K and V rows of different widths on the halves path (not yet GPU-tested: Triton runs it)"
     if any(st >= 2**31 for t in (k_codes, v_codes, k_norms, v_norms) for st in t.stride()):
         return "strides of 2^31 or more (the kernel takes 32-bit strides; Triton handles larger)"
     return None
@@ -707,10 +710,12 @@ def _score_expr(classes: set[int]) -> str:
 
 
 def kernel_source(G: int, k_tables, v_tables, q_kind: int, stages: int, min_blocks: int, chains: int,
-                  qf_smem: int, warps: int) -> str:
+                  qf_smem: int, warps: int, lkind: int = 0) -> str:
     """The CUDA source of one kernel variant: compile-time ``#define``s (the layouts' words from
     :func:`tensor_words`) + :data:`_SOURCE`. ``KernelTables`` (halves): the kernel applies
-    ``s ∘`` and the FWHT to the raw query; ``CodeSpaceTables``: the query arrives rotated."""
+    ``s ∘`` and the FWHT to the raw query; ``CodeSpaceTables``: the query arrives rotated.
+    ``lkind``: 0 the host int length only, 1 / 2 also an int32 / int64 device length a sequence
+    (:data:`LEN_KINDS`)."""
     kw, vw = tensor_words(k_tables), tensor_words(v_tables)
     for name, tw in (("K", kw), ("V", vw)):
         if isinstance(tw, str):
@@ -719,7 +724,8 @@ def kernel_source(G: int, k_tables, v_tables, q_kind: int, stages: int, min_bloc
     q_rot = int(not isinstance(k_tables, KernelTables))
     defs = {"G": G, "NBK": kw.nbytes, "NBV": vw.nbytes, "STAGES": stages, "MIN_BLOCKS": min_blocks,
             "CHAINS": chains, "QF_SMEM": qf_smem, "WARPS": warps, "TILE": TILE, "Q_KIND": q_kind, "Q_ROT": q_rot,
-            "D": d, "LOG2_D": d.bit_length() - 1, "D2": ROUND, "KCH": max(1, chains // len(kw.classes))}
+            "D": d, "LOG2_D": d.bit_length() - 1, "D2": ROUND, "KCH": max(1, chains // len(kw.classes)),
+            "LEN_KIND": lkind}
     lines = [f"#define {k} {v}" for k, v in defs.items()] + word_defines("K", kw) + word_defines("V", vw)
     lines += [_score_expr(kw.classes), "#define TQ_INF __int_as_float(0x7f800000)"]
     return "\n".join(lines) + "\n" + _SOURCE
@@ -730,14 +736,14 @@ def _smem_bytes(G: int, nbk: int, nbv: int, stages: int, qf_smem: int, warps: in
 
 
 def _kernel(G: int, k_tables, v_tables, q_kind: int, stages: int, min_blocks: int, chains: int, qf_smem: int,
-            warps: int):
+            warps: int, lkind: int = 0):
     kw, vw = tensor_words(k_tables), tensor_words(v_tables)
     q_rot = not isinstance(k_tables, KernelTables)
     # compiled modules belong to the current device's context: the device is part of the variant
     dev = torch.cuda.current_device() if torch.cuda.is_available() else -1
-    key = (dev, G, kw, vw, q_kind, q_rot, stages, min_blocks, chains, qf_smem, warps)
+    key = (dev, G, kw, vw, q_kind, q_rot, stages, min_blocks, chains, qf_smem, warps, lkind)
     if key not in _KERNELS:
-        src = kernel_source(G, k_tables, v_tables, q_kind, stages, min_blocks, chains, qf_smem, warps)
+        src = kernel_source(G, k_tables, v_tables, q_kind, stages, min_blocks, chains, qf_smem, warps, lkind)
         kern = torch.cuda._compile_kernel(src, "tq_decode_partial", nvcc_options=["-std=c++17"])
         smem = _smem_bytes(G, kw.nbytes, vw.nbytes, stages, qf_smem, warps)
         if smem >= 48 * 1024:
@@ -787,15 +793,28 @@ def _tables_tensor(k_tables, v_tables, device: torch.device) -> torch.Tensor:
 COMPILE_FAILURES: dict = {}
 
 
-def variant(query_dtype: torch.dtype, G: int, k_tables, v_tables, few: bool):
+def len_kind(length: torch.Tensor | None) -> int:
+    """The kernel's ``LEN_KIND`` for a call's device lengths (None: a host int length only)."""
+    if length is None:
+        return 0
+    if length.dtype not in LEN_KINDS:
+        raise ValueError(f"device `length` must be int32 or int64, got {length.dtype}")
+    return LEN_KINDS[length.dtype]
+
+
+LEN_KINDS = {torch.int32: 1, torch.int64: 2}  # device-length dtype -> the kernel's LEN_KIND
+
+
+def variant(query_dtype: torch.dtype, G: int, k_tables, v_tables, few: bool, lkind: int = 0):
     """The compiled kernel (and its shared-memory bytes) for one call shape, compiling it at first
     use. Raises ``RuntimeError`` (and records it in :data:`COMPILE_FAILURES`) where NVRTC fails.
-    ``query_dtype`` is that of the raw query (halves path); code-space tables take float32."""
+    ``query_dtype`` is that of the raw query (halves path); code-space tables take float32.
+    ``lkind``: :func:`len_kind` of the call's device lengths."""
     q_kind = 0 if not isinstance(k_tables, KernelTables) else \
         {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query_dtype]
     shape = launch_shape(few)
     args = (G, k_tables, v_tables, q_kind, int(TUNING["stages"]), int(shape["min_blocks"]),
-            int(TUNING["chains"]), int(TUNING["qf_smem"]), int(shape["warps"]))
+            int(TUNING["chains"]), int(TUNING["qf_smem"]), int(shape["warps"]), int(lkind))
     try:
         return _kernel(*args)
     except Exception as err:  # NVRTC missing or failing on this CUDA install
@@ -827,19 +846,23 @@ class PartialLaunch:
     code/norm/table addresses, strides, ``qk_scale``); a call rewrites only the slots that change
     from step to step (query and split-buffer addresses, ``length``, ``chunk``, ``S``) and launches.
     Kernel parameter order: q, ksign, kc, kn, vc, vn, tabs, dst, m, l, acc, length, chunk, S, Hkv,
-    qk_scale (double), then the 10 int strides (see the source's ``tq_decode_partial``). It fills
-    the compressed splits ``[0, S_C)`` of the partial buffers (grid ``(S_C, B·H_kv)``); the call
-    must pass :func:`supports`. ``query``: the raw ``[B, H_q, 1, d]`` query for ``KernelTables``;
-    for code-space tables the rotated, scaled float32 ``[B, H_q, (1,) d]`` (qk_scale unused)."""
+    qk_scale (double), the 10 int strides, then the device lengths' address and batch stride (see
+    the source's ``tq_decode_partial``). It fills the compressed splits ``[0, S_C)`` of the partial
+    buffers (grid ``(S_C, B·H_kv)``); the call must pass :func:`supports`. ``query``: the raw
+    ``[B, H_q, 1, d]`` query for ``KernelTables``; for code-space tables the rotated, scaled float32
+    ``[B, H_q, (1,) d]`` (qk_scale unused). ``lkind`` (:func:`len_kind`): the variant reads a device
+    length a sequence (address and stride given a call), clamped to the call's int ``length``."""
 
-    def __init__(self, query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale: float, few: bool):
+    def __init__(self, query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale: float, few: bool,
+                 lkind: int = 0):
         import ctypes
 
         B, Hq, d = query.shape[0], query.shape[1], query.shape[-1]
         Hkv = k_codes.shape[1]
         shape = launch_shape(few)
         halves = isinstance(k_tables, KernelTables)
-        self.kern, self.smem = variant(query.dtype, Hq // Hkv, k_tables, v_tables, few)
+        self.lkind = lkind
+        self.kern, self.smem = variant(query.dtype, Hq // Hkv, k_tables, v_tables, few, lkind)
         tabs = _tables_tensor(k_tables, v_tables, query.device)
         dst = _dst_index(d, query.device) if halves else _codespace_dst(v_tables, query.device)
         ksign = k_tables.signs if halves else tabs  # code-space queries arrive rotated: never read
@@ -848,20 +871,24 @@ class PartialLaunch:
         c_void, c_int = ctypes.c_void_p, ctypes.c_int
         self.q, self.m, self.l, self.acc = c_void(0), c_void(0), c_void(0), c_void(0)
         self.length, self.chunk, self.S = c_int(0), c_int(0), c_int(0)
+        self.lenp, self.len_sb = c_void(0), c_int(0)
         fixed = [c_void(t.data_ptr()) for t in (ksign, k_codes, k_norms, v_codes, v_norms, *self._keep)]
         strides = [c_int(int(x)) for x in (query.stride(0), query.stride(1), k_codes.stride(0), k_codes.stride(1),
                                            k_norms.stride(0), k_norms.stride(1), v_codes.stride(0), v_codes.stride(1),
                                            v_norms.stride(0), v_norms.stride(1))]
         self._vals = [self.q, *fixed, self.m, self.l, self.acc, self.length, self.chunk, self.S, c_int(Hkv),
-                      ctypes.c_double(float(qk_scale)), *strides]
+                      ctypes.c_double(float(qk_scale)), *strides, self.lenp, self.len_sb]
         self.argv = (ctypes.c_void_p * len(self._vals))(*[ctypes.addressof(v) for v in self._vals])
         self.fn = _cu_launch_kernel()
         self.func = self.kern.func
 
     def __call__(self, q_ptr: int, m_ptr: int, l_ptr: int, acc_ptr: int, length: int, chunk: int, S_C: int, S: int,
-                 stream: int) -> None:
+                 stream: int, len_ptr: int = 0, len_sb: int = 0) -> None:
+        if self.lkind and not len_ptr:
+            raise ValueError("this PartialLaunch reads device lengths: pass `len_ptr`")
         self.q.value, self.m.value, self.l.value, self.acc.value = q_ptr, m_ptr, l_ptr, acc_ptr
         self.length.value, self.chunk.value, self.S.value = length, chunk, S
+        self.lenp.value, self.len_sb.value = len_ptr or None, len_sb
         err = self.fn(self.func, S_C, self.grid_y, 1, self.block, 1, 1, self.smem, stream, self.argv, None)
         if err:
             raise RuntimeError(f"cuLaunchKernel(tq_decode_partial) failed with CUDA error {err}")
@@ -882,10 +909,10 @@ def kernel_info() -> list[dict]:
         kw, vw = key[2], key[3]
         out.append({"device": key[0], "G": key[1], "k_words": [w[:2] for w in kw.words], "v_words": [w[:2] for w in vw.words],
                     "k_classes": sorted(kw.classes), "v_classes": sorted(vw.classes), "q_rotated": key[5],
-                    "stages": key[6], "min_blocks": key[7], "chains": key[8], "qf_smem": key[9], "warps": key[10],
+                    "stages": key[6], "min_blocks": key[7], "chains": key[8], "qf_smem": key[9], "warps": key[10], "len_kind": key[11],
                     "smem": smem, **vals})
     return out
 
 
-__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "PartialLaunch", "TensorWords", "kernel_info", "kernel_source",
-           "launch_shape", "round_tables", "supports", "tensor_words", "unsupported", "variant"]
+__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "LEN_KINDS", "PartialLaunch", "TensorWords", "kernel_info", "kernel_source",
+           "launch_shape", "len_kind", "round_tables", "supports", "tensor_words", "unsupported", "variant"]

@@ -47,7 +47,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -627,7 +627,8 @@ class _Plan:
     cfg: dict  # use_cuda -> (block_n, want splits or None, fixed splits or None)
     cuda_ok: bool | None = None  # cuda_decode.supports (None: not asked yet)
     partial: object = None  # LaunchCache of the partial kernel
-    cuda_launch: object = None  # cuda_decode.PartialLaunch (first CUDA-kernel call of the plan)
+    # cuda_decode.PartialLaunch by length kind (cuda_decode.LEN_KINDS; built at the first CUDA call)
+    cuda_launch: dict = field(default_factory=dict)
     combine: object = None
 
 
@@ -712,14 +713,17 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
     )
 
 
-def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: int) -> bool:
-    """Whether this call runs the CUDA partial kernel (host int length, mse keys: checked by the caller)."""
+def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: int, len_tensor) -> bool:
+    """Whether this call runs the CUDA partial kernel (mse keys: checked by the caller). ``length``:
+    the grid's bound; ``len_tensor``: the device lengths (or None), read by the kernel."""
     backend = plan.backend
     if backend == "auto" and plan.B * plan.Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
         return False  # below the measured crossover the Triton kernel is as fast or faster
-    if plan.cuda_launch is not None:
-        return True  # this plan's variant compiled and launched before
     from turboquant.kernels import cuda_decode
+
+    lk = cuda_decode.len_kind(len_tensor)
+    if lk in plan.cuda_launch:
+        return True  # this plan's variant compiled and launched before
 
     if plan.cuda_ok is None:
         plan.cuda_ok = cuda_decode.supports(plan.d, plan.G, plan.k_tables, plan.v_tables, k_codes, v_codes,
@@ -727,7 +731,7 @@ def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: in
     few = plan.B * plan.Hkv < 16
     if plan.cuda_ok and not cuda_decode.COMPILE_FAILURES:  # compile (first use) before anything is launched
         try:
-            cuda_decode.variant(query.dtype, plan.G, plan.k_tables, plan.v_tables, few)
+            cuda_decode.variant(query.dtype, plan.G, plan.k_tables, plan.v_tables, few, lk)
             return True
         except RuntimeError as err:
             if backend == "cuda":
@@ -832,13 +836,9 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
         rl = resolve_length(residual_length, R, B, R, dev, "residual_length")
     if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
-    length = ln.bound  # sizes the grid; the kernel reads ln.value / ln.tensor
-    host_len = ln.tensor is None and rl.tensor is None and ln.value == ln.bound
-    if plan.backend == "cuda" and not host_len:
-        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
-                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
-    use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None and host_len \
-        and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length)
+    length = ln.bound  # sizes the grid; the kernels read ln.value / ln.tensor (clamped to it)
+    use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None \
+        and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length, ln.tensor)
     LAST_LAUNCH["cuda"] = use_cuda
     bn, want, fixed = plan.cfg[use_cuda]
     # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks of 64
@@ -900,12 +900,16 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                 handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
         LAST_LAUNCH["partial"] = handle
     if use_cuda:
-        if plan.cuda_launch is None:  # the CUDA kernel's argument block, built once a plan
+        lk = 0 if ln.tensor is None else (1 if ln.tensor.dtype == torch.int32 else 2)  # cuda_decode.LEN_KINDS
+        launch = plan.cuda_launch.get(lk)
+        if launch is None:  # the CUDA kernel's argument block, built once a plan and length kind
             from turboquant.kernels import cuda_decode
 
-            plan.cuda_launch = cuda_decode.PartialLaunch(query, k_codes, k_norms, v_codes, v_norms, plan.k_tables,
-                                                         plan.v_tables, plan.qk_scale, few=B * Hkv < 16)
-        plan.cuda_launch(query.data_ptr(), bp[0], bp[1], bp[2], length, chunk, S_C, S, current[1])
+            launch = plan.cuda_launch[lk] = cuda_decode.PartialLaunch(
+                query, k_codes, k_norms, v_codes, v_norms, plan.k_tables, plan.v_tables, plan.qk_scale,
+                few=B * Hkv < 16, lkind=lk)
+        launch(query.data_ptr(), bp[0], bp[1], bp[2], ln.value, chunk, S_C, S, current[1],
+               0 if ln.tensor is None else ln.tensor.data_ptr(), ln.stride)
     if side is not None:
         cur.wait_stream(side)
     Hq, d = plan.Hq, plan.d

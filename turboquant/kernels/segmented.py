@@ -510,20 +510,17 @@ def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, rl, kt, vt, few: b
         raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
     if backend == "triton":
         return None
-    host = ln.tensor is None and rl.tensor is None and ln.value == ln.bound
-    if backend == "cuda" and not host:
-        raise ValueError("backend='cuda': the CUDA decode kernel takes a host int length; device-side "
-                         "`length`/`residual_length` (or `max_length`) run in Triton (backend='triton' or 'auto')")
     B, Hq, d = qcs.shape
     Hkv = k_codes.shape[1]
-    if not host or ln.value == 0:
+    if ln.bound == 0:
         return None
     from turboquant.kernels import cuda_decode
 
-    if backend == "auto" and B * Hkv * ln.value < AUTO_CUDA_MIN_TOKEN_HEADS:
+    if backend == "auto" and B * Hkv * ln.bound < AUTO_CUDA_MIN_TOKEN_HEADS:
         return None  # below the measured crossover the Triton kernel is as fast or faster
-    key = (id(kt), id(vt), few, tuple(cuda_decode.TUNING.values()), qcs.device, tuple(qcs.shape), qcs.stride()[:2],
-           *((t.data_ptr(), tuple(t.shape), t.stride()) for t in (k_codes, k_norms, v_codes, v_norms)))
+    lk = cuda_decode.len_kind(ln.tensor)
+    key = (id(kt), id(vt), few, lk, tuple(cuda_decode.TUNING.values()), qcs.device, tuple(qcs.shape),
+           qcs.stride()[:2], *((t.data_ptr(), tuple(t.shape), t.stride()) for t in (k_codes, k_norms, v_codes, v_norms)))
     launch = _CUDA_LAUNCHES.get(key)  # a hit passed the checks below with these very tensors
     if launch is None:
         why = cuda_decode.unsupported(d, Hq // Hkv, kt, vt, k_codes, v_codes, k_norms, v_norms)
@@ -533,7 +530,7 @@ def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, rl, kt, vt, few: b
                                  "use backend='triton' or 'auto'")
             return None
         try:
-            launch = cuda_decode.PartialLaunch(qcs, k_codes, k_norms, v_codes, v_norms, kt, vt, 1.0, few)
+            launch = cuda_decode.PartialLaunch(qcs, k_codes, k_norms, v_codes, v_norms, kt, vt, 1.0, few, lk)
         except RuntimeError as err:  # NVRTC failed: recorded in COMPILE_FAILURES, auto stays on Triton
             if backend == "cuda":
                 raise
@@ -584,7 +581,7 @@ def decode_attention_segmented(
     does not apply), "auto" does where it applies from ``AUTO_CUDA_MIN_TOKEN_HEADS`` packed token-
     heads up, "triton" never. The residual window and the combine always run in Triton."""
     from turboquant.kernels.codespace import LAST_KERNEL, _cs_combine_kernel
-    from turboquant.kernels.decode_attention import _num_sms, _raw_stream, _slab_align
+    from turboquant.kernels.decode_attention import _num_sms, _raw_stream, _side_stream, _slab_align
 
     B, Hq, _, d = query.shape
     Hkv = k_codes.shape[1]
@@ -624,12 +621,7 @@ def decode_attention_segmented(
     out = buffer(workspace, "out", (B, 1, Hq, d), query.dtype, dev)
     if query.stride(-1) != 1:
         query = query.contiguous()
-    qmap = query_map(k_seg, k_outliers, Hkv, qk_scale, cuda is not None, dev)
     g_pad = max(16, triton.next_power_of_2(G))
-    _head_map_kernel[(B * Hkv, d // MAP_BN)](
-        query, qmap, qc, qc, Hq, query.stride(0), query.stride(1), qc.stride(0), qc.stride(1),
-        G=G, G_PAD=g_pad, D=d, BN=MAP_BN, PER_HEAD=qmap.shape[0] > 1, HAS_ADD=False, num_warps=4,
-    )  # fmt: skip
     kc32, vc32 = k_codes.view(torch.int32), v_codes.view(torch.int32)
     rk = residual_k if R else query
     rv = residual_v if R else query
@@ -637,11 +629,8 @@ def decode_attention_segmented(
     rt = rl.tensor if rl.tensor is not None else kn
     ks, vs = k_seg.specs, v_seg.specs
     s_base = S_C if cuda is not None else 0  # the CUDA kernel fills the compressed splits
-    if cuda is not None:
-        LAST_KERNEL["decode"] = "segmented+cuda"
-        cuda(qc.data_ptr(), m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(), ln.value, chunk, S_C, S,
-             _raw_stream(dev))
-    if S > s_base:
+
+    def triton_splits():  # splits [s_base, S): every split, or only the residual window's (raw query)
         _seg_partial_kernel[(S - s_base, B * Hkv)](
             qc, query, kc32, kn, vc32, vn, k_seg.lut32, v_seg.lut32, rk, rv, m_part, l_part, acc_part,
             lt, rt, ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, qk_scale, s_base, ln.stride, rl.stride,
@@ -659,6 +648,31 @@ def decode_attention_segmented(
             LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None,
             num_warps=num_warps,
         )  # fmt: skip
+
+    # while a CUDA graph is captured, the residual window's splits (they read the raw query, not
+    # the mapped one) run on a forked stream beside the query map and the CUDA kernel, as on the
+    # halves path (free at replay; eager, the fork's stream and event calls cost more host time
+    # than the overlap saves)
+    side = None
+    if cuda is not None and S > s_base and torch.cuda.is_current_stream_capturing():
+        cur = torch.cuda.current_stream(dev)
+        side = _side_stream(dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            triton_splits()
+    qmap = query_map(k_seg, k_outliers, Hkv, qk_scale, cuda is not None, dev)
+    _head_map_kernel[(B * Hkv, d // MAP_BN)](
+        query, qmap, qc, qc, Hq, query.stride(0), query.stride(1), qc.stride(0), qc.stride(1),
+        G=G, G_PAD=g_pad, D=d, BN=MAP_BN, PER_HEAD=qmap.shape[0] > 1, HAS_ADD=False, num_warps=4,
+    )  # fmt: skip
+    if cuda is not None:
+        LAST_KERNEL["decode"] = "segmented+cuda"
+        cuda(qc.data_ptr(), m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(), ln.value, chunk, S_C, S,
+             _raw_stream(dev), 0 if ln.tensor is None else ln.tensor.data_ptr(), ln.stride)
+    if side is not None:
+        cur.wait_stream(side)
+    elif S > s_base:
+        triton_splits()
     _cs_combine_kernel[(B * Hq,)](
         m_part, l_part, acc_part, out_c, out_r, S_C, S, Hq, G=G, D=d, BLOCK_S=16, num_warps=4
     )
