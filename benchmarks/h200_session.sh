@@ -11,6 +11,7 @@
 #   bash benchmarks/h200_session.sh grid SECONDS # carry .whl .gg2 (+ runs/quality_grid the first time)
 #   bash benchmarks/h200_session.sh tests        # GPU pytest of kernels + caches (runs beside the grid)
 #   bash benchmarks/h200_session.sh outliers [all] # carry .whl: CUDA kernel on outlier layouts: profile, tests, table
+#   bash benchmarks/h200_session.sh final [SECONDS] # carry .whl: per-layout table at 8k-128k, then outlier/CUDA GPU tests
 #   bash benchmarks/h200_session.sh devlen       # carry .whl: CUDA kernel with device lengths + graph overlap: tests, table
 set -u
 OUT=${OUT:-runs/h200_out}
@@ -56,6 +57,19 @@ case "${1:-}" in
       --layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5,K4/V3,prod-3.5 \
       --out "$OUT/gpu_decode_attention_layouts.json" > "$OUT/gpu_decode_attention_layouts.log" 2>&1
     tail -52 "$OUT/gpu_decode_attention_layouts.log"
+    ;;
+  final)
+    setup
+    # the per-layout table (every layout, prod keys, 8k-128k), then the GPU tests of the outlier /
+    # CUDA paths (the map kernels' tf32x3 product, device lengths, graph capture)
+    timeout 200 python benchmarks/gpu_decode_attention_layouts.py --batches 1,8 --contexts 8192,32768,65536,131072 \
+      --layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5,K4/V3,prod-3.5 \
+      --out "$OUT/gpu_decode_attention_layouts.json" > "$OUT/gpu_decode_attention_layouts.log" 2>&1
+    tail -52 "$OUT/gpu_decode_attention_layouts.log"
+    timeout "${2:-230}" python -m pytest -m gpu tests/kernels/test_layout_kernels.py -q -p no:cacheprovider --tb=short \
+      -k "runs_outlier or reads_device or in_a_cuda_graph or outlier_layouts_gpu or not_16_byte" \
+      > "$OUT/gpu_pytest_final.txt" 2>&1
+    grep -E "passed|failed|^FAILED|^E .*(sequence|Greatest|Mismatch|Frobenius)" "$OUT/gpu_pytest_final.txt" | head -30
     ;;
   kernels)
     setup
@@ -129,5 +143,5 @@ case "${1:-}" in
     python benchmarks/quality_gpu_grid.py --state runs/quality_grid --budget-s "${2:-530}" --workers 14 \
       --out "$OUT" 2>&1 | tail -60 | tee "$OUT/grid_call.log"
     ;;
-  *) echo "usage: $0 outliers|devlen|diag|verify|ncu|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 outliers|devlen|final|diag|verify|ncu|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
 esac

@@ -424,7 +424,9 @@ if HAS_TRITON:
         # Program (sequence b, KV head h, column block n): for the G query heads i of the group,
         # out[b, h·G + i, n·BN : (n+1)·BN] = float32 x[b, h·G + i] @ M[h][:, block] (+ add[b, h·G + i,
         # block], a contiguous [B, H_q, D] float32), in out's dtype. M [H_kv or 1, D, D]: a whole
-        # per-head map (gather, per-group rotation, order, scale) in one IEEE fp32 product.
+        # per-head map (gather, per-group rotation, order, scale) in one float32 product
+        # ("tf32x3": each float32 operand split into a TF32 head and tail, three tensor-core
+        # products, error ~2^-21 relative, instead of IEEE fp32 FMA loops).
         pid = tl.program_id(0)
         n0 = tl.program_id(1) * BN
         Hkv = Hq // G
@@ -442,7 +444,7 @@ if HAS_TRITON:
         if PER_HEAD:
             m_base = m_ptr + h.to(tl.int64) * D * D
         m = tl.load(m_base + offs_d[:, None] * D + cols[None, :])
-        y = tl.dot(x, m, input_precision="ieee")
+        y = tl.dot(x, m, input_precision="tf32x3")
         if HAS_ADD:
             rows = (b * Hq + h * G + gi) * D
             y += tl.load(add_ptr + rows[:, None] + cols[None, :], mask=gmask[:, None], other=0.0)
