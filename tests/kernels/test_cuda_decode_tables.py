@@ -232,3 +232,17 @@ def test_halves_path_runs_k_and_v_of_different_widths_in_cuda():
 
     cs = CodeSpaceTables.from_layout(build_layout("int-3", 256, seed=1))
     assert "different kinds" in cuda_decode.unsupported(256, 6, kt, cs, kc, vc, n, n)
+
+
+def test_device_length_kind_follows_the_length_dtype():
+    """The kernel variant that reads device lengths is chosen by their dtype (``LEN_KIND`` 1 / 2:
+    int32 / int64 loads); a host length takes LEN_KIND 0 (no load); other dtypes are refused by
+    name. (test_cuda_decode_compile.py compiles each kind.)"""
+    assert cuda_decode.len_kind(None) == 0
+    assert cuda_decode.len_kind(torch.tensor([3], dtype=torch.int32)) == 1
+    assert cuda_decode.len_kind(torch.tensor(3, dtype=torch.int64)) == 2
+    with pytest.raises(ValueError, match="device `length` must be int32 or int64, got torch.float32"):
+        cuda_decode.len_kind(torch.tensor([3.0]))
+    kt = KernelTables.from_layout(build_layout("halves-3.5", 256, seed=0))
+    for lk in (0, 1, 2):
+        assert f"#define LEN_KIND {lk}\n" in cuda_decode.kernel_source(6, kt, kt, 2, 2, 4, 2, 1, 4, lk)

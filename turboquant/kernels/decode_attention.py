@@ -567,13 +567,18 @@ def _rsig(t: torch.Tensor) -> tuple:
 _CUDA_DECODE: list = []  # the cuda_decode module, imported at the first call (it imports this module's package)
 
 
-def _tuning() -> tuple:
-    """The CUDA kernel's tuning knobs (benchmarks change them between calls): part of every key."""
+def _cuda_decode():
+    """The :mod:`~turboquant.kernels.cuda_decode` module (imported at first use)."""
     if not _CUDA_DECODE:
         from turboquant.kernels import cuda_decode
 
         _CUDA_DECODE.append(cuda_decode)
-    return tuple(_CUDA_DECODE[0].TUNING.values())
+    return _CUDA_DECODE[0]
+
+
+def _tuning() -> tuple:
+    """The CUDA kernel's tuning knobs (benchmarks change them between calls): part of every key."""
+    return tuple(_cuda_decode().TUNING.values())
 
 
 def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
@@ -900,11 +905,10 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                 handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
         LAST_LAUNCH["partial"] = handle
     if use_cuda:
-        lk = 0 if ln.tensor is None else (1 if ln.tensor.dtype == torch.int32 else 2)  # cuda_decode.LEN_KINDS
+        cuda_decode = _cuda_decode()
+        lk = cuda_decode.len_kind(ln.tensor)
         launch = plan.cuda_launch.get(lk)
         if launch is None:  # the CUDA kernel's argument block, built once a plan and length kind
-            from turboquant.kernels import cuda_decode
-
             launch = plan.cuda_launch[lk] = cuda_decode.PartialLaunch(
                 query, k_codes, k_norms, v_codes, v_norms, plan.k_tables, plan.v_tables, plan.qk_scale,
                 few=B * Hkv < 16, lkind=lk)
