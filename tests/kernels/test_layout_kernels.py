@@ -647,6 +647,34 @@ def test_cuda_kernel_reads_device_lengths_like_int_lengths(cuda, kind):
         check(out.clone(), lens)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["halves", "outliers"])
+def test_cuda_kernel_with_device_window_lengths(cuda, kind):
+    """The static cache's call: device lengths for the codes *and* the residual window
+    (``residual_length``), the CUDA kernel for the codes and the Triton residual splits reading the
+    window's length on the device. Each sequence equals the int-length call at its own lengths on
+    the same grid, and the float32 reference (relative Frobenius error)."""
+    from turboquant.kernels.codespace import LAST_KERNEL
+    from turboquant.kernels.decode_attention import LAST_LAUNCH
+
+    c = (
+        _halves_case(cuda, d=256, hq=24, hkv=4, n=3000, r=64, b=2)
+        if kind == "halves"
+        else _case(cuda, 256, "paper-3.5", "paper-2.5", 24, 4, 3001, 64, 2)
+    )
+    cap = c["k_codes"].shape[2]
+    lens, rlens = [2500, 700], [64, 9]
+    out = _kernel(c, torch.tensor(lens, dtype=torch.int32, device=cuda), max_length=cap,
+                  residual_length=torch.tensor(rlens, dtype=torch.int32, device=cuda), backend="cuda")
+    assert LAST_LAUNCH["cuda"] if kind == "halves" else LAST_KERNEL["decode"] == "segmented+cuda"
+    for b, (n, r) in enumerate(zip(lens, rlens)):
+        want = _kernel(c, n, max_length=cap, residual_length=r, backend="cuda")
+        torch.testing.assert_close(out[b], want[b], atol=1e-6, rtol=0)
+        row = _row(c, b)
+        row["residual_k"], row["residual_v"] = row["residual_k"][:, :, :r], row["residual_v"][:, :, :r]
+        _assert_frobenius_close(out[b : b + 1], _reference(row, n), GPU_TOL[torch.float32]["rel"])
+
+
 def _row(c, b):
     """Sequence ``b`` of a case: the batched tensors sliced to ``[b : b + 1]`` (outliers are per head)."""
     return {k: v[b : b + 1] if isinstance(v, torch.Tensor) and not k.endswith("outliers") else v for k, v in c.items()}
