@@ -793,6 +793,9 @@ def _tables_tensor(k_tables, v_tables, device: torch.device) -> torch.Tensor:
 COMPILE_FAILURES: dict = {}
 
 
+LEN_KINDS = {torch.int32: 1, torch.int64: 2}  # device-length dtype -> the kernel's LEN_KIND
+
+
 def len_kind(length: torch.Tensor | None) -> int:
     """The kernel's ``LEN_KIND`` for a call's device lengths (None: a host int length only)."""
     if length is None:
@@ -800,9 +803,6 @@ def len_kind(length: torch.Tensor | None) -> int:
     if length.dtype not in LEN_KINDS:
         raise ValueError(f"device `length` must be int32 or int64, got {length.dtype}")
     return LEN_KINDS[length.dtype]
-
-
-LEN_KINDS = {torch.int32: 1, torch.int64: 2}  # device-length dtype -> the kernel's LEN_KIND
 
 
 def variant(query_dtype: torch.dtype, G: int, k_tables, v_tables, few: bool, lkind: int = 0):
@@ -909,8 +909,8 @@ def kernel_info() -> list[dict]:
         kw, vw = key[2], key[3]
         out.append({"device": key[0], "G": key[1], "k_words": [w[:2] for w in kw.words], "v_words": [w[:2] for w in vw.words],
                     "k_classes": sorted(kw.classes), "v_classes": sorted(vw.classes), "q_rotated": key[5],
-                    "stages": key[6], "min_blocks": key[7], "chains": key[8], "qf_smem": key[9], "warps": key[10], "len_kind": key[11],
-                    "smem": smem, **vals})
+                    "stages": key[6], "min_blocks": key[7], "chains": key[8], "qf_smem": key[9], "warps": key[10],
+                    "len_kind": key[11], "smem": smem, **vals})
     return out
 
 

@@ -471,6 +471,15 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
+def _fork_side_stream(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(the current stream, the side stream made to wait for it): work launched on the side stream
+    runs beside what follows on the current one until ``current.wait_stream(side)`` joins them."""
+    cur = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(cur)
+    return cur, side
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
@@ -718,15 +727,13 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
     )
 
 
-def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: int, len_tensor) -> bool:
+def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: int, lk: int) -> bool:
     """Whether this call runs the CUDA partial kernel (mse keys: checked by the caller). ``length``:
-    the grid's bound; ``len_tensor``: the device lengths (or None), read by the kernel."""
+    the grid's bound; ``lk``: the kernel's length variant (:func:`cuda_decode.len_kind`)."""
     backend = plan.backend
     if backend == "auto" and plan.B * plan.Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
         return False  # below the measured crossover the Triton kernel is as fast or faster
-    from turboquant.kernels import cuda_decode
-
-    lk = cuda_decode.len_kind(len_tensor)
+    cuda_decode = _cuda_decode()
     if lk in plan.cuda_launch:
         return True  # this plan's variant compiled and launched before
 
@@ -842,8 +849,9 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     length = ln.bound  # sizes the grid; the kernels read ln.value / ln.tensor (clamped to it)
+    lk = _cuda_decode().len_kind(ln.tensor)  # the CUDA kernel's length variant
     use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None \
-        and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length, ln.tensor)
+        and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length, lk)
     LAST_LAUNCH["cuda"] = use_cuda
     bn, want, fixed = plan.cfg[use_cuda]
     # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks of 64
@@ -866,9 +874,7 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     # on a forked stream (free at replay); eager, the fork's stream and event calls would cost more
     # host time than the overlap saves GPU time (a few us), so they run first on the same stream
     if use_cuda and R and torch.cuda.is_current_stream_capturing():
-        cur = torch.cuda.current_stream(dev)
-        side = _side_stream(dev)
-        side.wait_stream(cur)
+        cur, side = _fork_side_stream(dev)
     if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
         s_base = S_C if use_cuda else 0
         q_ptr = query.data_ptr()
@@ -905,11 +911,9 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                 handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
         LAST_LAUNCH["partial"] = handle
     if use_cuda:
-        cuda_decode = _cuda_decode()
-        lk = cuda_decode.len_kind(ln.tensor)
         launch = plan.cuda_launch.get(lk)
         if launch is None:  # the CUDA kernel's argument block, built once a plan and length kind
-            launch = plan.cuda_launch[lk] = cuda_decode.PartialLaunch(
+            launch = plan.cuda_launch[lk] = _cuda_decode().PartialLaunch(
                 query, k_codes, k_norms, v_codes, v_norms, plan.k_tables, plan.v_tables, plan.qk_scale,
                 few=B * Hkv < 16, lkind=lk)
         launch(query.data_ptr(), bp[0], bp[1], bp[2], ln.value, chunk, S_C, S, current[1],

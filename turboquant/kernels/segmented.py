@@ -505,7 +505,7 @@ _CUDA_LAUNCHES: dict = {}  # cuda_decode.PartialLaunch per call structure (addre
 MAX_CUDA_LAUNCHES = 64
 
 
-def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, rl, kt, vt, few: bool, backend: str):
+def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few: bool, backend: str):
     """The CUDA kernel's launch for the compressed splits of this call (``qcs``: the rotated,
     scaled float32 query [B, H_q, d]), or None where the Triton kernel runs them."""
     if backend not in ("auto", "triton", "cuda"):
@@ -583,7 +583,12 @@ def decode_attention_segmented(
     does not apply), "auto" does where it applies from ``AUTO_CUDA_MIN_TOKEN_HEADS`` packed token-
     heads up, "triton" never. The residual window and the combine always run in Triton."""
     from turboquant.kernels.codespace import LAST_KERNEL, _cs_combine_kernel
-    from turboquant.kernels.decode_attention import _num_sms, _raw_stream, _side_stream, _slab_align
+    from turboquant.kernels.decode_attention import (
+        _fork_side_stream,
+        _num_sms,
+        _raw_stream,
+        _slab_align,
+    )
 
     B, Hq, _, d = query.shape
     Hkv = k_codes.shape[1]
@@ -598,7 +603,7 @@ def decode_attention_segmented(
     # Π_g q_g per group, scaled to log2 units: [B, H_q, d] float32 (filled below), in code space for
     # the CUDA kernel, in K's kernel position order for the Triton one
     qc = buffer(workspace, "qc", (B, Hq, d), torch.float32, dev)
-    cuda = _cuda_launch(qc, k_codes, k_norms, v_codes, v_norms, ln, rl, kt, vt, few, backend)
+    cuda = _cuda_launch(qc, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few, backend)
     if cuda is not None:  # a CTA step = warps x 16-token tiles, the CUDA kernel's split count
         from turboquant.kernels import cuda_decode
 
@@ -657,9 +662,7 @@ def decode_attention_segmented(
     # than the overlap saves)
     side = None
     if cuda is not None and S > s_base and torch.cuda.is_current_stream_capturing():
-        cur = torch.cuda.current_stream(dev)
-        side = _side_stream(dev)
-        side.wait_stream(cur)
+        cur, side = _fork_side_stream(dev)
         with torch.cuda.stream(side):
             triton_splits()
     qmap = query_map(k_seg, k_outliers, Hkv, qk_scale, cuda is not None, dev)
