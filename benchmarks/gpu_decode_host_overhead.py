@@ -178,6 +178,9 @@ def main() -> None:
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--no-ablation", action="store_true", help="skip the plan-off / fast-launch-off timings")
     ap.add_argument("--smoke", action="store_true", help="without CUDA: tiny interpreter calls (wrapper time)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also split each case's host time: the wrapper alone (launches made no-ops), the "
+                         "recorded launches alone, a bare torch.empty of the output (host_us_breakdown)")
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="also cProfile --calls eager calls of the first case and write the top functions to PATH")
     args = ap.parse_args()
@@ -232,6 +235,8 @@ def main() -> None:
                            "meets_target": h["mean"] <= TARGET_US}
                     if args.sync_each:
                         row["host_us_mean_sync_each"] = _host_us(torch, call, args.calls, 1)["mean"]
+                    if args.breakdown:
+                        row["host_us_breakdown"] = _breakdown(torch, call, q, args.calls, args.sync_every)
                     if args.profile and not rows:
                         _profile(torch, call, args.calls, args.sync_every, args.profile, row)
                     if not args.no_ablation:
@@ -254,10 +259,55 @@ def main() -> None:
               f"{r['host_us_p90']:.1f} | {r.get('host_us_mean_sync_each', float('nan')):.1f} | "
               f"{r.get('host_us_mean_no_fast_launch', float('nan')):.1f} | "
               f"{r.get('host_us_mean_no_plan', float('nan')):.1f} | {r['kernel_ms']:.4f} |")
+    if args.breakdown:
+        print("\n| batch | context | layout | length | host us | wrapper alone | launches alone (n) | torch.empty |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            b = r["host_us_breakdown"]
+            print(f"| {r['batch']} | {r['context']} | {r['layout']} | {r['length']} | {r['host_us_mean']:.1f} | "
+                  f"{b['wrapper']:.1f} | {b['launches']:.1f} ({b['n_launches']}) | {b['empty_out']:.1f} |")
     met = sum(r["meets_target"] for r in rows)
     print(f"{met}/{len(rows)} cases at <= {TARGET_US} us host time a call")
     print(f"why launches took kernel[grid]: {fast_launch.WHY_SLOW}")
     _write(args.out, meta, rows)
+
+
+def _breakdown(torch, call, q, n_calls: int, sync_every: int) -> dict:
+    """Where one case's host time goes, each part timed like ``_host_us`` (means, us):
+    ``wrapper``: the call with every kernel launch a no-op (validation, plan lookup, buffers,
+    argument tuples); ``launches``: the launches one call made, replayed alone with their recorded
+    arguments (Triton's launcher / ``cuLaunchKernel`` through ctypes); ``empty_out``: one
+    ``torch.empty`` of the output's shape (what an int-length call without workspace allocates)."""
+    from turboquant.kernels import cuda_decode, fast_launch
+
+    rec = []
+    orig_launch, orig_cuda = fast_launch.LaunchCache.launch, cuda_decode.PartialLaunch.__call__
+
+    def rec_launch(self, *a, **k):
+        rec.append((orig_launch, self, a, k))
+        return orig_launch(self, *a, **k)
+
+    def rec_cuda(self, *a, **k):
+        rec.append((orig_cuda, self, a, k))
+        return orig_cuda(self, *a, **k)
+
+    fast_launch.LaunchCache.launch, cuda_decode.PartialLaunch.__call__ = rec_launch, rec_cuda
+    try:
+        call()
+        torch.cuda.synchronize()
+    finally:
+        fast_launch.LaunchCache.launch, cuda_decode.PartialLaunch.__call__ = orig_launch, orig_cuda
+    # replay keeps the recorded tensors' addresses alive only while this function runs
+    launches = _host_us(torch, lambda: [f(s, *a, **k) for f, s, a, k in rec], n_calls, sync_every)["mean"]
+    fast_launch.LaunchCache.launch = lambda self, *a, **k: None
+    cuda_decode.PartialLaunch.__call__ = lambda self, *a, **k: None
+    try:
+        wrapper = _host_us(torch, call, n_calls, sync_every)["mean"]
+    finally:
+        fast_launch.LaunchCache.launch, cuda_decode.PartialLaunch.__call__ = orig_launch, orig_cuda
+    shape = (q.shape[0], 1, q.shape[1], q.shape[3])
+    empty = _host_us(torch, lambda: torch.empty(shape, dtype=q.dtype, device=q.device), n_calls, sync_every)["mean"]
+    return {"wrapper": wrapper, "launches": launches, "n_launches": len(rec), "empty_out": empty}
 
 
 def _profile(torch, call, n_calls: int, sync_every: int, path: str, row: dict) -> None:

@@ -601,8 +601,13 @@ def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tab
         res = None if residual_k is None else (_rsig(residual_k), None if residual_v is None else _rsig(residual_v))
         qjl = None if k_qjl is None else (type(k_qjl), _sig(k_qjl.qjl), _sig(k_qjl.rnorms), _sig(k_qjl.S),
                                           k_qjl.scale)
-        key = ((query.shape, query.stride(), query.dtype, query.device), _sig(k_codes), _sig(k_norms),
-               _sig(v_codes), _sig(v_norms), id(k_tables), id(v_tables), scaling, res, qjl, block_n, num_splits,
+        # one flat tuple (fewer nested tuples to build, hash and compare on every call)
+        key = (query.shape, query.stride(), query.dtype, query.device,
+               k_codes.data_ptr(), k_codes.shape, k_codes.stride(), k_codes.dtype,
+               k_norms.data_ptr(), k_norms.shape, k_norms.stride(), k_norms.dtype,
+               v_codes.data_ptr(), v_codes.shape, v_codes.stride(), v_codes.dtype,
+               v_norms.data_ptr(), v_norms.shape, v_norms.stride(), v_norms.dtype,
+               id(k_tables), id(v_tables), scaling, res, qjl, block_n, num_splits,
                num_warps, num_stages, programs_per_sm, backend, type(length), max_length, type(residual_length),
                _tuning())
     except (AttributeError, TypeError, IndexError, RuntimeError):
@@ -785,14 +790,16 @@ def _current_device_stream() -> tuple[int, int]:
     return idx, torch._C._cuda_getCurrentRawStream(idx)
 
 
-def _split_buffers(plan: _Plan, S: int, workspace) -> tuple:
+def _split_buffers(plan: _Plan, S: int, workspace, capturing: bool = False, current: tuple | None = None) -> tuple:
     """``m``, ``l`` [B·H_kv, S, G], ``acc`` [B·H_kv, S, G, d] float32, the output [B, 1, H_q, d] and
     the four addresses.
 
     With a workspace: its buffers (the last set is remembered, so a repeated call looks nothing
     up). Without: the output is new; the split buffers are flat ones shared by every call on this
     device and stream (stream order makes reuse safe), or new ones while a CUDA graph is captured
-    (the graph keeps them; a shared buffer could be replaced under it)."""
+    (the graph keeps them; a shared buffer could be replaced under it). ``capturing``: a CUDA graph
+    is being captured on the current stream; ``current``: (device index, raw stream) of the call
+    (:func:`_current_device_stream`; None on CPU)."""
     dev, bh, G = plan.dev, plan.B * plan.Hkv, plan.G
     if workspace is not None:
         if not isinstance(workspace, DecodeWorkspace):
@@ -809,11 +816,11 @@ def _split_buffers(plan: _Plan, S: int, workspace) -> tuple:
         return bufs
     out = torch.empty((plan.B, 1, plan.Hq, plan.d), dtype=plan.dtype, device=dev)
     n = bh * S * G
-    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         sc = (n, torch.empty(n, dtype=torch.float32, device=dev), torch.empty(n, dtype=torch.float32, device=dev),
               torch.empty(n * plan.d, dtype=torch.float32, device=dev))
         return (*sc[1:], out, (sc[1].data_ptr(), sc[2].data_ptr(), sc[3].data_ptr(), out.data_ptr()))
-    slot = (dev, _raw_stream(dev))
+    slot = (dev, 0) if current is None else current
     sc = _SCRATCH.get(slot)
     if sc is None or sc[0] < n:
         cap = max(n, 2 * sc[0]) if sc is not None else n
@@ -849,8 +856,9 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     if ln.tensor is None and rl.tensor is None and ln.value == 0 and rl.value == 0:
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     length = ln.bound  # sizes the grid; the kernels read ln.value / ln.tensor (clamped to it)
-    lk = _cuda_decode().len_kind(ln.tensor)  # the CUDA kernel's length variant
+    lk = 0 if ln.tensor is None else _cuda_decode().len_kind(ln.tensor)  # the CUDA kernel's length variant
     use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None \
+        and (plan.backend != "auto" or B * plan.Hkv * length >= AUTO_CUDA_MIN_TOKEN_HEADS) \
         and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length, lk)
     LAST_LAUNCH["cuda"] = use_cuda
     bn, want, fixed = plan.cfg[use_cuda]
@@ -862,9 +870,14 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
         chunk, S_C = bn, 0
     chunk_r = 64
     S = S_C + _cdiv(R, chunk_r)
-    # (current device, its current raw stream): where Triton's own launch would go (read once a call)
-    current = _current_device_stream() if dev.type == "cuda" else None
-    m_part, l_part, acc_part, out, bp = _split_buffers(plan, S, workspace)
+    # (current device, its current raw stream): where Triton's own launch would go (read once a
+    # call), and whether a CUDA graph is being captured on it (read once a call)
+    if dev.type == "cuda":
+        current = _current_device_stream()
+        capturing = torch._C._cuda_isCurrentStreamCapturing()
+    else:
+        current, capturing = None, False
+    m_part, l_part, acc_part, out, bp = _split_buffers(plan, S, workspace, capturing, current)
     Hkv, G, p = plan.Hkv, plan.G, plan.ptrs
     # prod keys: ``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, 1, d] (the query side of the QJL
     # score in the kernel's log2 units: one product with the plan's scaled S^T); a dummy (never read) for mse
@@ -873,7 +886,7 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     # while a CUDA graph is captured the residual-window splits (Triton) run beside the CUDA kernel
     # on a forked stream (free at replay); eager, the fork's stream and event calls would cost more
     # host time than the overlap saves GPU time (a few us), so they run first on the same stream
-    if use_cuda and R and torch.cuda.is_current_stream_capturing():
+    if use_cuda and R and capturing:
         cur, side = _fork_side_stream(dev)
     if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
         s_base = S_C if use_cuda else 0
