@@ -25,8 +25,9 @@ def main() -> None:
     from turboquant.quantizer import TurboQuantMSE
 
     t = KernelTables.from_quantizer(TurboQuantMSE(256, args.bits, seed=1), "cuda")
-    tun, shape = cuda_decode.TUNING, cuda_decode.launch_shape(args.few)
-    src = cuda_decode.kernel_source(6, t, t, 2, tun["stages"], shape["min_blocks"], tun["chains"], tun["qf_smem"],
+    cfg = cuda_decode.DEFAULT_CONFIG
+    shape = cfg.launch_shape(args.few)
+    src = cuda_decode.kernel_source(6, t, t, 2, cfg.stages, shape["min_blocks"], cfg.chains, cfg.qf_smem,
                                     shape["warps"])
     cubin, _ = _nvrtc_compile(src, "tq_decode_partial", None, None, ["-std=c++17"])
     out = Path(args.out_dir)

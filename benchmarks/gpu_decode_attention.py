@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--key-modes", default="mse",
                     help="key modes to time, comma separated: mse, prod (MSE at bits-1 + QJL; Triton backend only)")
     ap.add_argument("--configs", default="auto",
-                    help="kernel configs block_n:num_warps:num_stages:programs_per_sm, comma separated ('auto' = defaults)")
+                    help="kernel configs, comma separated ('auto' = defaults): Triton block_n:num_warps:num_stages:"
+                         "programs_per_sm; CUDA programs_per_sm:stages:min_blocks:chains:qf_smem:warps "
+                         "(cuda_decode.CudaConfig.parse, 0 = by load)")
     args = ap.parse_args()
 
     import triton
@@ -120,18 +122,11 @@ def main() -> None:
                         print(json.dumps({"skip": "prod keys have no CUDA-kernel path", "bits": bits}), flush=True)
                         continue
                     if cfg == "auto":
-                        if backend == "cuda":
-                            from turboquant.kernels import cuda_decode
-
-                            cuda_decode.TUNING.update(cuda_decode.DEFAULT_TUNING)
                         kw = {"backend": backend}
                     elif backend == "cuda":  # programs_per_sm:stages:min_blocks:chains:qf_smem:warps
-                        from turboquant.kernels import cuda_decode
+                        from turboquant.kernels.cuda_decode import CudaConfig
 
-                        pps, st, mb, ch, qs, wp = (int(x) for x in cfg.split(":"))
-                        cuda_decode.TUNING.update(stages=st, min_blocks=mb, programs_per_sm=pps, chains=ch, qf_smem=qs,
-                                                  warps=wp)
-                        kw = {"backend": backend}
+                        kw = {"backend": backend, "cuda_config": CudaConfig.parse(cfg)}
                     else:
                         bn, nw, ns, pps = (int(x) for x in cfg.split(":"))
                         kw = {"block_n": bn, "num_warps": nw, "num_stages": ns, "programs_per_sm": pps, "backend": backend}

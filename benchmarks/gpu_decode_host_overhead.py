@@ -17,8 +17,10 @@ Shape of one Qwen3.6-27B full-attention layer (24 query heads, 4 KV heads, head_
   and with the compiled-kernel relaunch off (``fast_launch.ENABLED = False``: ``kernel[grid]``),
   so the JSON shows where the microseconds went.
 
-Length modes: ``int`` (a host int length, no workspace: a new output a call) and ``device``
-(an int32 device length + ``max_length`` + a :class:`DecodeWorkspace`: the static cache's call).
+Length modes: ``int`` (a host int length, no workspace: a new output a call), ``device``
+(an int32 device length + ``max_length`` + a :class:`DecodeWorkspace`: the static cache's call)
+and ``bound`` (the same arguments bound once in a :class:`DecodeAttentionCall`, called with the
+query alone: validation and plan lookup at its first call only).
 Codes, norms and QJL bits are random bytes: host time does not depend on their values.
 
 Usage (one H200, about 60-120 s, most of it first compiles; the JSON is rewritten after every row):
@@ -84,6 +86,12 @@ def _make_call(torch, s, q, rk, rv, n, mode, scaling):
     else:
         length = torch.tensor([n], dtype=torch.int32, device=q.device)
         kw = {"max_length": n, "workspace": DecodeWorkspace()}
+    if mode == "bound":  # the static cache's call, planned once: DecodeAttentionCall(...)(query)
+        from turboquant.kernels import DecodeAttentionCall
+
+        bound = DecodeAttentionCall(s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], scaling, rk, rv,
+                                    k_qjl=s["kj"], **kw)
+        return lambda: bound(q)
 
     def call():
         return decode_attention(q, s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], scaling, rk, rv,
@@ -141,7 +149,7 @@ def _smoke() -> None:
     orig = fast_launch.LaunchCache.launch
     for name in LAYOUTS:
         s = _store(torch, name, B, hkv, n, d, dev, 0)
-        for mode in ("int", "device"):
+        for mode in ("int", "device", "bound"):
             call = _make_call(torch, s, q, rk, rv, n, mode, 1 / math.sqrt(d))
             outs, row = [], {"layout": name, "length": mode}
             for plan in (False, True):
@@ -167,7 +175,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
-    ap.add_argument("--modes", default="int,device")
+    ap.add_argument("--modes", default="int,device,bound")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--sync-every", type=int, default=100, help="calls between syncs (2-3 launches a call)")
     ap.add_argument("--sync-each", type=int, default=1, choices=[0, 1],

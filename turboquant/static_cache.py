@@ -366,24 +366,38 @@ class StaticTurboQuantLayer(CacheLayerMixin):
 
     def _attend_kernel(self, query: torch.Tensor, scaling: float, attention_mask) -> torch.Tensor | None:
         """``decode_attention`` with device lengths: codes ``[0, F)``, ring slots ``[0, L - F)``,
-        grid sized by ``max_cache_len``, one workspace a layer (no host sync, no allocation)."""
+        grid sized by ``max_cache_len``, one workspace a layer (no host sync, no allocation).
+
+        The call is bound once per query shape (:class:`~turboquant.kernels.DecodeAttentionCall`:
+        stores, ring and two int32 length buffers never move), so an eager step validates and
+        plans nothing; the lengths are written into their buffers each step on the device."""
         if self.kernel_unsupported(query, attention_mask) is not None:
             return None
-        from turboquant.kernels import KernelTables, decode_attention
+        from turboquant.kernels import DecodeAttentionCall, KernelTables
         from turboquant.kernels.workspace import DecodeWorkspace
 
         ks, vs = self.key_store, self.value_store
-        if not ks._kernel:
+        kern = ks._kernel
+        if not kern:
             for st in (ks, vs):
                 st._kernel["tables"] = KernelTables.from_quantizer(st.codec.quantizer, query.device)
-            ks._kernel["workspace"] = DecodeWorkspace()
+            kern["workspace"] = DecodeWorkspace()
+            lshape = self.cumulative_length.shape
+            kern["flushed"] = torch.zeros(lshape, dtype=torch.int32, device=query.device)
+            kern["window"] = torch.zeros(lshape, dtype=torch.int32, device=query.device)
+            kern["calls"] = {}
         length, flushed, _ = self._window_slots()
-        return decode_attention(query, ks.codes, ks.norms, vs.codes, vs.norms, flushed.to(torch.int32),
-                                ks._kernel["tables"], vs._kernel["tables"], scaling, self._rk, self._rv,
-                                k_outliers=ks.outliers if ks.codec.grouped else None,
-                                v_outliers=vs.outliers if vs.codec.grouped else None,
-                                max_length=self.max_cache_len, residual_length=(length - flushed).to(torch.int32),
-                                workspace=ks._kernel["workspace"])
+        kern["flushed"].copy_(flushed)
+        kern["window"].copy_(length - flushed)
+        qkey = (query.shape, query.stride(), query.dtype, scaling)
+        call = kern["calls"].get(qkey)
+        if call is None:
+            call = kern["calls"][qkey] = DecodeAttentionCall(
+                ks.codes, ks.norms, vs.codes, vs.norms, kern["flushed"], kern["tables"], vs._kernel["tables"],
+                scaling, self._rk, self._rv, k_outliers=ks.outliers if ks.codec.grouped else None,
+                v_outliers=vs.outliers if vs.codec.grouped else None, max_length=self.max_cache_len,
+                residual_length=kern["window"], workspace=kern["workspace"])
+        return call(query)
 
     def _attend_torch(self, query: torch.Tensor, scaling: float, attention_mask) -> torch.Tensor:
         """Scores over all ``N`` code slots and ``R`` ring slots; a device-side validity mask keeps

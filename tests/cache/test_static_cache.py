@@ -250,3 +250,30 @@ def test_device_length_kernel_path_equals_torch_path(models, recipe):
     assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-4
     assert "query tokens" in layer.kernel_unsupported(torch.zeros(BATCH, 4, 2, 64), None)
     assert "unpadded_decode" in layer.kernel_unsupported(q, torch.ones(BATCH, 1, 1, MAX_LEN, dtype=torch.bool))
+
+
+@pytest.mark.integration
+def test_bound_kernel_call_follows_the_lengths_step_after_step(models):
+    """The layer binds its kernel call once (stores, ring and two int32 length buffers that never
+    move) and refreshes the lengths on the device every step: after decode steps that cross a
+    window flush (F 32 -> 48) the one bound call still gives the torch path's output."""
+    from turboquant.kernels import kernels_available
+
+    if not kernels_available(torch.device("cpu")):
+        pytest.skip("needs Triton with TRITON_INTERPRET=1 (the root conftest sets it without CUDA)")
+    m = models["llama"]
+    cache = _static(m, "halves-3.5")
+    ids = _prompt()
+    layer = cache.layers[0]
+    q = torch.randn(BATCH, 4, 1, 64, generator=torch.Generator().manual_seed(1))
+    with turboquant_attention(m), torch.no_grad():
+        m(input_ids=torch.cat([ids, ids], 1)[:, :2 * WINDOW + 3], past_key_values=cache)  # L = 35, F = 32
+        flushed = []
+        for step in range(WINDOW - 2):  # L 36 .. 49: the window flushes at 48
+            m(input_ids=ids[:, step:step + 1], past_key_values=cache)
+            if step in (0, WINDOW - 3):
+                got, ref = layer._attend_kernel(q, 0.125, None), layer._attend_torch(q, 0.125, None)
+                assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-4, f"step {step}"
+                flushed.append(int(layer.flushed_length()))
+    assert flushed == [32, 48]
+    assert len(layer.key_store._kernel["calls"]) == 1, "one bound call for one query shape"

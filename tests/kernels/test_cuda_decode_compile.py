@@ -62,10 +62,11 @@ def _tables(kl: str, vl: str):
 @pytest.mark.parametrize("kl,vl", PAIRS, ids=[f"{k}/{v}" for k, v in PAIRS])
 def test_generated_cuda_source_compiles_for_sm90(nvrtc, kl, vl, few):
     kt, vt = _tables(kl, vl)
-    shape, tun = cuda_decode.launch_shape(few), cuda_decode.DEFAULT_TUNING
+    cfg = cuda_decode.DEFAULT_CONFIG
+    shape = cfg.launch_shape(few)
     for G, lkind in ((1, 2), (6, 0), (6, 1), (8, 0)):  # lkind: host length, int32 / int64 device lengths
-        src = cuda_decode.kernel_source(G, kt, vt, 2, tun["stages"], shape["min_blocks"], tun["chains"],
-                                        tun["qf_smem"], shape["warps"], lkind)
+        src = cuda_decode.kernel_source(G, kt, vt, 2, cfg.stages, shape["min_blocks"], cfg.chains,
+                                        cfg.qf_smem, shape["warps"], lkind)
         assert f"#define LEN_KIND {lkind}" in src
         res, log = _compile(nvrtc, src)
         assert res == 0, f"{kl}/{vl} G={G} LEN_KIND={lkind}: NVRTC error {res}\n{log[-3000:]}"
@@ -74,3 +75,21 @@ def test_generated_cuda_source_compiles_for_sm90(nvrtc, kl, vl, few):
         if isinstance(kt, KernelTables) and kl == vl and G == 6:
             spill = re.search(r"(\d+) bytes spill stores", log)
             assert spill and int(spill.group(1)) == 0, f"{kl}/{vl}: the halves kernel spills\n{log}"
+
+
+@pytest.mark.parametrize("text", ["4:3:0:4:0:0", "2:1:2:1:1:8"])
+def test_swept_cuda_configs_compile_for_sm90(nvrtc, text):
+    """Launch configurations other than the default (the benchmarks' sweep syntax) generate the
+    defines they name and compile, within their register cap."""
+    cfg = cuda_decode.CudaConfig.parse(text)
+    kt, vt = _tables("halves-3.5", "halves-3.5")
+    shape = cfg.launch_shape(False)
+    src = cuda_decode.kernel_source(6, kt, vt, 2, cfg.stages, shape["min_blocks"], cfg.chains, cfg.qf_smem,
+                                    shape["warps"], 1)
+    for name, value in (("STAGES", cfg.stages), ("CHAINS", cfg.chains), ("QF_SMEM", cfg.qf_smem),
+                        ("WARPS", shape["warps"]), ("MIN_BLOCKS", shape["min_blocks"])):
+        assert f"#define {name} {value}" in src
+    res, log = _compile(nvrtc, src)
+    assert res == 0, f"{text}: NVRTC error {res}\n{log[-3000:]}"
+    regs = re.search(r"Used (\d+) registers", log)
+    assert regs and int(regs.group(1)) <= 65536 // (32 * shape["warps"] * shape["min_blocks"]), log

@@ -43,6 +43,7 @@ from turboquant.kernels.decode_attention import (
     decode_attention_store,
     store_tables,
 )
+from turboquant.kernels.decode_call import DecodeAttentionCall
 from turboquant.kernels.dequantize import dequantize, dequantize_reference
 from turboquant.kernels.hook import compressed_attention_cuda
 from turboquant.kernels.quantize_pack import quantize_pack, quantize_pack_reference
@@ -96,6 +97,7 @@ __all__ = [  # availability, tables, ops, the attention hook (sorted)
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_KERNEL_BITS",
     "CodeSpaceTables",
+    "DecodeAttentionCall",
     "DecodeWorkspace",
     "KernelTables",
     "KeyQJL",

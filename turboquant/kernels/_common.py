@@ -51,9 +51,7 @@ def on_input_device(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         dev = getattr(args[0] if args else kwargs.get(first), "device", None)
-        # torch._C._cuda_getDevice: torch.cuda.current_device() without its Python wrapper (a CUDA
-        # tensor in hand means CUDA is initialised)
-        if dev is not None and dev.type == "cuda" and dev.index is not None and dev.index != torch._C._cuda_getDevice():
+        if dev is not None and dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)

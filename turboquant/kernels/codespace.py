@@ -29,6 +29,7 @@ wrappers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +49,9 @@ KERNEL_ROTATIONS = ("hadamard", "dense")
 MAX_GROUPS = 2  # norm slots a vector the kernels select between
 _NORM_MAX = torch.finfo(torch.float16).max
 LAST_KERNEL: dict = {}  # which decode kernel the last call ran ("segmented" or "byte-columns")
+
+if TYPE_CHECKING:  # cuda_decode imports this package at run time
+    from turboquant.kernels.cuda_decode import CudaConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -847,6 +851,7 @@ def decode_attention_codespace(
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
     backend: str = "auto",
+    cuda_config: CudaConfig | None = None,
 ) -> torch.Tensor:
     """Decode attention over packed K/V stores of any layouts (K and V may differ) + the residual
     window; ``[B, 1, H_q, d]`` in the query's dtype. ``decode_attention`` forwards here whenever a
@@ -911,7 +916,7 @@ def decode_attention_codespace(
             query, k_codes, k_norms, v_codes, v_norms, ln, rl, *seg, scaling, residual_k,
             residual_v, k_outliers, v_outliers, workspace=workspace, block_n=block_n,
             num_splits=num_splits, num_warps=num_warps, programs_per_sm=programs_per_sm,
-            backend=backend,
+            backend=backend, cuda_config=cuda_config,
         )  # fmt: skip
     if backend == "cuda":
         raise ValueError(

@@ -505,25 +505,69 @@ tq_decode_partial(const void* __restrict__ q, const float* __restrict__ ksign,
 """
 
 _KERNELS: dict = {}
-# launch tuning (benchmarks sweep it): cp.async stages a warp, minimum resident CTAs an SM
-# (__launch_bounds__; caps registers), CTAs per SM the split count aims at
-# None = by load, measured on H100: few KV heads in flight (B·H_kv < 16) -> one 16-warp CTA an SM
-# (fewer, longer splits: a cheaper combine); else 4-warp CTAs, 4 an SM (128 registers a thread).
-TUNING = {"stages": 2, "min_blocks": None, "programs_per_sm": None, "warps": None, "chains": 2, "qf_smem": 1}
-DEFAULT_TUNING = dict(TUNING)
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    """One launch configuration of the CUDA decode kernel (each a compiled variant): ``stages``
+    cp.async stages a warp, ``chains`` independent MMA accumulator chains, ``qf_smem`` query
+    fragments in shared memory (1) or registers (0), ``warps`` a CTA, ``min_blocks`` resident CTAs
+    an SM (``__launch_bounds__``: caps registers), ``programs_per_sm`` CTAs an SM the split count
+    aims at. ``None`` = by load, measured on the H100: few KV heads in flight (B·H_kv < 16) -> one
+    16-warp CTA an SM (fewer, longer splits: a cheaper combine); else 4-warp CTAs, 4 an SM
+    (128 registers a thread). Pass one as ``decode_attention(..., cuda_config=...)``; benchmarks
+    sweep them (:meth:`parse`)."""
+
+    stages: int = 2
+    chains: int = 2
+    qf_smem: int = 1
+    warps: int | None = None
+    min_blocks: int | None = None
+    programs_per_sm: int | None = None
+
+    def __post_init__(self):
+        for name, allowed in (("stages", (1, 2, 3, 4)), ("chains", (1, 2, 4)), ("qf_smem", (0, 1)),
+                              ("warps", (None, 4, 8, 16))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CudaConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("min_blocks", "programs_per_sm"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32):
+                raise ValueError(f"CudaConfig.{name} must be None or an int in [1, 32], got {v!r}")
+
+    def launch_shape(self, few: bool) -> dict:
+        """Warps a CTA, resident CTAs an SM (register cap) and CTAs an SM the split count aims at."""
+        return {
+            "warps": self.warps or (16 if few else 4),
+            "min_blocks": self.min_blocks or (1 if few else 4),
+            "programs_per_sm": self.programs_per_sm or (1 if few else 4),
+        }
+
+    @classmethod
+    def parse(cls, text: str) -> CudaConfig:
+        """``programs_per_sm:stages:min_blocks:chains:qf_smem:warps`` (0 = by load for the
+        first, third and last), the benchmarks' ``--configs`` syntax."""
+        parts = text.split(":")
+        if len(parts) != 6 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"CUDA config {text!r}: expected programs_per_sm:stages:min_blocks:chains:qf_smem:warps "
+                             "(six non-negative ints, 0 = by load for programs_per_sm, min_blocks, warps)")
+        pps, st, mb, ch, qs, wp = (int(p) for p in parts)
+        return cls(stages=st, chains=ch, qf_smem=qs, warps=wp or None, min_blocks=mb or None,
+                   programs_per_sm=pps or None)
+
+
+DEFAULT_CONFIG = CudaConfig()
+
+
+def launch_shape(few: bool, config: CudaConfig | None = None) -> dict:
+    """:meth:`CudaConfig.launch_shape` of ``config`` (default :data:`DEFAULT_CONFIG`)."""
+    return (config or DEFAULT_CONFIG).launch_shape(few)
+
+
 _DST_INDEX: dict = {}
 WORD = 32  # code-space coordinates a 32-bit plane word (one thread's share of a round)
 ROUND = 128  # code-space coordinates a round: 4 threads x one word (the MMA k-tiles 8t .. 8t+7)
 NUM_CLASSES = 3  # norm classes of a round: 0 / 1 = one group's norm slot, 2 = mixed groups
-
-
-def launch_shape(few: bool) -> dict:
-    """Warps a CTA, resident CTAs an SM (register cap) and CTAs an SM the split count aims at."""
-    return {
-        "warps": TUNING["warps"] or (16 if few else 4),
-        "min_blocks": TUNING["min_blocks"] or (1 if few else 4),
-        "programs_per_sm": TUNING["programs_per_sm"] or (1 if few else 4),
-    }
 
 
 @dataclass(frozen=True)
@@ -805,16 +849,19 @@ def len_kind(length: torch.Tensor | None) -> int:
     return LEN_KINDS[length.dtype]
 
 
-def variant(query_dtype: torch.dtype, G: int, k_tables, v_tables, few: bool, lkind: int = 0):
+def variant(query_dtype: torch.dtype, G: int, k_tables, v_tables, few: bool, lkind: int = 0,
+            config: CudaConfig | None = None):
     """The compiled kernel (and its shared-memory bytes) for one call shape, compiling it at first
     use. Raises ``RuntimeError`` (and records it in :data:`COMPILE_FAILURES`) where NVRTC fails.
     ``query_dtype`` is that of the raw query (halves path); code-space tables take float32.
-    ``lkind``: :func:`len_kind` of the call's device lengths."""
+    ``lkind``: :func:`len_kind` of the call's device lengths; ``config``: the launch configuration
+    (default :data:`DEFAULT_CONFIG`)."""
     q_kind = 0 if not isinstance(k_tables, KernelTables) else \
         {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[query_dtype]
-    shape = launch_shape(few)
-    args = (G, k_tables, v_tables, q_kind, int(TUNING["stages"]), int(shape["min_blocks"]),
-            int(TUNING["chains"]), int(TUNING["qf_smem"]), int(shape["warps"]), int(lkind))
+    cfg = config or DEFAULT_CONFIG
+    shape = cfg.launch_shape(few)
+    args = (G, k_tables, v_tables, q_kind, cfg.stages, shape["min_blocks"], cfg.chains, cfg.qf_smem,
+            shape["warps"], int(lkind))
     try:
         return _kernel(*args)
     except Exception as err:  # NVRTC missing or failing on this CUDA install
@@ -854,15 +901,15 @@ class PartialLaunch:
     length a sequence (address and stride given a call), clamped to the call's int ``length``."""
 
     def __init__(self, query, k_codes, k_norms, v_codes, v_norms, k_tables, v_tables, qk_scale: float, few: bool,
-                 lkind: int = 0):
+                 lkind: int = 0, config: CudaConfig | None = None):
         import ctypes
 
         B, Hq, d = query.shape[0], query.shape[1], query.shape[-1]
         Hkv = k_codes.shape[1]
-        shape = launch_shape(few)
+        shape = launch_shape(few, config)
         halves = isinstance(k_tables, KernelTables)
         self.lkind = lkind
-        self.kern, self.smem = variant(query.dtype, Hq // Hkv, k_tables, v_tables, few, lkind)
+        self.kern, self.smem = variant(query.dtype, Hq // Hkv, k_tables, v_tables, few, lkind, config)
         tabs = _tables_tensor(k_tables, v_tables, query.device)
         dst = _dst_index(d, query.device) if halves else _codespace_dst(v_tables, query.device)
         ksign = k_tables.signs if halves else tabs  # code-space queries arrive rotated: never read

@@ -48,6 +48,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -67,6 +68,9 @@ if HAS_TRITON:
     import triton.language as tl
 
     from turboquant.kernels._common import fwht_tile
+
+if TYPE_CHECKING:  # cuda_decode imports this package at run time
+    from turboquant.kernels.cuda_decode import CudaConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -585,14 +589,9 @@ def _cuda_decode():
     return _CUDA_DECODE[0]
 
 
-def _tuning() -> tuple:
-    """The CUDA kernel's tuning knobs (benchmarks change them between calls): part of every key."""
-    return tuple(_cuda_decode().TUNING.values())
-
-
 def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
               residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
-              max_length, residual_length) -> tuple | None:
+              max_length, residual_length, cuda_config: CudaConfig | None = None) -> tuple | None:
     """The plan key of a call, or None (no plan: the call validates and launches uncached) where an
     argument is of a kind the key cannot describe (the full validation then names the problem)."""
     if not isinstance(scaling, (float, int)) or not (max_length is None or type(max_length) is int):
@@ -609,7 +608,7 @@ def _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tab
                v_norms.data_ptr(), v_norms.shape, v_norms.stride(), v_norms.dtype,
                id(k_tables), id(v_tables), scaling, res, qjl, block_n, num_splits,
                num_warps, num_stages, programs_per_sm, backend, type(length), max_length, type(residual_length),
-               _tuning())
+               cuda_config)
     except (AttributeError, TypeError, IndexError, RuntimeError):
         return None
     return key
@@ -644,6 +643,7 @@ class _Plan:
     const: dict  # partial-kernel constexprs that do not depend on the launch variant
     options: dict
     cfg: dict  # use_cuda -> (block_n, want splits or None, fixed splits or None)
+    cuda_config: CudaConfig | None  # the CUDA kernel's launch configuration (None: its default)
     cuda_ok: bool | None = None  # cuda_decode.supports (None: not asked yet)
     partial: object = None  # LaunchCache of the partial kernel
     # cuda_decode.PartialLaunch by length kind (cuda_decode.LEN_KINDS; built at the first CUDA call)
@@ -653,7 +653,7 @@ class _Plan:
 
 def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
                 residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
-                residual_length) -> _Plan:
+                residual_length, cuda_config: CudaConfig | None = None) -> _Plan:
     """Validate everything of a call that does not change from step to step; the launch constants."""
     if query.dim() != 4 or query.shape[2] != 1:
         raise ValueError(f"`query` must be [B, H_q, 1, d] (one decode token), got {tuple(query.shape)}")
@@ -688,7 +688,7 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
         if use_cuda:  # a CTA step = warps x 16-token tiles
             from turboquant.kernels import cuda_decode
 
-            shape = cuda_decode.launch_shape(few)
+            shape = cuda_decode.launch_shape(few, cuda_config)
             bn = 16 * shape["warps"]
             pps = pps or shape["programs_per_sm"]
         bn = bn or (128 if few else 64)
@@ -728,11 +728,11 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
         res_bf16_cpu=rk is not None and rk.dtype == torch.bfloat16 and rk.device.type == "cpu",
         res_ieee=res_ok and rk.dtype == torch.float32, qjl=qjl,
         const=const, options={"num_warps": num_warps or (8 if few else 4), "num_stages": num_stages},
-        cfg=cfg, partial=LaunchCache(_decode_partial_kernel), combine=LaunchCache(_decode_combine_kernel),
+        cfg=cfg, cuda_config=cuda_config, partial=LaunchCache(_decode_partial_kernel), combine=LaunchCache(_decode_combine_kernel),
     )
 
 
-def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: int, lk: int) -> bool:
+def _use_cuda(plan: _Plan, k_codes, k_norms, v_codes, v_norms, length: int, lk: int) -> bool:
     """Whether this call runs the CUDA partial kernel (mse keys: checked by the caller). ``length``:
     the grid's bound; ``lk``: the kernel's length variant (:func:`cuda_decode.len_kind`)."""
     backend = plan.backend
@@ -748,7 +748,7 @@ def _use_cuda(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length: in
     few = plan.B * plan.Hkv < 16
     if plan.cuda_ok and not cuda_decode.COMPILE_FAILURES:  # compile (first use) before anything is launched
         try:
-            cuda_decode.variant(query.dtype, plan.G, plan.k_tables, plan.v_tables, few, lk)
+            cuda_decode.variant(plan.dtype, plan.G, plan.k_tables, plan.v_tables, few, lk, plan.cuda_config)
             return True
         except RuntimeError as err:
             if backend == "cuda":
@@ -831,9 +831,35 @@ def _split_buffers(plan: _Plan, S: int, workspace, capturing: bool = False, curr
     return sc[1], sc[2], sc[3], out, (*sc[4], out.data_ptr())
 
 
-def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
-              max_length, residual_length, workspace) -> torch.Tensor:
-    """The per-call checks (lengths, residual rows) and the two launches of one planned call."""
+@dataclass
+class _Step:
+    """What one planned call launches, apart from the query: lengths, split-K shape, buffers and the
+    launch arguments that do not depend on the query (:func:`_prepare_step`). A step stays valid
+    while its plan, lengths, residual rows and workspace buffers do (:class:`DecodeAttentionCall`
+    keeps one and reruns only :func:`_launch_step`)."""
+
+    ln: LengthArgs
+    rl: LengthArgs
+    R: int
+    lk: int  # the CUDA kernel's length variant (cuda_decode.len_kind)
+    use_cuda: bool
+    bn: int
+    chunk: int
+    S_C: int
+    S: int
+    bufs: tuple  # m, l, acc, out, their addresses (_split_buffers)
+    ws_version: int | None  # the workspace's version when the buffers were taken (None: no workspace)
+    mid: tuple  # partial-kernel addresses between the query's slots (see _launch_step)
+    tail: tuple  # the partial kernel's int / float arguments after the addresses
+    len_spec: tuple  # what Triton specialises on of the device lengths (part of the launch key)
+
+
+_CHUNK_R = 64  # residual-window tokens a split
+
+
+def _prepare_step(plan: _Plan, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, max_length,
+                  residual_length, workspace, capturing: bool, current) -> _Step:
+    """The per-call checks (lengths, residual rows) and everything of the launches but the query."""
     B, dev = plan.B, plan.dev
     if type(length) is int and max_length is None and 0 <= length <= plan.capacity:
         ln = LengthArgs(length, length, None, 0)
@@ -842,8 +868,6 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     R = 0 if residual_k is None else residual_k.shape[2]
     if R and (not plan.res_ok or residual_v.shape[2] != R):
         raise ValueError("`residual_k`/`residual_v` must both be [B, H_kv, R, d], one dtype, contiguous last dim")
-    if plan.q_contig:
-        query = query.contiguous()
     if R and plan.res_bf16_cpu:
         # Triton's interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (a standalone 16x16
         # load + dot returns garbage): refuse instead of returning a silently wrong result
@@ -859,8 +883,7 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     lk = 0 if ln.tensor is None else _cuda_decode().len_kind(ln.tensor)  # the CUDA kernel's length variant
     use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None \
         and (plan.backend != "auto" or B * plan.Hkv * length >= AUTO_CUDA_MIN_TOKEN_HEADS) \
-        and _use_cuda(plan, query, k_codes, k_norms, v_codes, v_norms, length, lk)
-    LAST_LAUNCH["cuda"] = use_cuda
+        and _use_cuda(plan, k_codes, k_norms, v_codes, v_norms, length, lk)
     bn, want, fixed = plan.cfg[use_cuda]
     # split-K: ~`programs_per_sm` programs per SM over the packed tokens, residual in chunks of 64
     if length > 0:
@@ -868,17 +891,35 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
         S_C = _cdiv(length, chunk)
     else:
         chunk, S_C = bn, 0
-    chunk_r = 64
-    S = S_C + _cdiv(R, chunk_r)
-    # (current device, its current raw stream): where Triton's own launch would go (read once a
-    # call), and whether a CUDA graph is being captured on it (read once a call)
-    if dev.type == "cuda":
-        current = _current_device_stream()
-        capturing = torch._C._cuda_isCurrentStreamCapturing()
-    else:
-        current, capturing = None, False
-    m_part, l_part, acc_part, out, bp = _split_buffers(plan, S, workspace, capturing, current)
-    Hkv, G, p = plan.Hkv, plan.G, plan.ptrs
+    S = S_C + _cdiv(R, _CHUNK_R)
+    bufs = _split_buffers(plan, S, workspace, capturing, current)
+    p = plan.ptrs
+    lt_ptr = p[2] if ln.tensor is None else ln.tensor.data_ptr()
+    rt_ptr = p[2] if rl.tensor is None else rl.tensor.data_ptr()
+    # the partial kernel's arguments: query, k signs, k codes/norms, v codes/norms, k/v LUTs, residual
+    # k/v (the query where R = 0), m, l, acc, the QJL query side (the query for mse keys), QJL words,
+    # ||r||, device lengths (k norms where none: never read), then the ints and strides
+    mid = (p[0], p[1], p[2], p[3], p[4], p[5], p[6])
+    tail = (p[9], p[10], lt_ptr, rt_ptr, ln.value, chunk, S_C, S, rl.value, _CHUNK_R, plan.Hkv, plan.qk_scale,
+            S_C if use_cuda else 0, ln.stride, rl.stride, *plan.strides[R > 0])
+    # what Triton specialises on that the plan key does not fix, apart from the query's alignment:
+    # the variant, the residual window's presence and the device lengths
+    len_spec = (use_cuda, R > 0,
+                None if ln.tensor is None else (ln.tensor.dtype, ptr_spec(lt_ptr), int_spec(ln.stride)),
+                None if rl.tensor is None else (rl.tensor.dtype, ptr_spec(rt_ptr), int_spec(rl.stride)))
+    return _Step(ln=ln, rl=rl, R=R, lk=lk, use_cuda=use_cuda, bn=bn, chunk=chunk, S_C=S_C, S=S, bufs=bufs,
+                 ws_version=None if workspace is None else workspace.version, mid=mid, tail=tail, len_spec=len_spec)
+
+
+def _launch_step(plan: _Plan, st: _Step, query, k_codes, k_norms, v_codes, v_norms, residual_k, residual_v, k_qjl,
+                 capturing: bool, current) -> torch.Tensor:
+    """The two or three launches of one prepared step for this query: Triton's partial kernel (every
+    split, or the residual window's beside the CUDA kernel), the CUDA kernel, the combine."""
+    if plan.q_contig:
+        query = query.contiguous()
+    LAST_LAUNCH["cuda"] = use_cuda = st.use_cuda
+    R, S_C, S, B, p = st.R, st.S_C, st.S, plan.B, plan.ptrs
+    m_part, l_part, acc_part, out, bp = st.bufs
     # prod keys: ``S q · √(π/2)/d · scaling · log2 e`` float16 [B, H_q, 1, d] (the query side of the QJL
     # score in the kernel's log2 units: one product with the plan's scaled S^T); a dummy (never read) for mse
     sqj = torch.matmul(query.to(torch.float32), plan.qjl[0]).to(torch.float16) if plan.qjl is not None else query
@@ -887,25 +928,17 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
     # on a forked stream (free at replay); eager, the fork's stream and event calls would cost more
     # host time than the overlap saves GPU time (a few us), so they run first on the same stream
     if use_cuda and R and capturing:
-        cur, side = _fork_side_stream(dev)
+        cur, side = _fork_side_stream(plan.dev)
+    q_ptr = query.data_ptr()
     if not (use_cuda and R == 0):  # Triton: every split, or only the residual-window splits
         s_base = S_C if use_cuda else 0
-        q_ptr = query.data_ptr()
         sqj_ptr = q_ptr if sqj is query else sqj.data_ptr()
-        lt_ptr = p[2] if ln.tensor is None else ln.tensor.data_ptr()
-        rt_ptr = p[2] if rl.tensor is None else rl.tensor.data_ptr()
-        tail = (ln.value, chunk, S_C, S, rl.value, chunk_r, Hkv, plan.qk_scale, s_base, ln.stride, rl.stride,
-                *plan.strides[R > 0])
         # the launcher takes addresses; Triton compiles from typed tensors (slow(): first call of a variant)
-        fast = (q_ptr, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7] if R else q_ptr, p[8] if R else q_ptr,
-                *bp[:3], sqj_ptr, p[9], p[10], lt_ptr, rt_ptr, *tail)  # bp[:3]: m, l, acc (bp[3]: out)
-        # what Triton specialises on that the plan key does not fix: the variant, the residual
-        # window's presence, the query's alignment and the device lengths
-        vkey = (use_cuda, R > 0, ptr_spec(q_ptr), ptr_spec(sqj_ptr),
-                None if ln.tensor is None else (ln.tensor.dtype, ptr_spec(lt_ptr), int_spec(ln.stride)),
-                None if rl.tensor is None else (rl.tensor.dtype, ptr_spec(rt_ptr), int_spec(rl.stride)))
+        fast = (q_ptr, *st.mid, p[7] if R else q_ptr, p[8] if R else q_ptr, *bp[:3], sqj_ptr, *st.tail)
+        vkey = (ptr_spec(q_ptr), ptr_spec(sqj_ptr), st.len_spec)
 
         def slow():
+            ln, rl = st.ln, st.rl
             kq = k_qjl.qjl.view(torch.int32) if k_qjl is not None else None
             kc32 = k_codes.view(torch.int32)
             head = (query, plan.k_tables.signs, kc32, k_norms, v_codes.view(torch.int32), v_norms,
@@ -913,32 +946,49 @@ def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, re
                     m_part, l_part, acc_part, sqj if sqj is not query else query[:, :, 0],
                     kq if kq is not None else kc32, k_qjl.rnorms if k_qjl is not None else k_norms,
                     ln.tensor if ln.tensor is not None else k_norms, rl.tensor if rl.tensor is not None else k_norms)
-            return (head + tail,
-                    dict(plan.const, BLOCK_N=64 if use_cuda else bn, RES_IEEE=R > 0 and plan.res_ieee,
+            return (head + st.tail[4:],
+                    dict(plan.const, BLOCK_N=64 if use_cuda else st.bn, RES_IEEE=R > 0 and plan.res_ieee,
                          LEN_TENSOR=ln.tensor is not None, RLEN_TENSOR=rl.tensor is not None), plan.options)
 
         if side is None:
-            handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow, current)
+            handle = plan.partial.launch(vkey, (S - s_base, B * plan.Hkv), fast, slow, current)
         else:
             with torch.cuda.stream(side):
-                handle = plan.partial.launch(vkey, (S - s_base, B * Hkv), fast, slow)
+                handle = plan.partial.launch(vkey, (S - s_base, B * plan.Hkv), fast, slow)
         LAST_LAUNCH["partial"] = handle
     if use_cuda:
+        ln, lk = st.ln, st.lk
         launch = plan.cuda_launch.get(lk)
         if launch is None:  # the CUDA kernel's argument block, built once a plan and length kind
             launch = plan.cuda_launch[lk] = _cuda_decode().PartialLaunch(
                 query, k_codes, k_norms, v_codes, v_norms, plan.k_tables, plan.v_tables, plan.qk_scale,
-                few=B * Hkv < 16, lkind=lk)
-        launch(query.data_ptr(), bp[0], bp[1], bp[2], ln.value, chunk, S_C, S, current[1],
+                few=B * plan.Hkv < 16, lkind=lk, config=plan.cuda_config)
+        launch(q_ptr, bp[0], bp[1], bp[2], ln.value, st.chunk, S_C, S, current[1],
                0 if ln.tensor is None else ln.tensor.data_ptr(), ln.stride)
     if side is not None:
         cur.wait_stream(side)
-    Hq, d = plan.Hq, plan.d
+    Hq, d, G = plan.Hq, plan.d, plan.G
     plan.combine.launch(
         (ptr_spec(bp[3]),), (B * Hq, 1), (*bp[:3], p[11], bp[3], S_C, S, Hq, Hq * d, d),
         lambda: ((m_part, l_part, acc_part, plan.v_tables.signs, out, S_C, S, Hq, out.stride(0), out.stride(2)),
                  {"G": G, "D": d, "INV_SQRT_D": 1.0 / math.sqrt(d), "BLOCK_S": 16}, {"num_warps": 4}), current)
     return out
+
+
+def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
+              max_length, residual_length, workspace) -> torch.Tensor:
+    """One planned call: :func:`_prepare_step` then :func:`_launch_step`."""
+    if plan.dev.type == "cuda":
+        # (current device, its current raw stream): where Triton's own launch would go, and whether
+        # a CUDA graph is being captured on it (each read once a call)
+        current = _current_device_stream()
+        capturing = torch._C._cuda_isCurrentStreamCapturing()
+    else:
+        current, capturing = None, False
+    st = _prepare_step(plan, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, max_length,
+                       residual_length, workspace, capturing, current)
+    return _launch_step(plan, st, query, k_codes, k_norms, v_codes, v_norms, residual_k, residual_v, k_qjl,
+                        capturing, current)
 
 
 @on_input_device
@@ -966,6 +1016,7 @@ def decode_attention(
     max_length: int | None = None,
     residual_length: int | torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
+    cuda_config: CudaConfig | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token over a packed TurboQuant KV store + residual window
     (mse keys and values; or prod keys: ``k_codes``/``k_norms``/``k_tables`` the MSE part at
@@ -1005,6 +1056,8 @@ def decode_attention(
         workspace: a :class:`~turboquant.kernels.workspace.DecodeWorkspace`: split buffers and the
             output reused across calls of one shape (no allocation; the output is overwritten by
             the next call with this workspace).
+        cuda_config: the CUDA kernel's launch configuration
+            (:class:`~turboquant.kernels.cuda_decode.CudaConfig`; None: ``DEFAULT_CONFIG``).
     Returns:
         [B, 1, H_q, d] in the query's dtype.
     """
@@ -1020,12 +1073,12 @@ def decode_attention(
             query, k_codes, k_norms, v_codes, v_norms, length, as_codespace(k_tables, query.device),
             as_codespace(v_tables, query.device), scaling, residual_k, residual_v, k_outliers, v_outliers,
             max_length=max_length, residual_length=residual_length, workspace=workspace, block_n=block_n,
-            num_splits=num_splits, backend=backend)
+            num_splits=num_splits, backend=backend, cuda_config=cuda_config)
     key = plan = None
     if PLAN_CACHE:
         key = _plan_key(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling, residual_k,
                         residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm, backend, k_qjl,
-                        max_length, residual_length)
+                        max_length, residual_length, cuda_config)
         try:
             plan = _PLANS.get(key)
         except TypeError:  # an unhashable argument: validated and launched without a plan
@@ -1033,7 +1086,7 @@ def decode_attention(
     if plan is None:
         plan = _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling,
                            residual_k, residual_v, block_n, num_splits, num_warps, num_stages, programs_per_sm,
-                           backend, k_qjl, residual_length)
+                           backend, k_qjl, residual_length, cuda_config)
         if key is not None:
             if len(_PLANS) >= MAX_PLANS:
                 del _PLANS[next(iter(_PLANS))]  # oldest first

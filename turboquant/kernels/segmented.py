@@ -27,6 +27,7 @@ Reads top to bottom: pieces and tables, Triton kernel, wrapper (the reference is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,9 @@ MAX_PIECES = 4  # pieces a row (constexpr slots of the kernel); d=256 needs at m
 PIECE_MIN = 32  # coordinates: one 32-bit word a bit plane
 PIECE_MAX = 128  # coordinates: the halves kernel's d/2 tile at d=256 (registers)
 MAP_BN = 32  # output columns a program of the per-head map kernel
+
+if TYPE_CHECKING:  # cuda_decode imports this package at run time
+    from turboquant.kernels.cuda_decode import CudaConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,7 +509,7 @@ _CUDA_LAUNCHES: dict = {}  # cuda_decode.PartialLaunch per call structure (addre
 MAX_CUDA_LAUNCHES = 64
 
 
-def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few: bool, backend: str):
+def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few: bool, backend: str, config: CudaConfig | None = None):
     """The CUDA kernel's launch for the compressed splits of this call (``qcs``: the rotated,
     scaled float32 query [B, H_q, d]), or None where the Triton kernel runs them."""
     if backend not in ("auto", "triton", "cuda"):
@@ -521,7 +525,7 @@ def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few: bool,
     if backend == "auto" and B * Hkv * ln.bound < AUTO_CUDA_MIN_TOKEN_HEADS:
         return None  # below the measured crossover the Triton kernel is as fast or faster
     lk = cuda_decode.len_kind(ln.tensor)
-    key = (id(kt), id(vt), few, lk, tuple(cuda_decode.TUNING.values()), qcs.device, tuple(qcs.shape),
+    key = (id(kt), id(vt), few, lk, config, qcs.device, tuple(qcs.shape),
            qcs.stride()[:2], *((t.data_ptr(), tuple(t.shape), t.stride()) for t in (k_codes, k_norms, v_codes, v_norms)))
     launch = _CUDA_LAUNCHES.get(key)  # a hit passed the checks below with these very tensors
     if launch is None:
@@ -532,7 +536,7 @@ def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few: bool,
                                  "use backend='triton' or 'auto'")
             return None
         try:
-            launch = cuda_decode.PartialLaunch(qcs, k_codes, k_norms, v_codes, v_norms, kt, vt, 1.0, few, lk)
+            launch = cuda_decode.PartialLaunch(qcs, k_codes, k_norms, v_codes, v_norms, kt, vt, 1.0, few, lk, config)
         except RuntimeError as err:  # NVRTC failed: recorded in COMPILE_FAILURES, auto stays on Triton
             if backend == "cuda":
                 raise
@@ -572,6 +576,7 @@ def decode_attention_segmented(
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
     backend: str = "auto",
+    cuda_config: CudaConfig | None = None,
 ) -> torch.Tensor:
     """The word-decoder decode of :func:`~turboquant.kernels.codespace.decode_attention_codespace`
     (which validates the arguments and resolves ``ln``/``rl`` first): ``[B, 1, H_q, d]``.
@@ -581,7 +586,8 @@ def decode_attention_segmented(
     "cuda" runs the compressed splits in the CUDA kernel of :mod:`turboquant.kernels.cuda_decode`
     (the query rotated per group here, partials in this kernel's position order; raises where it
     does not apply), "auto" does where it applies from ``AUTO_CUDA_MIN_TOKEN_HEADS`` packed token-
-    heads up, "triton" never. The residual window and the combine always run in Triton."""
+    heads up, "triton" never. The residual window and the combine always run in Triton.
+    ``cuda_config``: the CUDA kernel's :class:`~turboquant.kernels.cuda_decode.CudaConfig` (None: its default)."""
     from turboquant.kernels.codespace import LAST_KERNEL, _cs_combine_kernel
     from turboquant.kernels.decode_attention import (
         _fork_side_stream,
@@ -603,11 +609,11 @@ def decode_attention_segmented(
     # Π_g q_g per group, scaled to log2 units: [B, H_q, d] float32 (filled below), in code space for
     # the CUDA kernel, in K's kernel position order for the Triton one
     qc = buffer(workspace, "qc", (B, Hq, d), torch.float32, dev)
-    cuda = _cuda_launch(qc, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few, backend)
+    cuda = _cuda_launch(qc, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few, backend, cuda_config)
     if cuda is not None:  # a CTA step = warps x 16-token tiles, the CUDA kernel's split count
         from turboquant.kernels import cuda_decode
 
-        shape = cuda_decode.launch_shape(few)
+        shape = cuda_decode.launch_shape(few, cuda_config)
         block_n, programs_per_sm = 16 * shape["warps"], programs_per_sm or shape["programs_per_sm"]
     block_n = block_n or (128 if few else 64)
     num_warps = num_warps or (8 if few else 4)

@@ -1,0 +1,141 @@
+"""A decode-attention call bound to one layer's stores: planned once, then only launched.
+
+``decode_attention`` validates its arguments and looks its launch plan up on every call (a key
+of every tensor's address, shape and strides). A decode loop calls it with the same stores,
+lengths and buffers every step and only a new query, so :class:`DecodeAttentionCall` splits the
+call the way serving engines split attention into *plan* and *run*: the first call plans,
+validates and compiles exactly as ``decode_attention`` does and keeps the prepared launch (split-K
+shape, buffers, every launch argument but the query's address); each later call checks what could
+have moved and launches. The output is the same tensor as ``decode_attention``'s with the bound
+arguments, bit for bit: both run :func:`~turboquant.kernels.decode_attention._launch_step`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from turboquant.kernels.workspace import DecodeWorkspace
+
+# the module (the package re-exports its function under the same name)
+_da = importlib.import_module("turboquant.kernels.decode_attention")
+
+_BOUND_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms", "residual_k", "residual_v", "length",
+                "residual_length")
+
+if TYPE_CHECKING:  # cuda_decode imports this package at run time
+    from turboquant.kernels.cuda_decode import CudaConfig
+
+
+class DecodeAttentionCall:
+    """``decode_attention(query, <bound arguments>)`` for a query of one fixed shape, step after step.
+
+    Bound at construction (the arguments of :func:`~turboquant.kernels.decode_attention`): the
+    packed stores, ``length`` and ``residual_length`` (ints, or int32/int64 device tensors whose
+    *values* may change between calls, updated in place: the static cache's case, with
+    ``max_length``), the residual buffers, ``backend``, ``cuda_config`` and a
+    :class:`DecodeWorkspace` (one is made when none is given; the output is overwritten by the next
+    call, as with any workspace).
+
+    ``call(query)`` returns ``[B, 1, H_q, d]``. The first call fixes the query's shape, strides,
+    dtype and device; a later query that differs raises ``ValueError``, and so does a bound tensor
+    whose address, shape or strides changed since (resized or ``set_`` in place), naming it.
+    Calls while a CUDA graph is being captured, and calls on a device other than the current one,
+    take the general path of ``decode_attention`` (the same kernels and arguments). Outlier
+    (code-space) layouts run ``decode_attention`` every call (it has no launch plan to keep).
+    """
+
+    def __init__(self, k_codes: torch.Tensor, k_norms: torch.Tensor, v_codes: torch.Tensor,
+                 v_norms: torch.Tensor, length: int | torch.Tensor, k_tables, v_tables, scaling: float,
+                 residual_k: torch.Tensor | None = None, residual_v: torch.Tensor | None = None, *,
+                 k_qjl=None, k_outliers: torch.Tensor | None = None, v_outliers: torch.Tensor | None = None,
+                 max_length: int | None = None, residual_length: int | torch.Tensor | None = None,
+                 backend: str = "auto", workspace: DecodeWorkspace | None = None, cuda_config: CudaConfig | None = None):
+        if workspace is not None and not isinstance(workspace, DecodeWorkspace):
+            raise TypeError(f"`workspace` must be a DecodeWorkspace or None, got {type(workspace).__name__}")
+        self.workspace = workspace if workspace is not None else DecodeWorkspace()
+        self._args = (k_codes, k_norms, v_codes, v_norms, length, k_tables, v_tables, scaling)
+        self._kw = {"residual_k": residual_k, "residual_v": residual_v, "k_qjl": k_qjl, "k_outliers": k_outliers,
+                    "v_outliers": v_outliers, "max_length": max_length, "residual_length": residual_length,
+                    "backend": backend, "cuda_config": cuda_config}
+        named = list(zip(_BOUND_NAMES, (k_codes, k_norms, v_codes, v_norms, residual_k, residual_v, length,
+                                        residual_length)))
+        if k_qjl is not None:
+            named += [("k_qjl.qjl", getattr(k_qjl, "qjl", None)), ("k_qjl.rnorms", getattr(k_qjl, "rnorms", None))]
+        # (name, tensor, address, shape, strides) of every bound tensor: checked before each launch
+        self._bound = tuple((n, t, t.data_ptr(), t.shape, t.stride()) for n, t in named if isinstance(t, torch.Tensor))
+        self._planned = isinstance(k_tables, _da.KernelTables) and isinstance(v_tables, _da.KernelTables)
+        self._plan = self._step = self._query = None
+
+    def _general(self, query: torch.Tensor) -> torch.Tensor:
+        return _da.decode_attention(query, *self._args, **self._kw, workspace=self.workspace)
+
+    def _check_bound(self) -> None:
+        for name, t, ptr, shape, stride in self._bound:
+            if t.data_ptr() != ptr or t.shape != shape or t.stride() != stride:
+                raise ValueError(
+                    f"DecodeAttentionCall: bound `{name}` moved (address, shape or strides changed since the "
+                    f"call was built: now {tuple(t.shape)} at {t.data_ptr():#x}, bound {tuple(shape)} at "
+                    f"{ptr:#x}); build a new DecodeAttentionCall for the new tensor")
+
+    def _check_host_lengths(self) -> None:
+        plan, kw = self._plan, self._kw
+        if isinstance(self._args[4], torch.Tensor):
+            _da.resolve_length(self._args[4], kw["max_length"], plan.B, plan.capacity, plan.dev)
+        rk, rl = kw["residual_k"], kw["residual_length"]
+        if isinstance(rl, torch.Tensor):
+            r = 0 if rk is None else rk.shape[2]
+            _da.resolve_length(rl, r, plan.B, r, plan.dev, "residual_length")
+
+    def _first(self, query: torch.Tensor) -> torch.Tensor:
+        """Plan, validate and compile like ``decode_attention`` (its plan cache included); keep the step."""
+        out = self._general(query)  # the full validation; compiles the variants this call needs
+        if not self._planned:
+            return out
+        a, kw = self._args, self._kw
+        key = _da._plan_key(query, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], kw["residual_k"],
+                            kw["residual_v"], None, None, None, 1, None, kw["backend"], kw["k_qjl"],
+                            kw["max_length"], kw["residual_length"], kw["cuda_config"])
+        plan = _da._PLANS.get(key) if key is not None else None
+        if plan is None:  # plans off (or a key the cache cannot hold): general path every call
+            self._planned = False
+            return out
+        self._plan = plan
+        self._query = (query.shape, query.stride(), query.dtype, query.device)
+        current = _da._current_device_stream() if plan.dev.type == "cuda" else None
+        self._step = _da._prepare_step(plan, a[0], a[1], a[2], a[3], a[4], kw["residual_k"], kw["residual_v"],
+                                       kw["max_length"], kw["residual_length"], self.workspace, False, current)
+        return out
+
+    def __call__(self, query: torch.Tensor) -> torch.Tensor:
+        st = self._step
+        if st is None:
+            if self._query is None and self._plan is None and self._planned:
+                return self._first(query)
+            return self._general(query)
+        shape, stride, dtype, device = self._query
+        if query.shape != shape or query.dtype is not dtype or query.device != device or query.stride() != stride:
+            raise ValueError(
+                f"DecodeAttentionCall: `query` must keep the first call's shape {tuple(shape)}, strides "
+                f"{stride}, dtype {dtype} and device {device}; got {tuple(query.shape)}, {query.stride()}, "
+                f"{query.dtype}, {query.device} (build one call per query shape)")
+        self._check_bound()
+        plan, a, kw = self._plan, self._args, self._kw
+        if plan.dev.type == "cuda":
+            current = _da._current_device_stream()
+            if torch._C._cuda_isCurrentStreamCapturing() or current[0] != plan.dev.index:
+                return self._general(query)  # graph capture forks a stream; another device switches first
+        else:  # host length tensors are checked against max_length on every call, as decode_attention does
+            current = None
+            self._check_host_lengths()
+        if st.ws_version != self.workspace.version:  # the workspace's buffers were replaced: take them anew
+            self._step = st = _da._prepare_step(plan, a[0], a[1], a[2], a[3], a[4], kw["residual_k"],
+                                                kw["residual_v"], kw["max_length"], kw["residual_length"],
+                                                self.workspace, False, current)
+        return _da._launch_step(plan, st, query, a[0], a[1], a[2], a[3], kw["residual_k"], kw["residual_v"],
+                                kw["k_qjl"], False, current)
+
+
+__all__ = ["DecodeAttentionCall"]
