@@ -19,8 +19,9 @@ Shape of one Qwen3.6-27B full-attention layer (24 query heads, 4 KV heads, head_
 
 Length modes: ``int`` (a host int length, no workspace: a new output a call), ``device``
 (an int32 device length + ``max_length`` + a :class:`DecodeWorkspace`: the static cache's call)
-and ``bound`` (the same arguments bound once in a :class:`DecodeAttentionCall`, called with the
-query alone: validation and plan lookup at its first call only).
+``bound`` (the same arguments bound once in a :class:`DecodeAttentionCall` with ``graph=False``,
+called with the query alone: validation and plan lookup at its first call only) and ``graph`` (the
+bound call replaying its own CUDA graph: a query copy and one graph launch a call).
 Codes, norms and QJL bits are random bytes: host time does not depend on their values.
 
 Usage (one H200, about 60-120 s, most of it first compiles; the JSON is rewritten after every row):
@@ -86,11 +87,11 @@ def _make_call(torch, s, q, rk, rv, n, mode, scaling):
     else:
         length = torch.tensor([n], dtype=torch.int32, device=q.device)
         kw = {"max_length": n, "workspace": DecodeWorkspace()}
-    if mode == "bound":  # the static cache's call, planned once: DecodeAttentionCall(...)(query)
+    if mode in ("bound", "graph"):  # the static cache's call, planned once: DecodeAttentionCall(...)(query)
         from turboquant.kernels import DecodeAttentionCall
 
         bound = DecodeAttentionCall(s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], scaling, rk, rv,
-                                    k_qjl=s["kj"], **kw)
+                                    k_qjl=s["kj"], graph=mode == "graph" and q.is_cuda, **kw)
         return lambda: bound(q)
 
     def call():
@@ -175,7 +176,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
-    ap.add_argument("--modes", default="int,device,bound")
+    ap.add_argument("--modes", default="int,device,bound,graph")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--sync-every", type=int, default=100, help="calls between syncs (2-3 launches a call)")
     ap.add_argument("--sync-each", type=int, default=1, choices=[0, 1],

@@ -169,12 +169,13 @@ def _gpu_store(dev, kbits, vbits, n=3000, r=64, hq=24, hkv=4, b=2, d=256):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True], ids=["relaunch", "own-graph"])
 @pytest.mark.parametrize("kv", [(3.5, 3.5), (4, 3)], ids=["halves-3.5", "K4-V3"])
-def test_bound_call_through_the_cuda_kernel_equals_decode_attention(cuda, kv):
+def test_bound_call_through_the_cuda_kernel_equals_decode_attention(cuda, kv, graph):
     """The static cache's call shape (device code and window lengths, bfloat16 window, head_dim 256)
-    through the CUDA kernel: each eager step of the bound call equals ``decode_attention`` bitwise,
-    lengths moved in place between steps; the same bound call captured in a CUDA graph replays to
-    the eager outputs."""
+    through the CUDA kernel: each eager step of the bound call (relaunching its kept step, or
+    replaying its own CUDA graph) equals ``decode_attention`` bitwise, lengths moved in place
+    between steps; the same bound call captured in an outer CUDA graph replays to the eager outputs."""
     from turboquant.kernels import DecodeAttentionCall, DecodeWorkspace, decode_attention
     from turboquant.kernels.decode_attention import LAST_LAUNCH
 
@@ -183,13 +184,14 @@ def test_bound_call_through_the_cuda_kernel_equals_decode_attention(cuda, kv):
     rlen = torch.tensor([64, 17], dtype=torch.int32, device=cuda)
     args = (s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], 1 / 16, s["rk"], s["rv"])
     kw = {"max_length": 3000, "residual_length": rlen, "backend": "cuda"}
-    call = DecodeAttentionCall(*args, **kw)
-    steps = ([2000, 2999], [1, 2500], [0, 3000])
+    call = DecodeAttentionCall(*args, **kw, graph=graph)
+    steps = ([2000, 2999], [1, 2500], [0, 3000], [2999, 17])
     eager = []
-    for lens, q in zip(steps, s["qs"]):
+    for lens, q in zip(steps, s["qs"] + s["qs"][:1]):
         length.copy_(torch.tensor(lens, dtype=torch.int32))
         got = call(q).clone()
         assert LAST_LAUNCH["cuda"], "the bound call must run the CUDA kernel here"
+        assert (call._graph is not None) == (graph and len(eager) > 0)
         want = decode_attention(q, *args, **kw, workspace=DecodeWorkspace())
         assert torch.equal(got, want), f"lengths {lens}: bound call differs from decode_attention"
         eager.append(got)
@@ -199,9 +201,28 @@ def test_bound_call_through_the_cuda_kernel_equals_decode_attention(cuda, kv):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = call(q_in)
-    for lens, q, want in zip(steps, s["qs"], eager):
+    for lens, q, want in zip(steps, s["qs"] + s["qs"][:1], eager):
         length.copy_(torch.tensor(lens, dtype=torch.int32))
         q_in.copy_(q)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want), f"lengths {lens}: graph replay differs from the eager bound call"
+
+
+@pytest.mark.gpu
+def test_bound_call_graph_of_prod_keys_equals_decode_attention(cuda):
+    """TurboQuant-prod keys (the query-side ``S q`` product is part of the call): the bound call's
+    own-graph replays equal ``decode_attention`` bitwise over steps with moved device lengths."""
+    from turboquant.kernels import DecodeAttentionCall, DecodeWorkspace, decode_attention
+
+    s = _store(cuda, prod=True)
+    qs, rk, rv = _queries(cuda, 3)
+    length = torch.tensor([37, 21], dtype=torch.int32, device=cuda)
+    args = (s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], SCALE, rk, rv)
+    call = DecodeAttentionCall(*args, k_qjl=s["kj"], max_length=40, graph=True)
+    for step, (lens, q) in enumerate(zip(([37, 21], [40, 1], [2, 39]), qs)):
+        length.copy_(torch.tensor(lens, dtype=torch.int32))
+        got = call(q).clone()
+        want = decode_attention(q, *args, k_qjl=s["kj"], max_length=40, workspace=DecodeWorkspace())
+        assert torch.equal(got, want), f"step {step} (lengths {lens})"
+    assert call._graph is not None

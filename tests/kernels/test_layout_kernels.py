@@ -675,6 +675,39 @@ def test_cuda_kernel_with_device_window_lengths(cuda, kind):
         _assert_frobenius_close(out[b : b + 1], _reference(row, n), GPU_TOL[torch.float32]["rel"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bound_call_on_outlier_layouts_replays_its_graph_like_decode_attention(cuda, backend):
+    """The paper recipe through :class:`DecodeAttentionCall` (the static cache's eager call): from
+    the second call the bound call replays its own CUDA graph (query map, CUDA or Triton partials,
+    residual splits, combine, output map); every step, lengths moved on the device in place, equals
+    ``decode_attention`` with the same arguments bitwise."""
+    from turboquant.kernels import DecodeAttentionCall, DecodeWorkspace
+    from turboquant.kernels.codespace import LAST_KERNEL
+
+    c = _case(cuda, 256, "paper-3.5", "paper-2.5", 24, 4, 3001, 64, 2)
+    cap = c["k_codes"].shape[2]
+    length = torch.tensor([2500, 700], dtype=torch.int32, device=cuda)
+    rlen = torch.tensor([64, 9], dtype=torch.int32, device=cuda)
+    call = DecodeAttentionCall(c["k_codes"], c["k_norms"], c["v_codes"], c["v_norms"], length, c["k_tables"],
+                               c["v_tables"], c["query"].shape[-1] ** -0.5, c["residual_k"], c["residual_v"],
+                               k_outliers=c["k_outliers"], v_outliers=c["v_outliers"], max_length=cap,
+                               residual_length=rlen, backend=backend)
+    gen = torch.Generator(device=cuda).manual_seed(9)
+    for step, (lens, rl) in enumerate((([2500, 700], [64, 9]), ([1, 3001], [3, 64]), ([0, 1500], [1, 0]),
+                                       ([3001, 2], [64, 64]))):
+        length.copy_(torch.tensor(lens, dtype=torch.int32))
+        rlen.copy_(torch.tensor(rl, dtype=torch.int32))
+        q = torch.randn(c["query"].shape, device=cuda, generator=gen).to(c["query"].dtype)
+        got = call(q).clone()
+        assert (call._graph is not None) == (step > 0)
+        want = _kernel({**c, "query": q}, length, max_length=cap, residual_length=rlen, backend=backend,
+                       workspace=DecodeWorkspace())
+        if backend == "cuda":
+            assert LAST_KERNEL["decode"] == "segmented+cuda"
+        assert torch.equal(got, want), f"step {step} (lengths {lens}, window {rl})"
+
+
 def _row(c, b):
     """Sequence ``b`` of a case: the batched tensors sliced to ``[b : b + 1]`` (outliers are per head)."""
     return {k: v[b : b + 1] if isinstance(v, torch.Tensor) and not k.endswith("outliers") else v for k, v in c.items()}

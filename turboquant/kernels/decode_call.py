@@ -43,8 +43,13 @@ class DecodeAttentionCall:
     dtype and device; a later query that differs raises ``ValueError``, and so does a bound tensor
     whose address, shape or strides changed since (resized or ``set_`` in place), naming it.
     Calls while a CUDA graph is being captured, and calls on a device other than the current one,
-    take the general path of ``decode_attention`` (the same kernels and arguments). Outlier
-    (code-space) layouts run ``decode_attention`` every call (it has no launch plan to keep).
+    take the general path of ``decode_attention`` (the same kernels and arguments).
+
+    ``graph`` (default: True on CUDA): from the second call on, an eager call copies the query into
+    a fixed buffer and replays a CUDA graph of the call captured then (one graph launch in place of
+    the 2-5 kernel launches and the Python between them, for every layout and key mode); the
+    returned tensor is the graph's output, overwritten by the next call. ``graph=False``: halves
+    layouts relaunch the kept step, outlier (code-space) layouts run ``decode_attention`` every call.
     """
 
     def __init__(self, k_codes: torch.Tensor, k_norms: torch.Tensor, v_codes: torch.Tensor,
@@ -52,7 +57,8 @@ class DecodeAttentionCall:
                  residual_k: torch.Tensor | None = None, residual_v: torch.Tensor | None = None, *,
                  k_qjl=None, k_outliers: torch.Tensor | None = None, v_outliers: torch.Tensor | None = None,
                  max_length: int | None = None, residual_length: int | torch.Tensor | None = None,
-                 backend: str = "auto", workspace: DecodeWorkspace | None = None, cuda_config: CudaConfig | None = None):
+                 backend: str = "auto", workspace: DecodeWorkspace | None = None, cuda_config: CudaConfig | None = None,
+                 graph: bool | None = None):
         if workspace is not None and not isinstance(workspace, DecodeWorkspace):
             raise TypeError(f"`workspace` must be a DecodeWorkspace or None, got {type(workspace).__name__}")
         self.workspace = workspace if workspace is not None else DecodeWorkspace()
@@ -68,6 +74,10 @@ class DecodeAttentionCall:
         self._bound = tuple((n, t, t.data_ptr(), t.shape, t.stride()) for n, t in named if isinstance(t, torch.Tensor))
         self._planned = isinstance(k_tables, _da.KernelTables) and isinstance(v_tables, _da.KernelTables)
         self._plan = self._step = self._query = None
+        if graph is not None and not isinstance(graph, bool):
+            raise TypeError(f"`graph` must be None, True or False, got {graph!r}")
+        self._use_graph = graph
+        self._graph = self._gq = self._gout = self._keep = None
 
     def _general(self, query: torch.Tensor) -> torch.Tensor:
         return _da.decode_attention(query, *self._args, **self._kw, workspace=self.workspace)
@@ -92,6 +102,11 @@ class DecodeAttentionCall:
     def _first(self, query: torch.Tensor) -> torch.Tensor:
         """Plan, validate and compile like ``decode_attention`` (its plan cache included); keep the step."""
         out = self._general(query)  # the full validation; compiles the variants this call needs
+        self._query = (query.shape, query.stride(), query.dtype, query.device)
+        if self._use_graph is None:
+            self._use_graph = query.device.type == "cuda"
+        elif self._use_graph and query.device.type != "cuda":
+            raise ValueError(f"DecodeAttentionCall(graph=True) needs a CUDA query, got one on {query.device}")
         if not self._planned:
             return out
         a, kw = self._args, self._kw
@@ -103,18 +118,26 @@ class DecodeAttentionCall:
             self._planned = False
             return out
         self._plan = plan
-        self._query = (query.shape, query.stride(), query.dtype, query.device)
         current = _da._current_device_stream() if plan.dev.type == "cuda" else None
         self._step = _da._prepare_step(plan, a[0], a[1], a[2], a[3], a[4], kw["residual_k"], kw["residual_v"],
                                        kw["max_length"], kw["residual_length"], self.workspace, False, current)
         return out
 
+    def _capture(self, query: torch.Tensor) -> None:
+        """Capture one call into this call's own CUDA graph (the query read from a fixed buffer);
+        keep every workspace tensor the graph writes, so a workspace that later replaces a buffer
+        cannot free memory the graph replays into."""
+        gq = torch.empty_strided(query.shape, query.stride(), dtype=query.dtype, device=query.device)
+        gq.copy_(query)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = self._general(gq)
+        self._keep = tuple(self.workspace.buffers.values())
+        self._graph, self._gq, self._gout = g, gq, out
+
     def __call__(self, query: torch.Tensor) -> torch.Tensor:
-        st = self._step
-        if st is None:
-            if self._query is None and self._plan is None and self._planned:
-                return self._first(query)
-            return self._general(query)
+        if self._query is None:
+            return self._first(query)
         shape, stride, dtype, device = self._query
         if query.shape != shape or query.dtype is not dtype or query.device != device or query.stride() != stride:
             raise ValueError(
@@ -122,14 +145,24 @@ class DecodeAttentionCall:
                 f"{stride}, dtype {dtype} and device {device}; got {tuple(query.shape)}, {query.stride()}, "
                 f"{query.dtype}, {query.device} (build one call per query shape)")
         self._check_bound()
-        plan, a, kw = self._plan, self._args, self._kw
-        if plan.dev.type == "cuda":
+        if device.type == "cuda":
             current = _da._current_device_stream()
-            if torch._C._cuda_isCurrentStreamCapturing() or current[0] != plan.dev.index:
-                return self._general(query)  # graph capture forks a stream; another device switches first
+            if torch._C._cuda_isCurrentStreamCapturing() or current[0] != device.index:
+                return self._general(query)  # a graph being captured forks streams; another device switches first
+            if self._use_graph:  # eager: replay this call's own graph (one launch, any layout)
+                if self._graph is None:
+                    self._capture(query)
+                self._gq.copy_(query)
+                self._graph.replay()
+                return self._gout
         else:  # host length tensors are checked against max_length on every call, as decode_attention does
             current = None
-            self._check_host_lengths()
+            if self._step is not None:
+                self._check_host_lengths()
+        st = self._step
+        if st is None:  # code-space layouts, or no plan: the general path every call
+            return self._general(query)
+        plan, a, kw = self._plan, self._args, self._kw
         if st.ws_version != self.workspace.version:  # the workspace's buffers were replaced: take them anew
             self._step = st = _da._prepare_step(plan, a[0], a[1], a[2], a[3], a[4], kw["residual_k"],
                                                 kw["residual_v"], kw["max_length"], kw["residual_length"],
