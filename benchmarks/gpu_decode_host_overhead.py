@@ -43,12 +43,34 @@ import sys
 import time
 
 TARGET_US = 30.0
-LAYOUTS = {  # name -> (key bits, value bits, key mode)
+LAYOUTS = {  # name -> (key bits, value bits, key mode); "paper-*": the paper's outlier layouts (code space)
     "halves-3.5": (3.5, 3.5, "mse"),
     "halves-2.5": (2.5, 2.5, "mse"),
     "K4/V3": (4, 3, "mse"),
     "prod-3.5": (3.5, 3.5, "prod"),
+    "paper-3.5": (3.5, 3.5, "mse"),
+    "paper-2.5": (2.5, 2.5, "mse"),
 }
+DEFAULT_LAYOUTS = "halves-3.5,halves-2.5,K4/V3,prod-3.5"
+
+
+def _paper_store(torch, name, B, hkv, n, d, dev, seed):
+    """Random codes and per-group norms of the outlier layout ``name`` (K and V), its code-space
+    tables and each head's first ``n_out`` channels as outliers."""
+    from turboquant.kernels import KernelTables
+    from turboquant.layout import build_layout
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = {}
+    for side, lseed in (("k", 5), ("v", 6)):
+        lay = build_layout(name, d, seed=lseed)
+        t = KernelTables.from_layout(lay, dev)
+        out[side + "c"] = torch.randint(0, 256, (B, hkv, n, lay.code_nbytes), generator=g, device=dev,
+                                        dtype=torch.uint8)
+        out[side + "n"] = (torch.rand(B, hkv, n, lay.num_norms, generator=g, device=dev) + 0.5).to(torch.float16)
+        out[side + "t"] = t
+        out[side + "o"] = torch.arange(lay.n_out, device=dev).expand(hkv, lay.n_out).to(lay.index_dtype).contiguous()
+    return {**out, "kj": None}
 
 
 def _store(torch, name, B, hkv, n, d, dev, seed):
@@ -56,6 +78,8 @@ def _store(torch, name, B, hkv, n, d, dev, seed):
     from turboquant.kernels import KernelTables, KeyQJL
     from turboquant.quantizer import TurboQuantMSE, TurboQuantProd
 
+    if name.startswith("paper-"):
+        return _paper_store(torch, name, B, hkv, n, d, dev, seed)
     kb, vb, mode = LAYOUTS[name]
     g = torch.Generator(device=dev).manual_seed(seed)
     vq = TurboQuantMSE(d, vb, seed=12)
@@ -91,12 +115,13 @@ def _make_call(torch, s, q, rk, rv, n, mode, scaling):
         from turboquant.kernels import DecodeAttentionCall
 
         bound = DecodeAttentionCall(s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], scaling, rk, rv,
-                                    k_qjl=s["kj"], graph=mode == "graph" and q.is_cuda, **kw)
+                                    k_qjl=s["kj"], k_outliers=s.get("ko"), v_outliers=s.get("vo"),
+                                    graph=mode == "graph" and q.is_cuda, **kw)
         return lambda: bound(q)
 
     def call():
         return decode_attention(q, s["kc"], s["kn"], s["vc"], s["vn"], length, s["kt"], s["vt"], scaling, rk, rv,
-                                k_qjl=s["kj"], **kw)
+                                k_qjl=s["kj"], k_outliers=s.get("ko"), v_outliers=s.get("vo"), **kw)
 
     return call
 
@@ -148,7 +173,7 @@ def _smoke() -> None:
     q = torch.randn(B, hq, 1, d, generator=g)
     rk, rv = torch.randn(B, hkv, 5, d, generator=g), torch.randn(B, hkv, 5, d, generator=g)
     orig = fast_launch.LaunchCache.launch
-    for name in LAYOUTS:
+    for name in DEFAULT_LAYOUTS.split(","):  # the outlier layouts launch through kernel[grid] (no no-op here)
         s = _store(torch, name, B, hkv, n, d, dev, 0)
         for mode in ("int", "device", "bound"):
             call = _make_call(torch, s, q, rk, rv, n, mode, 1 / math.sqrt(d))
@@ -175,7 +200,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--contexts", default="8192,32768")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"comma separated, of {', '.join(LAYOUTS)}")
     ap.add_argument("--modes", default="int,device,bound,graph")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--sync-every", type=int, default=100, help="calls between syncs (2-3 launches a call)")

@@ -46,7 +46,10 @@ to the Triton kernels then.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -715,6 +718,37 @@ def unsupported(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_cod
     if any(st >= 2**31 for t in (k_codes, v_codes, k_norms, v_norms) for st in t.stride()):
         return "strides of 2^31 or more (the kernel takes 32-bit strides; Triton handles larger)"
     return None
+
+
+_T = TypeVar("_T")
+
+
+def choose(backend: str, why: str | None, build: Callable[[], _T], stacklevel: int = 3) -> _T | None:
+    """What a call that may run the CUDA kernel runs (both decode paths ask here): ``build()``
+    (which compiles the variant at first use) where ``why`` (:func:`unsupported`) is None and no
+    variant failed to compile earlier in this process; else None (the Triton kernel runs it).
+    ``backend="cuda"`` raises a named error instead of returning None; ``"auto"`` warns once, at the
+    compile failure itself."""
+    if why is not None:
+        if backend == "cuda":
+            raise ValueError(
+                f"backend='cuda': the CUDA decode kernel cannot run this call ({why}); it needs head_dim in "
+                f"{CUDA_HEAD_DIMS}, H_q/H_kv <= 8, layouts of whole 32-coordinate words, 16-byte aligned "
+                "contiguous code rows and a CUDA device: use backend='triton' or 'auto'")
+        return None
+    if COMPILE_FAILURES:
+        if backend == "cuda":
+            raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
+                               f"({next(iter(COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
+        return None
+    try:
+        return build()
+    except RuntimeError as err:  # NVRTC failed: recorded in COMPILE_FAILURES
+        if backend == "cuda":
+            raise
+        warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead", RuntimeWarning,
+                      stacklevel=stacklevel + 1)
+        return None
 
 
 def supports(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_codes: torch.Tensor,

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -644,7 +643,7 @@ class _Plan:
     options: dict
     cfg: dict  # use_cuda -> (block_n, want splits or None, fixed splits or None)
     cuda_config: CudaConfig | None  # the CUDA kernel's launch configuration (None: its default)
-    cuda_ok: bool | None = None  # cuda_decode.supports (None: not asked yet)
+    cuda_why: str | None = None  # why the CUDA kernel cannot run this plan ("": it can; None: not asked yet)
     partial: object = None  # LaunchCache of the partial kernel
     # cuda_decode.PartialLaunch by length kind (cuda_decode.LEN_KINDS; built at the first CUDA call)
     cuda_launch: dict = field(default_factory=dict)
@@ -741,33 +740,15 @@ def _use_cuda(plan: _Plan, k_codes, k_norms, v_codes, v_norms, length: int, lk: 
     cuda_decode = _cuda_decode()
     if lk in plan.cuda_launch:
         return True  # this plan's variant compiled and launched before
-
-    if plan.cuda_ok is None:
-        plan.cuda_ok = cuda_decode.supports(plan.d, plan.G, plan.k_tables, plan.v_tables, k_codes, v_codes,
-                                            k_norms, v_norms)
+    if plan.cuda_why is None:  # the structural answer, once a plan ("": the kernel takes it)
+        plan.cuda_why = cuda_decode.unsupported(plan.d, plan.G, plan.k_tables, plan.v_tables, k_codes, v_codes,
+                                               k_norms, v_norms) or ""
     few = plan.B * plan.Hkv < 16
-    if plan.cuda_ok and not cuda_decode.COMPILE_FAILURES:  # compile (first use) before anything is launched
-        try:
-            cuda_decode.variant(plan.dtype, plan.G, plan.k_tables, plan.v_tables, few, lk, plan.cuda_config)
-            return True
-        except RuntimeError as err:
-            if backend == "cuda":
-                raise
-            warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
-                          RuntimeWarning, stacklevel=3)
-            return False
-    if backend == "cuda" and cuda_decode.COMPILE_FAILURES:
-        raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
-                           f"({next(iter(cuda_decode.COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
-    if backend == "cuda":
-        why = cuda_decode.unsupported(plan.d, plan.G, plan.k_tables, plan.v_tables, k_codes, v_codes, k_norms,
-                                      v_norms)
-        raise ValueError(
-            f"backend='cuda' needs head_dim in {cuda_decode.CUDA_HEAD_DIMS}, H_q/H_kv <= 8, layouts of whole "
-            f"32-coordinate words, 16-byte aligned contiguous code rows and a CUDA device; got d={plan.d}, "
-            f"G={plan.G}, bits={plan.k_tables.bits}/{plan.v_tables.bits}, device={plan.dev} ({why}): use "
-            "backend='triton' or 'auto'")
-    return False
+    # compile the variant (first use) before anything is launched
+    return cuda_decode.choose(
+        backend, plan.cuda_why or None,
+        lambda: cuda_decode.variant(plan.dtype, plan.G, plan.k_tables, plan.v_tables, few, lk, plan.cuda_config),
+        stacklevel=4) is not None
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -530,20 +530,10 @@ def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few: bool,
     launch = _CUDA_LAUNCHES.get(key)  # a hit passed the checks below with these very tensors
     if launch is None:
         why = cuda_decode.unsupported(d, Hq // Hkv, kt, vt, k_codes, v_codes, k_norms, v_norms)
-        if why is not None:
-            if backend == "cuda":
-                raise ValueError(f"backend='cuda': the CUDA decode kernel cannot run this call ({why}); "
-                                 "use backend='triton' or 'auto'")
-            return None
-        try:
-            launch = cuda_decode.PartialLaunch(qcs, k_codes, k_norms, v_codes, v_norms, kt, vt, 1.0, few, lk, config)
-        except RuntimeError as err:  # NVRTC failed: recorded in COMPILE_FAILURES, auto stays on Triton
-            if backend == "cuda":
-                raise
-            import warnings
-
-            warnings.warn(f"{err}; decode_attention(backend='auto') uses the Triton kernel instead",
-                          RuntimeWarning, stacklevel=4)
+        launch = cuda_decode.choose(
+            backend, why, lambda: cuda_decode.PartialLaunch(qcs, k_codes, k_norms, v_codes, v_norms, kt, vt, 1.0,
+                                                            few, lk, config), stacklevel=5)
+        if launch is None:
             return None
         if len(_CUDA_LAUNCHES) >= MAX_CUDA_LAUNCHES:
             del _CUDA_LAUNCHES[next(iter(_CUDA_LAUNCHES))]
