@@ -728,18 +728,19 @@ def choose(backend: str, why: str | None, build: Callable[[], _T], stacklevel: i
     (which compiles the variant at first use) where ``why`` (:func:`unsupported`) is None and no
     variant failed to compile earlier in this process; else None (the Triton kernel runs it).
     ``backend="cuda"`` raises a named error instead of returning None; ``"auto"`` warns once, at the
-    compile failure itself."""
+    compile failure itself. A compile failure earlier in the process is answered first
+    (:func:`unsupported` then names it as its reason too)."""
+    if COMPILE_FAILURES:
+        if backend == "cuda":
+            raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
+                               f"({next(iter(COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
+        return None
     if why is not None:
         if backend == "cuda":
             raise ValueError(
                 f"backend='cuda': the CUDA decode kernel cannot run this call ({why}); it needs head_dim in "
                 f"{CUDA_HEAD_DIMS}, H_q/H_kv <= 8, layouts of whole 32-coordinate words, 16-byte aligned "
                 "contiguous code rows and a CUDA device: use backend='triton' or 'auto'")
-        return None
-    if COMPILE_FAILURES:
-        if backend == "cuda":
-            raise RuntimeError("backend='cuda': the CUDA decode kernel failed to compile earlier in this process "
-                               f"({next(iter(COMPILE_FAILURES.values()))}); use backend='triton' or 'auto'")
         return None
     try:
         return build()
