@@ -7,41 +7,22 @@ Runs compiled on CUDA or under ``TRITON_INTERPRET=1`` on CPU (tiny shapes).
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 
 import pytest
 import torch
 
-from turboquant.quantizer import TurboQuantMSE, TurboQuantProd
+from tests.kernels.stores import packed_store
+from turboquant.quantizer import TurboQuantMSE
 
 pytestmark = pytest.mark.integration
 D, HQ, HKV, B, CAP = 64, 4, 2, 2, 48
 SCALE = 1 / math.sqrt(D)
 
 
-@functools.cache
-def _quantizers(kbits: float, vbits: float) -> tuple:
-    return TurboQuantMSE(D, kbits, seed=5), TurboQuantMSE(D, vbits, seed=6), TurboQuantProd(D, kbits, seed=7)
-
-
 def _store(dev, kbits=3.5, vbits=3.5, prod=False, seed=1):
-    from turboquant.kernels import KernelTables, KeyQJL, quantize_pack
-
-    g = torch.Generator().manual_seed(seed)
-    kq, vq, pq = _quantizers(kbits, vbits)
-    kt, vt = KernelTables.from_quantizer(kq, dev), KernelTables.from_quantizer(vq, dev)
-    k, v = torch.randn(B, HKV, CAP, D, generator=g), torch.randn(B, HKV, CAP, D, generator=g)
-    kc, kn = quantize_pack(k.to(dev), kt)
-    vc, vn = quantize_pack(v.to(dev), vt)
-    kj = None
-    if prod:
-        kt = KernelTables.from_quantizer(pq.mse, dev)
-        pk = pq.encode(k.to(dev))
-        kc, kn = pk.mse.codes, pk.mse.norms
-        kj = KeyQJL(qjl=pk.qjl, rnorms=pk.rnorms, S=pq.S.to(dev), scale=float(pq.qjl_scale))
-    return {"kc": kc, "kn": kn, "vc": vc, "vn": vn, "kt": kt, "vt": vt, "kj": kj}
+    return packed_store(dev, CAP, seed, b=B, hkv=HKV, d=D, kbits=kbits, vbits=vbits, prod=prod)
 
 
 def _queries(dev, n, r=6):

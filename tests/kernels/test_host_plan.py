@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import inspect
 import math
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from turboquant.quantizer import TurboQuantMSE, TurboQuantProd
+from tests.kernels.stores import packed_store
 
 pytestmark = pytest.mark.integration  # CPU under TRITON_INTERPRET=1 in CI; compiled where CUDA is
 D, HQ, HKV, B = 64, 4, 2, 2
@@ -45,31 +44,9 @@ def fresh():
     da.clear_plans()
 
 
-@functools.cache
-def _quantizers(bits: float) -> tuple:
-    """One set of quantizers a width: every store of a test shares their (cached) kernel tables, as
-    the stores of one cache layer share its codec, so only the tensors tell two stores apart."""
-    return TurboQuantMSE(D, bits, seed=5), TurboQuantMSE(D, bits, seed=6), TurboQuantProd(D, bits, seed=7)
-
-
 def _store(dev, cap, seed, bits=3.5, prod=False):
     """Codes + norms [B, H_kv, cap] of random keys and values; tables; optional prod-key QJL part."""
-    from turboquant.kernels import KernelTables, KeyQJL, quantize_pack
-
-    g = torch.Generator().manual_seed(seed)
-    kq, vq, pq = _quantizers(bits)
-    kt, vt = KernelTables.from_quantizer(kq, dev), KernelTables.from_quantizer(vq, dev)
-    k = torch.randn(B, HKV, cap, D, generator=g)
-    v = torch.randn(B, HKV, cap, D, generator=g)
-    kc, kn = quantize_pack(k.to(dev), kt)
-    vc, vn = quantize_pack(v.to(dev), vt)
-    kj = None
-    if prod:
-        kt = KernelTables.from_quantizer(pq.mse, dev)
-        pk = pq.encode(k.to(dev))
-        kc, kn = pk.mse.codes, pk.mse.norms
-        kj = KeyQJL(qjl=pk.qjl, rnorms=pk.rnorms, S=pq.S.to(dev), scale=float(pq.qjl_scale))
-    return {"kc": kc, "kn": kn, "vc": vc, "vn": vn, "kt": kt, "vt": vt, "kj": kj}
+    return packed_store(dev, cap, seed, b=B, hkv=HKV, d=D, kbits=bits, prod=prod)
 
 
 def _inputs(dev, seed=0, r=5):
