@@ -13,6 +13,8 @@
 #   bash benchmarks/h200_session.sh outliers [all] # carry .whl: CUDA kernel on outlier layouts: profile, tests, table
 #   bash benchmarks/h200_session.sh final [SECONDS] # carry .whl: per-layout table at 8k-128k, then outlier/CUDA GPU tests
 #   bash benchmarks/h200_session.sh devlen       # carry .whl: CUDA kernel with device lengths + graph overlap: tests, table
+#   bash benchmarks/h200_session.sh bound        # carry .whl: what session 7 left unverified (fallback tests after the
+#                                                # choose fix, bound-call tests), host table, compile row with inner graphs
 set -u
 OUT=${OUT:-runs/h200_out}
 mkdir -p "$OUT"
@@ -57,6 +59,22 @@ case "${1:-}" in
       --layouts halves-3.5,halves-2.5,paper-3.5,paper-2.5,K4/V3,prod-3.5 \
       --out "$OUT/gpu_decode_attention_layouts.json" > "$OUT/gpu_decode_attention_layouts.log" 2>&1
     tail -52 "$OUT/gpu_decode_attention_layouts.log"
+    ;;
+  bound)
+    setup
+    # session 7's unverified ends first: the CUDA-fallback tests after the choose() fix, the bound
+    # call (own graph) tests, the static cache's graph test; then the host table (every layout,
+    # 4 call modes) and one torch.compile(reduce-overhead) row with the bound calls' inner graphs
+    timeout 200 python -m pytest -m gpu tests/kernels/test_cuda_decode_fallback.py tests/kernels/test_decode_call.py \
+      tests/cache/test_static_cuda_graph.py -q -p no:cacheprovider --tb=short > "$OUT/gpu_pytest_bound.txt" 2>&1
+    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_pytest_bound.txt" | head -30
+    timeout 200 python benchmarks/gpu_decode_host_overhead.py --no-ablation --sync-each 0 --breakdown \
+      --layouts halves-3.5,K4/V3,prod-3.5,paper-3.5 --out "$OUT/gpu_decode_host_overhead.json" \
+      > "$OUT/gpu_decode_host_overhead.log" 2>&1
+    grep -A40 "wrapper alone" "$OUT/gpu_decode_host_overhead.log" | head -40
+    timeout 180 python benchmarks/gpu_e2e_static.py --cases 1x32768 --caches bf16,tq3.5 --compile-cases 1x32768 \
+      --budget-s 150 --out "$OUT/gpu_e2e_static_compile.json" > "$OUT/gpu_e2e_static_compile.log" 2>&1
+    tail -8 "$OUT/gpu_e2e_static_compile.log"
     ;;
   final)
     setup
@@ -143,5 +161,5 @@ case "${1:-}" in
     python benchmarks/quality_gpu_grid.py --state runs/quality_grid --budget-s "${2:-530}" --workers 14 \
       --out "$OUT" 2>&1 | tail -60 | tee "$OUT/grid_call.log"
     ;;
-  *) echo "usage: $0 outliers|devlen|final|diag|verify|ncu|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 bound|outliers|devlen|final|diag|verify|ncu|kernels|e2e|tests|grid [seconds]" >&2; exit 2 ;;
 esac

@@ -26,7 +26,10 @@ def _worker_result(model_dir: Path, out: Path, nproc: int | None, env: dict | No
     cmd = [sys.executable, str(WORKER), str(model_dir), str(out)]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *cmd[1:]]
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # the worker imports this checkout's turboquant also where it is not pip-installed
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=run_env, cwd=Path.cwd(),
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
