@@ -7,7 +7,9 @@ call the way serving engines split attention into *plan* and *run*: the first ca
 validates and compiles exactly as ``decode_attention`` does and keeps the prepared launch (split-K
 shape, buffers, every launch argument but the query's address); each later call checks what could
 have moved and launches. The output is the same tensor as ``decode_attention``'s with the bound
-arguments, bit for bit: both run :func:`~turboquant.kernels.decode_attention._launch_step`.
+arguments, bit for bit: both run :func:`~turboquant.kernels.decode_attention._launch_step`. On
+CUDA the call goes one step further by default: it captures itself into a CUDA graph at its second
+call and replays that graph on later eager calls (one launch, whatever the layout).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from turboquant.kernels.workspace import DecodeWorkspace
 _da = importlib.import_module("turboquant.kernels.decode_attention")
 
 _BOUND_NAMES = ("k_codes", "k_norms", "v_codes", "v_norms", "residual_k", "residual_v", "length",
-                "residual_length")
+                "residual_length", "k_outliers", "v_outliers")
 
 if TYPE_CHECKING:  # cuda_decode imports this package at run time
     from turboquant.kernels.cuda_decode import CudaConfig
@@ -67,7 +69,7 @@ class DecodeAttentionCall:
                     "v_outliers": v_outliers, "max_length": max_length, "residual_length": residual_length,
                     "backend": backend, "cuda_config": cuda_config}
         named = list(zip(_BOUND_NAMES, (k_codes, k_norms, v_codes, v_norms, residual_k, residual_v, length,
-                                        residual_length)))
+                                        residual_length, k_outliers, v_outliers)))
         if k_qjl is not None:
             named += [("k_qjl.qjl", getattr(k_qjl, "qjl", None)), ("k_qjl.rnorms", getattr(k_qjl, "rnorms", None))]
         # (name, tensor, address, shape, strides) of every bound tensor: checked before each launch
