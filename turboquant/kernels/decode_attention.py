@@ -732,11 +732,10 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
 
 
 def _use_cuda(plan: _Plan, k_codes, k_norms, v_codes, v_norms, length: int, lk: int) -> bool:
-    """Whether this call runs the CUDA partial kernel (mse keys: checked by the caller). ``length``:
-    the grid's bound; ``lk``: the kernel's length variant (:func:`cuda_decode.len_kind`)."""
+    """Whether this call runs the CUDA partial kernel (mse keys and, for "auto", the measured
+    crossover ``AUTO_CUDA_MIN_TOKEN_HEADS``: checked by the caller). ``length``: the grid's bound;
+    ``lk``: the kernel's length variant (:func:`cuda_decode.len_kind`)."""
     backend = plan.backend
-    if backend == "auto" and plan.B * plan.Hkv * length < AUTO_CUDA_MIN_TOKEN_HEADS:
-        return False  # below the measured crossover the Triton kernel is as fast or faster
     cuda_decode = _cuda_decode()
     if lk in plan.cuda_launch:
         return True  # this plan's variant compiled and launched before
@@ -862,6 +861,7 @@ def _prepare_step(plan: _Plan, k_codes, k_norms, v_codes, v_norms, length, resid
         raise ValueError("nothing to attend to: length == 0 and no residual window")
     length = ln.bound  # sizes the grid; the kernels read ln.value / ln.tensor (clamped to it)
     lk = 0 if ln.tensor is None else _cuda_decode().len_kind(ln.tensor)  # the CUDA kernel's length variant
+    # "auto" below the measured crossover: the Triton kernel is as fast or faster
     use_cuda = plan.backend != "triton" and length > 0 and plan.qjl is None \
         and (plan.backend != "auto" or B * plan.Hkv * length >= AUTO_CUDA_MIN_TOKEN_HEADS) \
         and _use_cuda(plan, k_codes, k_norms, v_codes, v_norms, length, lk)

@@ -92,14 +92,11 @@ class DecodeAttentionCall:
                     f"call was built: now {tuple(t.shape)} at {t.data_ptr():#x}, bound {tuple(shape)} at "
                     f"{ptr:#x}); build a new DecodeAttentionCall for the new tensor")
 
-    def _check_host_lengths(self) -> None:
-        plan, kw = self._plan, self._kw
-        if isinstance(self._args[4], torch.Tensor):
-            _da.resolve_length(self._args[4], kw["max_length"], plan.B, plan.capacity, plan.dev)
-        rk, rl = kw["residual_k"], kw["residual_length"]
-        if isinstance(rl, torch.Tensor):
-            r = 0 if rk is None else rk.shape[2]
-            _da.resolve_length(rl, r, plan.B, r, plan.dev, "residual_length")
+    def _prepare(self, current) -> _da._Step:
+        """``decode_attention``'s per-call checks (lengths, residual rows) and launch arguments."""
+        a, kw = self._args, self._kw
+        return _da._prepare_step(self._plan, a[0], a[1], a[2], a[3], a[4], kw["residual_k"], kw["residual_v"],
+                                 kw["max_length"], kw["residual_length"], self.workspace, False, current)
 
     def _first(self, query: torch.Tensor) -> torch.Tensor:
         """Plan, validate and compile like ``decode_attention`` (its plan cache included); keep the step."""
@@ -120,9 +117,7 @@ class DecodeAttentionCall:
             self._planned = False
             return out
         self._plan = plan
-        current = _da._current_device_stream() if plan.dev.type == "cuda" else None
-        self._step = _da._prepare_step(plan, a[0], a[1], a[2], a[3], a[4], kw["residual_k"], kw["residual_v"],
-                                       kw["max_length"], kw["residual_length"], self.workspace, False, current)
+        self._step = self._prepare(_da._current_device_stream() if plan.dev.type == "cuda" else None)
         return out
 
     def _capture(self, query: torch.Tensor) -> None:
@@ -157,19 +152,17 @@ class DecodeAttentionCall:
                 self._gq.copy_(query)
                 self._graph.replay()
                 return self._gout
-        else:  # host length tensors are checked against max_length on every call, as decode_attention does
+        else:
             current = None
-            if self._step is not None:
-                self._check_host_lengths()
         st = self._step
         if st is None:  # code-space layouts, or no plan: the general path every call
             return self._general(query)
-        plan, a, kw = self._plan, self._args, self._kw
-        if st.ws_version != self.workspace.version:  # the workspace's buffers were replaced: take them anew
-            self._step = st = _da._prepare_step(plan, a[0], a[1], a[2], a[3], a[4], kw["residual_k"],
-                                                kw["residual_v"], kw["max_length"], kw["residual_length"],
-                                                self.workspace, False, current)
-        return _da._launch_step(plan, st, query, a[0], a[1], a[2], a[3], kw["residual_k"], kw["residual_v"],
+        # prepared anew where the workspace's buffers were replaced, and on the host (CPU) every call:
+        # there host length tensors are checked against max_length, as decode_attention checks them
+        if current is None or st.ws_version != self.workspace.version:
+            self._step = st = self._prepare(current)
+        a, kw = self._args, self._kw
+        return _da._launch_step(self._plan, st, query, a[0], a[1], a[2], a[3], kw["residual_k"], kw["residual_v"],
                                 kw["k_qjl"], False, current)
 
 
