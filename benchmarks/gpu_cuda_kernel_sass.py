@@ -41,6 +41,26 @@ def main() -> None:
     print(f"total SASS instructions {len(ops)}")
     for op, n in hist.most_common(40):
         print(f"{op:12s} {n}")
+    lo, hi, body = main_loop(sass)
+    loop = collections.Counter(o.split(".")[0] for o in body)
+    print(f"main loop [{lo:#x}, {hi:#x}]: {len(body)} instructions (static; the last tile's bounded copy included)")
+    print("  " + ", ".join(f"{op}:{n}" for op, n in loop.most_common(30)))
+
+
+def main_loop(sass: str) -> tuple[int, int, list[str]]:
+    """The widest backward branch's span (the tile loop) and the opcodes inside it."""
+    ins = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass):
+        ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    spans = []
+    for addr, op, rest in ins:
+        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if t and int(t.group(1), 16) < addr:
+            spans.append((addr - int(t.group(1), 16), int(t.group(1), 16), addr))
+    if not spans:
+        return 0, 0, []
+    _, lo, hi = max(spans)
+    return lo, hi, [op for addr, op, _ in ins if lo <= addr <= hi]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@
 #   bash benchmarks/h200_session.sh devlen       # carry .whl: CUDA kernel with device lengths + graph overlap: tests, table
 #   bash benchmarks/h200_session.sh bound        # carry .whl: what session 7 left unverified (fallback tests after the
 #                                                # choose fix, bound-call tests), host table, compile row with inner graphs
+#   bash benchmarks/h200_session.sh ab OLD.py    # carry .whl + OLD.py's folder: A/B of the CUDA kernel source (this
+#                                                # checkout's cuda_decode.py against OLD.py, same run): SASS opcode
+#                                                # histograms, per-layout table of each, kernel correctness tests
 set -u
 OUT=${OUT:-runs/h200_out}
 mkdir -p "$OUT"
@@ -75,6 +78,26 @@ case "${1:-}" in
     timeout 180 python benchmarks/gpu_e2e_static.py --cases 1x32768 --caches bf16,tq3.5 --compile-cases 1x32768 \
       --budget-s 150 --out "$OUT/gpu_e2e_static_compile.json" > "$OUT/gpu_e2e_static_compile.log" 2>&1
     tail -8 "$OUT/gpu_e2e_static_compile.log"
+    ;;
+  ab)
+    setup
+    OLD=${2:?usage: ab OLD_cuda_decode.py}
+    NEW=/tmp/cuda_decode_new.py
+    cp turboquant/kernels/cuda_decode.py "$NEW"
+    for v in new old; do
+      [ "$v" = old ] && cp "$OLD" turboquant/kernels/cuda_decode.py
+      echo "== $v" >> "$OUT/ab.log"
+      timeout 60 python benchmarks/gpu_cuda_kernel_sass.py --bits 3.5 --out-dir "/tmp/sass_$v" >> "$OUT/ab.log" 2>&1
+      cp "/tmp/sass_$v/tq_decode_3.5.sass" "$OUT/sass_$v.txt" 2>/dev/null
+      timeout "${3:-110}" python benchmarks/gpu_decode_attention_layouts.py --batches 1,8 --contexts 32768,131072 \
+        --layouts halves-3.5,halves-2.5,K4/V3,paper-3.5 --out "$OUT/layouts_$v.json" > "/tmp/layouts_$v.log" 2>&1
+      grep -E "^\| [18] \||total" "/tmp/layouts_$v.log" >> "$OUT/ab.log"
+    done
+    cp "$NEW" turboquant/kernels/cuda_decode.py
+    grep -E "^==|total SASS|^\| [18] " "$OUT/ab.log" | cut -c1-100
+    timeout "${4:-150}" python -m pytest -m gpu tests/kernels/test_decode_attention.py tests/kernels/test_layout_kernels.py \
+      -k "cuda_backend or cuda_kernel_runs_outlier" -q -p no:cacheprovider --tb=short > "$OUT/gpu_pytest_ab.txt" 2>&1
+    grep -E "passed|failed|^FAILED|^E " "$OUT/gpu_pytest_ab.txt" | head -20
     ;;
   final)
     setup

@@ -52,9 +52,7 @@ def _decode_code(code: int, round_bits: int, tab: list[int]) -> float:
         sel = x ^ (7 - 7 * y)  # h ? r : 7 - r
         lo = _prmt(tab[0], tab[1], sel) & 0xFF
         hi = _prmt(tab[2], tab[3], sel) & 0xFF
-        raw = (y << 3) | x
-        t = (_prmt(0x80808080, 0x80808080, raw) << 1) & 0xFF
-        hi ^= (~t) & 0x80  # sign flip where h == 0
+        hi ^= _prmt(0x80, 0, y) & 0xFF  # the sign mask: byte h of 0x0080 (flip where h == 0)
     else:
         lo = _prmt(tab[0], tab[1], code) & 0xFF
         hi = _prmt(tab[2], tab[3], code) & 0xFF

@@ -137,12 +137,10 @@ __device__ __forceinline__ void decode32(const u32* P, const u32* tab, u32* H) {
     const u32 s16 = shr<16>(sel);
     u32 l0 = prmt(tab[0], tab[1], sel), h0 = prmt(tab[2], tab[3], sel);
     u32 l1 = prmt(tab[0], tab[1], s16), h1 = prmt(tab[2], tab[3], s16);
-    if (BITS == 4) {  // flip the float16 sign where h == 0 (c[r] = -c[15 - r]; narrower words: h = 0)
-      const u32 raw = x + (y << 3);                  // nibble = 8h + r
-      const u32 t0 = prmt(0x80808080u, 0x80808080u, raw) << 1;        // byte bit 7 = h
-      const u32 t1 = prmt(0x80808080u, 0x80808080u, shr<16>(raw)) << 1;
-      h0 ^= ~t0 & 0x80808080u;
-      h1 ^= ~t1 & 0x80808080u;
+    if (BITS == 4) {  // flip the float16 sign where h == 0 (c[r] = -c[15 - r]; narrower words: h = 0):
+      // y's nibble k is h, so it selects byte h of 0x0080: 0x80 (h = 0) or 0 -- the sign mask in one prmt
+      h0 ^= prmt(0x80u, 0u, y);
+      h1 ^= prmt(0x80u, 0u, shr<16>(y));
     }
     H[4 * I + 0] = prmt(l0, h0, 0x5140);
     H[4 * I + 1] = prmt(l0, h0, 0x7362);
