@@ -142,6 +142,21 @@ def test_cuda_backend_is_not_picked_without_a_gpu():
     assert not cuda_decode.supports(256, 6, kt, kt, codes, codes, norms, norms)
 
 
+@pytest.mark.parametrize("bad", ["cpu", "Triton", ""])
+def test_both_decode_paths_name_the_allowed_backends(bad):
+    """``backend`` is checked in one place (``cuda_decode.check_backend``) for the halves and the
+    outlier (segmented) path alike: the error names the parameter and the allowed values."""
+    from turboquant.kernels import segmented
+
+    for name in cuda_decode.BACKENDS:
+        cuda_decode.check_backend(name)
+    msg = "`backend` must be one of 'auto', 'triton', 'cuda', got " + repr(bad)
+    with pytest.raises(ValueError, match=msg):
+        cuda_decode.check_backend(bad)
+    with pytest.raises(ValueError, match=msg):  # before it reads any other argument
+        segmented._cuda_launch(None, None, None, None, None, None, None, None, False, bad)
+
+
 @pytest.mark.parametrize("kl,vl", [("paper-3.5", "paper-3.5"), ("paper-2.5", "halves-2.5"), ("halves-3.5", "halves-3.5")])
 def test_kernel_source_carries_each_layouts_words(kl, vl):
     """The variant's source is generated from the words: per-round bits and classes, K and V row

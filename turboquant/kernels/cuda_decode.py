@@ -720,6 +720,14 @@ def unsupported(d: int, G: int, k_tables, v_tables, k_codes: torch.Tensor, v_cod
 
 _T = TypeVar("_T")
 
+BACKENDS = ("auto", "triton", "cuda")  # decode_attention's and the segmented path's `backend` values
+
+
+def check_backend(backend: str) -> None:
+    """Raise the named error for a ``backend`` outside :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
 
 def choose(backend: str, why: str | None, build: Callable[[], _T], stacklevel: int = 3) -> _T | None:
     """What a call that may run the CUDA kernel runs (both decode paths ask here): ``build()``
@@ -994,5 +1002,6 @@ def kernel_info() -> list[dict]:
     return out
 
 
-__all__ = ["COMPILE_FAILURES", "CUDA_HEAD_DIMS", "LEN_KINDS", "PartialLaunch", "TensorWords", "kernel_info", "kernel_source",
-           "launch_shape", "len_kind", "round_tables", "supports", "tensor_words", "unsupported", "variant"]
+__all__ = ["BACKENDS", "COMPILE_FAILURES", "CUDA_HEAD_DIMS", "LEN_KINDS", "PartialLaunch", "TensorWords", "check_backend",
+           "kernel_info", "kernel_source", "launch_shape", "len_kind", "round_tables", "supports", "tensor_words",
+           "unsupported", "variant"]

@@ -669,8 +669,7 @@ def _build_plan(query, k_codes, k_norms, v_codes, v_norms, length, k_tables, v_t
         raise ValueError(f"H_q={Hq} must be a multiple of H_kv={Hkv}")
     G = Hq // Hkv
     dev = query.device
-    if backend not in ("auto", "triton", "cuda"):
-        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
+    _cuda_decode().check_backend(backend)
     if backend == "cuda" and k_qjl is not None:
         raise ValueError("backend='cuda': the CUDA decode kernel does not support TurboQuant-prod (QJL) keys "
                          "(`k_qjl` given); use backend='triton' or 'auto' (prod keys run in Triton)")

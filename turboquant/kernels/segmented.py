@@ -512,16 +512,15 @@ MAX_CUDA_LAUNCHES = 64
 def _cuda_launch(qcs, k_codes, k_norms, v_codes, v_norms, ln, kt, vt, few: bool, backend: str, config: CudaConfig | None = None):
     """The CUDA kernel's launch for the compressed splits of this call (``qcs``: the rotated,
     scaled float32 query [B, H_q, d]), or None where the Triton kernel runs them."""
-    if backend not in ("auto", "triton", "cuda"):
-        raise ValueError(f"`backend` must be one of 'auto', 'triton', 'cuda', got {backend!r}")
+    from turboquant.kernels import cuda_decode
+
+    cuda_decode.check_backend(backend)
     if backend == "triton":
         return None
     B, Hq, d = qcs.shape
     Hkv = k_codes.shape[1]
     if ln.bound == 0:
         return None
-    from turboquant.kernels import cuda_decode
-
     if backend == "auto" and B * Hkv * ln.bound < AUTO_CUDA_MIN_TOKEN_HEADS:
         return None  # below the measured crossover the Triton kernel is as fast or faster
     lk = cuda_decode.len_kind(ln.tensor)
