@@ -15,6 +15,8 @@
 #   bash benchmarks/h200_session.sh devlen       # carry .whl: CUDA kernel with device lengths + graph overlap: tests, table
 #   bash benchmarks/h200_session.sh bound        # carry .whl: what session 7 left unverified (fallback tests after the
 #                                                # choose fix, bound-call tests), host table, compile row with inner graphs
+#   bash benchmarks/h200_session.sh ncu1         # carry .whl: Nsight Compute of every kernel of one 1 x 32k halves-3.5
+#                                                # call (batch 1: what the fixed costs are), stall reasons, SASS counters
 #   bash benchmarks/h200_session.sh ab OLD.py    # carry .whl + OLD.py's folder: A/B of the CUDA kernel source (this
 #                                                # checkout's cuda_decode.py against OLD.py, same run): SASS opcode
 #                                                # histograms, per-layout table of each, kernel correctness tests
@@ -78,6 +80,20 @@ case "${1:-}" in
     timeout 180 python benchmarks/gpu_e2e_static.py --cases 1x32768 --caches bf16,tq3.5 --compile-cases 1x32768 \
       --budget-s 150 --out "$OUT/gpu_e2e_static_compile.json" > "$OUT/gpu_e2e_static_compile.log" 2>&1
     tail -8 "$OUT/gpu_e2e_static_compile.log"
+    ;;
+  ncu1)
+    setup
+    # batch 1 at 32k (issue 15's >= 2x target): the CUDA partial kernel (16-warp CTAs, one an SM), the
+    # combine and the window splits, each with warp-state (stall) and instruction statistics
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "no ncu on this machine"; exit 3; }
+    timeout 240 "$NCU" --kernel-name "regex:tq_decode_partial|_decode_combine_kernel|_decode_partial_kernel" \
+      --launch-skip 6 --launch-count 3 --section SpeedOfLight --section WarpStateStats \
+      --section InstructionStats --section Occupancy --section LaunchStats --section SchedulerStats \
+      python benchmarks/gpu_ncu_decode.py --layout halves-3.5 --batch 1 --context 32768 \
+      > "$OUT/ncu_halves-3.5_1x32768.txt" 2>&1
+    grep -E "^  [a-z_]+.*Context|Duration|Warp Cycles Per Issued|Achieved Occupancy|Stall|Executed Ipc" \
+      "$OUT/ncu_halves-3.5_1x32768.txt" | head -40
     ;;
   ab)
     setup
