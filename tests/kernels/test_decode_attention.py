@@ -98,7 +98,18 @@ def test_decode_attention_interpreter_splits(kdev):
     _check(kdev, 256, 3.5, 3.5, 24, 4, 300, 20, 1, block_n=32, num_splits=4)
 
 
-CUDA_CASES = [  # the CUDA (tensor-core register-LUT) kernel: head_dim 256, every segment width, G 1..8
+@pytest.mark.integration
+@pytest.mark.parametrize("g", [5, 7, 8])
+def test_decode_attention_odd_and_full_gqa_groups_under_the_interpreter(kdev, g):
+    """G = H_q / H_kv of 5, 7 and 8 query heads a KV head (padded head rows masked) under the
+    interpreter; the GPU test below runs every G from 1 to 8 through both backends."""
+    _check(kdev, 64, 3.5, 3.5, g, 1, 45, 5, 1, block_n=32)
+
+
+GQA_RATIOS = range(1, 9)  # G = H_q / H_kv: the CUDA kernel takes G <= 8 (one MMA n-tile of query heads)
+
+
+CUDA_CASES = [  # the CUDA (tensor-core register-LUT) kernel: head_dim 256, every segment width, G in {1, 6, 8}
     (256, 3.5, 3.5, 24, 4, 4097, 128, 1),
     (256, 2.5, 2.5, 24, 4, 1000, 37, 3),
     (256, 4, 4, 16, 2, 333, 0, 2),
@@ -121,6 +132,15 @@ def test_decode_attention_gpu(cuda, d, kb, vb, hq, hkv, n, r, b):
 @pytest.mark.parametrize("d,kb,vb,hq,hkv,n,r,b", CUDA_CASES, ids=_ids(CUDA_CASES))
 def test_decode_attention_cuda_backend(cuda, d, kb, vb, hq, hkv, n, r, b):
     _check(cuda, d, kb, vb, hq, hkv, n, r, b, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("g", GQA_RATIOS)
+def test_decode_attention_every_gqa_ratio_gpu(cuda, g, backend):
+    """Every group size G = H_q / H_kv from 1 to 8 (each its own CUDA variant; odd G leave MMA
+    rows of the query tile empty) against the reference, 4-bit + 3-bit rounds, a partial last tile."""
+    _check(cuda, 256, 3.5, 3.5, 2 * g, 2, 301, 7, 2, backend=backend)
 
 
 @pytest.mark.gpu
