@@ -15,6 +15,9 @@
 #   bash benchmarks/h200_session.sh devlen       # carry .whl: CUDA kernel with device lengths + graph overlap: tests, table
 #   bash benchmarks/h200_session.sh bound        # carry .whl: what session 7 left unverified (fallback tests after the
 #                                                # choose fix, bound-call tests), host table, compile row with inner graphs
+#   bash benchmarks/h200_session.sh s8           # carry .whl: what session 8 left unrun (every GQA ratio through both
+#                                                # backends and the outlier CUDA path), then a CudaConfig.stages sweep
+#                                                # of the 16-warp (batch 1) variant at 1 x 32k / 1 x 128k
 #   bash benchmarks/h200_session.sh ncu1         # carry .whl: Nsight Compute of every kernel of one 1 x 32k halves-3.5
 #                                                # call (batch 1: what the fixed costs are), stall reasons, SASS counters
 #   bash benchmarks/h200_session.sh ab OLD.py    # carry .whl + OLD.py's folder: A/B of the CUDA kernel source (this
@@ -80,6 +83,18 @@ case "${1:-}" in
     timeout 180 python benchmarks/gpu_e2e_static.py --cases 1x32768 --caches bf16,tq3.5 --compile-cases 1x32768 \
       --budget-s 150 --out "$OUT/gpu_e2e_static_compile.json" > "$OUT/gpu_e2e_static_compile.log" 2>&1
     tail -8 "$OUT/gpu_e2e_static_compile.log"
+    ;;
+  s8)
+    setup
+    timeout 240 python -m pytest -m gpu tests/kernels/test_decode_attention.py tests/kernels/test_layout_kernels.py \
+      -k "every_gqa_ratio or other_gqa_ratios" -v -p no:cacheprovider --tb=short > "$OUT/gpu_pytest_gqa.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_pytest_gqa.txt" | sed 's/.*:://' | head -30
+    # batch 1 leaves latency unhidden (results/ncu_halves-3.5_1x32768.txt): deeper cp.async pipelines
+    # for the 16-warp variant (programs_per_sm:stages:min_blocks:chains:qf_smem:warps, 0 = by load)
+    timeout 250 python benchmarks/gpu_decode_attention.py --batches 1 --contexts 32768,131072 --bits 3.5 \
+      --backends cuda --no-eager --configs auto,0:3:0:2:1:0,2:3:2:2:1:8 \
+      --out "$OUT/gpu_decode_attention_stages_b1.json" > "$OUT/gpu_decode_attention_stages_b1.log" 2>&1
+    tail -12 "$OUT/gpu_decode_attention_stages_b1.log"
     ;;
   ncu1)
     setup

@@ -528,7 +528,8 @@ CUDA_CASES = [  # (d, key layout, value layout, H_q, H_kv, length, residual, bat
 def test_cuda_kernel_runs_outlier_layouts_like_the_reference(cuda, case):
     """backend="cuda" on outlier (and mixed halves/outlier) layouts at head_dim 256: the CUDA kernel
     runs the compressed splits (``LAST_KERNEL``) and matches the float32 reference and the Triton
-    word decoder; odd lengths, GQA 1-8, K and V rows of different widths, float32 and bfloat16."""
+    word decoder; odd lengths, GQA 1, 3, 6 and 8 (the others: the next test), K and V rows of
+    different widths, float32 and bfloat16."""
     from turboquant.kernels.codespace import LAST_KERNEL
 
     for dtype in (torch.float32, torch.bfloat16):
@@ -539,6 +540,19 @@ def test_cuda_kernel_runs_outlier_layouts_like_the_reference(cuda, case):
         _assert_attention_close(got, _reference(c, case[5]), **tol)
         _assert_attention_close(got, _kernel(c, case[5], backend="triton"), **tol)
         assert LAST_KERNEL["decode"] == "segmented"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g", [2, 4, 5, 7])
+def test_cuda_kernel_runs_outlier_layouts_at_the_other_gqa_ratios(cuda, g):
+    """The group sizes G = H_q / H_kv the cases above leave out (they run 1, 3, 6 and 8): paper-3.5
+    through the CUDA kernel against the float32 reference, a partial last tile."""
+    from turboquant.kernels.codespace import LAST_KERNEL
+
+    c = _case(cuda, 256, "paper-3.5", "paper-3.5", 2 * g, 2, 301, 7, 2, dtype=torch.float32)
+    got = _kernel(c, 301, backend="cuda")
+    assert LAST_KERNEL["decode"] == "segmented+cuda"
+    _assert_attention_close(got, _reference(c, 301), **GPU_TOL[torch.float32])
 
 
 @pytest.mark.gpu
