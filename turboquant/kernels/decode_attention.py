@@ -769,6 +769,14 @@ def _current_device_stream() -> tuple[int, int]:
     return idx, torch._C._cuda_getCurrentRawStream(idx)
 
 
+def _stream_state(dev: torch.device) -> tuple[tuple[int, int] | None, bool]:
+    """``(current, capturing)`` of a call on ``dev``: :func:`_current_device_stream` and whether a
+    CUDA graph is being captured on the current stream; ``(None, False)`` off CUDA (read once a call)."""
+    if dev.type != "cuda":
+        return None, False
+    return _current_device_stream(), torch._C._cuda_isCurrentStreamCapturing()
+
+
 def _split_buffers(plan: _Plan, S: int, workspace, capturing: bool = False, current: tuple | None = None) -> tuple:
     """``m``, ``l`` [B·H_kv, S, G], ``acc`` [B·H_kv, S, G, d] float32, the output [B, 1, H_q, d] and
     the four addresses.
@@ -828,7 +836,6 @@ class _Step:
     S: int
     bufs: tuple  # m, l, acc, out, their addresses (_split_buffers)
     ws_version: int | None  # the workspace's version when the buffers were taken (None: no workspace)
-    mid: tuple  # partial-kernel addresses between the query's slots (see _launch_step)
     tail: tuple  # the partial kernel's int / float arguments after the addresses
     len_spec: tuple  # what Triton specialises on of the device lengths (part of the launch key)
 
@@ -876,10 +883,9 @@ def _prepare_step(plan: _Plan, k_codes, k_norms, v_codes, v_norms, length, resid
     p = plan.ptrs
     lt_ptr = p[2] if ln.tensor is None else ln.tensor.data_ptr()
     rt_ptr = p[2] if rl.tensor is None else rl.tensor.data_ptr()
-    # the partial kernel's arguments: query, k signs, k codes/norms, v codes/norms, k/v LUTs, residual
-    # k/v (the query where R = 0), m, l, acc, the QJL query side (the query for mse keys), QJL words,
-    # ||r||, device lengths (k norms where none: never read), then the ints and strides
-    mid = (p[0], p[1], p[2], p[3], p[4], p[5], p[6])
+    # the partial kernel's arguments: query, k signs, k codes/norms, v codes/norms, k/v LUTs (plan.ptrs[:7]),
+    # residual k/v (the query where R = 0), m, l, acc, the QJL query side (the query for mse keys), then
+    # here: QJL words, ||r||, device lengths (k norms where none: never read), the ints and strides
     tail = (p[9], p[10], lt_ptr, rt_ptr, ln.value, chunk, S_C, S, rl.value, _CHUNK_R, plan.Hkv, plan.qk_scale,
             S_C if use_cuda else 0, ln.stride, rl.stride, *plan.strides[R > 0])
     # what Triton specialises on that the plan key does not fix, apart from the query's alignment:
@@ -888,7 +894,7 @@ def _prepare_step(plan: _Plan, k_codes, k_norms, v_codes, v_norms, length, resid
                 None if ln.tensor is None else (ln.tensor.dtype, ptr_spec(lt_ptr), int_spec(ln.stride)),
                 None if rl.tensor is None else (rl.tensor.dtype, ptr_spec(rt_ptr), int_spec(rl.stride)))
     return _Step(ln=ln, rl=rl, R=R, lk=lk, use_cuda=use_cuda, bn=bn, chunk=chunk, S_C=S_C, S=S, bufs=bufs,
-                 ws_version=None if workspace is None else workspace.version, mid=mid, tail=tail, len_spec=len_spec)
+                 ws_version=None if workspace is None else workspace.version, tail=tail, len_spec=len_spec)
 
 
 def _launch_step(plan: _Plan, st: _Step, query, k_codes, k_norms, v_codes, v_norms, residual_k, residual_v, k_qjl,
@@ -914,7 +920,7 @@ def _launch_step(plan: _Plan, st: _Step, query, k_codes, k_norms, v_codes, v_nor
         s_base = S_C if use_cuda else 0
         sqj_ptr = q_ptr if sqj is query else sqj.data_ptr()
         # the launcher takes addresses; Triton compiles from typed tensors (slow(): first call of a variant)
-        fast = (q_ptr, *st.mid, p[7] if R else q_ptr, p[8] if R else q_ptr, *bp[:3], sqj_ptr, *st.tail)
+        fast = (q_ptr, *p[:7], p[7] if R else q_ptr, p[8] if R else q_ptr, *bp[:3], sqj_ptr, *st.tail)
         vkey = (ptr_spec(q_ptr), ptr_spec(sqj_ptr), st.len_spec)
 
         def slow():
@@ -958,13 +964,7 @@ def _launch_step(plan: _Plan, st: _Step, query, k_codes, k_norms, v_codes, v_nor
 def _run_plan(plan: _Plan, query, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, k_qjl,
               max_length, residual_length, workspace) -> torch.Tensor:
     """One planned call: :func:`_prepare_step` then :func:`_launch_step`."""
-    if plan.dev.type == "cuda":
-        # (current device, its current raw stream): where Triton's own launch would go, and whether
-        # a CUDA graph is being captured on it (each read once a call)
-        current = _current_device_stream()
-        capturing = torch._C._cuda_isCurrentStreamCapturing()
-    else:
-        current, capturing = None, False
+    current, capturing = _stream_state(plan.dev)  # where Triton's own launch would go; under capture?
     st = _prepare_step(plan, k_codes, k_norms, v_codes, v_norms, length, residual_k, residual_v, max_length,
                        residual_length, workspace, capturing, current)
     return _launch_step(plan, st, query, k_codes, k_norms, v_codes, v_norms, residual_k, residual_v, k_qjl,

@@ -117,7 +117,7 @@ class DecodeAttentionCall:
             self._planned = False
             return out
         self._plan = plan
-        self._step = self._prepare(_da._current_device_stream() if plan.dev.type == "cuda" else None)
+        self._step = self._prepare(_da._stream_state(plan.dev)[0])
         return out
 
     def _capture(self, query: torch.Tensor) -> None:
@@ -142,9 +142,9 @@ class DecodeAttentionCall:
                 f"{stride}, dtype {dtype} and device {device}; got {tuple(query.shape)}, {query.stride()}, "
                 f"{query.dtype}, {query.device} (build one call per query shape)")
         self._check_bound()
-        if device.type == "cuda":
-            current = _da._current_device_stream()
-            if torch._C._cuda_isCurrentStreamCapturing() or current[0] != device.index:
+        current, capturing = _da._stream_state(device)
+        if current is not None:
+            if capturing or current[0] != device.index:
                 return self._general(query)  # a graph being captured forks streams; another device switches first
             if self._use_graph:  # eager: replay this call's own graph (one launch, any layout)
                 if self._graph is None:
@@ -152,8 +152,6 @@ class DecodeAttentionCall:
                 self._gq.copy_(query)
                 self._graph.replay()
                 return self._gout
-        else:
-            current = None
         st = self._step
         if st is None:  # code-space layouts, or no plan: the general path every call
             return self._general(query)
